@@ -1,0 +1,46 @@
+"""ViT backbone, its tuning plug-ins, and the factory `build_model` / `init_params`."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jvt.models.spec import DAVPTSpec, TuningSpec
+from jvt.models.variants import VARIANT_DIMS, variant_config
+from jvt.models.vit import CAPTURE_KEYS, ViT
+
+
+def build_model(variant: str, num_classes: int, tuning: Any = None, **overrides) -> ViT:
+  """Builds a ViT by variant name ("B/16", ...) with the tuning methods of `tuning`.
+
+  tuning: a method dict such as `dict(method="vpt", num_prompts=50, deep=True)`, a ConfigDict,
+    or a list of such (a composition); None is the plain backbone (trains the head only).
+  overrides: any `ViT` field, e.g. `dtype=jnp.bfloat16`, `remat="dots"`, `pool="gap"`,
+    `representation_size=768`, or smaller dims for tests (`hidden_size=32, num_layers=2`).
+  """
+  from jvt.tuning.methods import resolve_tuning  # models/ stays free of the registry at import
+  fields = {**variant_config(variant), **overrides}
+  unknown = set(fields) - set(ViT.__dataclass_fields__)
+  if unknown:
+    raise ValueError(f"build_model: unknown ViT field(s) {sorted(unknown)}; allowed: "
+                     f"{sorted(f for f in ViT.__dataclass_fields__ if f not in ('parent', 'name'))}.")
+  if fields["hidden_size"] % fields["num_heads"]:
+    raise ValueError(f"hidden_size={fields['hidden_size']} is not divisible by "
+                     f"num_heads={fields['num_heads']}.")
+  resolved = resolve_tuning(tuning if tuning is not None else dict(method="linear"),
+                            fields["num_layers"])
+  return ViT(num_classes=num_classes, tuning=resolved.spec, partition_rules=resolved.rules,
+             **fields)
+
+
+def init_params(model: ViT, key: jax.Array, image_size: int = 224) -> dict:
+  """Randomly initialised parameters for images of `image_size` x `image_size` (fp32)."""
+  images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  return jax.jit(lambda k: model.init(k, images)["params"])(key)
+
+
+def param_shapes(model: ViT, image_size: int = 224) -> dict:
+  """The parameter tree as ShapeDtypeStructs, without allocating (jax.eval_shape)."""
+  images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(images.shape)))["params"]
