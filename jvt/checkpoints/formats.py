@@ -65,238 +65,238 @@ Arrays = dict[str, np.ndarray]
 
 
 class CheckpointFormatError(ValueError):
-    """The file is unreadable, pickled, corrupt, or in no supported layout."""
+  """The file is unreadable, pickled, corrupt, or in no supported layout."""
 
 
 def is_backbone_leaf(path: str) -> bool:
-    """True for `/`-joined paths of plain-ViT leaves (a checkpoint may hold them)."""
-    return BACKBONE_LEAF.fullmatch(path) is not None
+  """True for `/`-joined paths of plain-ViT leaves (a checkpoint may hold them)."""
+  return BACKBONE_LEAF.fullmatch(path) is not None
 
 
 # ----------------------------------------------------------------------------- reading files
 
 
 def _refuse_pickle(path: str, what: str) -> CheckpointFormatError:
-    return CheckpointFormatError(
-        f"{path}: {what}. jvt never unpickles checkpoint files (unpickling runs arbitrary "
-        f"code). Convert it once, where torch is installed, to safetensors:\n  {TO_SAFETENSORS}\n"
-        "(replace f.pth by your file) and load the .safetensors file."
-    )
+  return CheckpointFormatError(
+      f"{path}: {what}. jvt never unpickles checkpoint files (unpickling runs arbitrary "
+      f"code). Convert it once, where torch is installed, to safetensors:\n  {TO_SAFETENSORS}\n"
+      "(replace f.pth by your file) and load the .safetensors file."
+  )
 
 
 def _container(path: str) -> str:
-    """'npz' or 'safetensors', from the file's first bytes; refuses pickles."""
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if head[:2] == b"PK":
-        try:
-            with zipfile.ZipFile(path) as zf:
-                names = zf.namelist()
-        except (zipfile.BadZipFile, OSError, EOFError) as err:
-            raise CheckpointFormatError(
-                f"{path}: zip/npz archive is truncated or corrupt ({err}). Download or write it again."
-            ) from None
-        if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
-            raise _refuse_pickle(path, "this is a torch.save zip archive (it holds data.pkl)")
-        return "npz"
-    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
-        raise _refuse_pickle(path, "this is a Python pickle (legacy torch.save / .pkl)")
-    if len(head) >= 9 and head[8:9] == b"{":
-        return "safetensors"
-    if head.startswith(b"\x93NUMPY"):
-        raise CheckpointFormatError(
-            f"{path}: a single .npy array is not a checkpoint; save the named arrays with np.savez."
-        )
+  """'npz' or 'safetensors', from the file's first bytes; refuses pickles."""
+  with open(path, "rb") as f:
+    head = f.read(16)
+  if head[:2] == b"PK":
+    try:
+      with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+      raise CheckpointFormatError(
+          f"{path}: zip/npz archive is truncated or corrupt ({err}). Download or write it again."
+      ) from None
+    if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+      raise _refuse_pickle(path, "this is a torch.save zip archive (it holds data.pkl)")
+    return "npz"
+  if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+    raise _refuse_pickle(path, "this is a Python pickle (legacy torch.save / .pkl)")
+  if len(head) >= 9 and head[8:9] == b"{":
+    return "safetensors"
+  if head.startswith(b"\x93NUMPY"):
     raise CheckpointFormatError(
-        f"{path}: unknown file format (first bytes {head[:8]!r}). Supported: .npz "
-        "(vision_transformer, big_vision) and .safetensors (timm, HuggingFace ViTModel)."
-        + ("" if head else " The file is empty.")
+        f"{path}: a single .npy array is not a checkpoint; save the named arrays with np.savez."
     )
+  raise CheckpointFormatError(
+      f"{path}: unknown file format (first bytes {head[:8]!r}). Supported: .npz "
+      "(vision_transformer, big_vision) and .safetensors (timm, HuggingFace ViTModel)."
+      + ("" if head else " The file is empty.")
+  )
 
 
 def _as_float_array(key: str, value: np.ndarray) -> np.ndarray:
-    """big_vision saves bfloat16 as numpy void `V2`: view those as bfloat16."""
-    if value.dtype.kind == "V":
-        if value.dtype.itemsize != 2:
-            raise CheckpointFormatError(f"array {key!r} has an opaque dtype {value.dtype}.")
-        value = value.view(ml_dtypes.bfloat16)
-    return value
+  """big_vision saves bfloat16 as numpy void `V2`: view those as bfloat16."""
+  if value.dtype.kind == "V":
+    if value.dtype.itemsize != 2:
+      raise CheckpointFormatError(f"array {key!r} has an opaque dtype {value.dtype}.")
+    value = value.view(ml_dtypes.bfloat16)
+  return value
 
 
 def _read_npz(path: str) -> Arrays:
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            return {k: _as_float_array(k, f[k]) for k in f.files}
-    except ValueError as err:
-        if "allow_pickle" in str(err):
-            raise CheckpointFormatError(
-                f"{path}: the npz holds object (pickled) arrays; jvt loads npz with "
-                "allow_pickle=False. If you trust the file, flatten it once:\n  python -c \"import "
-                "numpy as np; d=np.load('f.npz', allow_pickle=True); np.savez('f_flat.npz', "
-                "**{k: np.asarray(v, np.float32) for k, v in d.items()})\""
-            ) from None
-        raise CheckpointFormatError(f"{path}: corrupt npz ({err}).") from None
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as err:
-        raise CheckpointFormatError(
-            f"{path}: npz is truncated or corrupt ({err}). Download or write it again."
-        ) from None
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      return {k: _as_float_array(k, f[k]) for k in f.files}
+  except ValueError as err:
+    if "allow_pickle" in str(err):
+      raise CheckpointFormatError(
+          f"{path}: the npz holds object (pickled) arrays; jvt loads npz with "
+          "allow_pickle=False. If you trust the file, flatten it once:\n  python -c \"import "
+          "numpy as np; d=np.load('f.npz', allow_pickle=True); np.savez('f_flat.npz', "
+          "**{k: np.asarray(v, np.float32) for k, v in d.items()})\""
+      ) from None
+    raise CheckpointFormatError(f"{path}: corrupt npz ({err}).") from None
+  except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as err:
+    raise CheckpointFormatError(
+        f"{path}: npz is truncated or corrupt ({err}). Download or write it again."
+    ) from None
 
 
 def _read_safetensors(path: str) -> Arrays:
-    try:
-        return safetensors.numpy.load_file(path)
-    except (safetensors.SafetensorError, OSError, ValueError, KeyError) as err:
-        raise CheckpointFormatError(
-            f"{path}: safetensors file is truncated or corrupt ({err})."
-        ) from None
+  try:
+    return safetensors.numpy.load_file(path)
+  except (safetensors.SafetensorError, OSError, ValueError, KeyError) as err:
+    raise CheckpointFormatError(
+        f"{path}: safetensors file is truncated or corrupt ({err})."
+    ) from None
 
 
 def read_arrays(path: str | os.PathLike) -> tuple[str, Arrays]:
-    """Returns (container, {file key: array}) with container 'npz' or 'safetensors'."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist.")
-    if os.path.isdir(path):
-        raise CheckpointFormatError(
-            f"{path} is a directory; load_pretrained reads one .npz or .safetensors file "
-            "(training runs saved by RunCheckpointer restore with RunCheckpointer.restore)."
-        )
-    container = _container(path)
-    arrays = _read_npz(path) if container == "npz" else _read_safetensors(path)
-    if not arrays:
-        raise CheckpointFormatError(f"{path}: the file holds no arrays.")
-    return container, arrays
+  """Returns (container, {file key: array}) with container 'npz' or 'safetensors'."""
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"checkpoint {path!r} does not exist.")
+  if os.path.isdir(path):
+    raise CheckpointFormatError(
+        f"{path} is a directory; load_pretrained reads one .npz or .safetensors file "
+        "(training runs saved by RunCheckpointer restore with RunCheckpointer.restore)."
+    )
+  container = _container(path)
+  arrays = _read_npz(path) if container == "npz" else _read_safetensors(path)
+  if not arrays:
+    raise CheckpointFormatError(f"{path}: the file holds no arrays.")
+  return container, arrays
 
 
 # ----------------------------------------------------------------------------- detection
 
 
 def detect_format(container: str, keys) -> str | None:
-    """One of FORMATS from the key names, or None when nothing matches."""
-    keys = list(keys)
-    if container == "safetensors":
-        if any(k.startswith(("embeddings.", "vit.embeddings.")) or ".encoder.layer." in "." + k
-               for k in keys):
-            return "hf"
-        if any(re.search(r"(^|\.)(patch_embed|blocks\.\d+)\.", k) or k.endswith(("cls_token", "pos_embed"))
-               for k in keys):
-            return "timm"
-        return None
-    if any(k.endswith(POSEMB) for k in keys):
-        return "vit_npz"
-    if any(k.startswith("params/") or k.split("/")[-1] == "pos_embedding"
-           or "Transformer/encoderblock/" in k for k in keys):
-        return "big_vision_npz"
-    if any(re.search(r"(^|/)Transformer/encoderblock_\d+/", k) for k in keys):
-        return "vit_npz"
+  """One of FORMATS from the key names, or None when nothing matches."""
+  keys = list(keys)
+  if container == "safetensors":
+    if any(k.startswith(("embeddings.", "vit.embeddings.")) or ".encoder.layer." in "." + k
+           for k in keys):
+      return "hf"
+    if any(re.search(r"(^|\.)(patch_embed|blocks\.\d+)\.", k) or k.endswith(("cls_token", "pos_embed"))
+           for k in keys):
+      return "timm"
     return None
+  if any(k.endswith(POSEMB) for k in keys):
+    return "vit_npz"
+  if any(k.startswith("params/") or k.split("/")[-1] == "pos_embedding"
+         or "Transformer/encoderblock/" in k for k in keys):
+    return "big_vision_npz"
+  if any(re.search(r"(^|/)Transformer/encoderblock_\d+/", k) for k in keys):
+    return "vit_npz"
+  return None
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
 def _subtree(arrays: Arrays, prefix: str, what: str, notes: list[str]) -> Arrays:
-    """Keeps the keys under `prefix` (stripped) when any exist; notes what else was dropped."""
-    inside = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
-    if not inside:
-        return arrays
-    rest = sorted(k for k in arrays if not k.startswith(prefix))
-    if rest:
-        notes.append(f"kept {what} ({prefix}*); ignored {len(rest)} other arrays, e.g. {rest[:3]}")
-    return inside
+  """Keeps the keys under `prefix` (stripped) when any exist; notes what else was dropped."""
+  inside = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+  if not inside:
+    return arrays
+  rest = sorted(k for k in arrays if not k.startswith(prefix))
+  if rest:
+    notes.append(f"kept {what} ({prefix}*); ignored {len(rest)} other arrays, e.g. {rest[:3]}")
+  return inside
 
 
 def _drop(arrays: Arrays, pattern: str, what: str, notes: list[str]) -> Arrays:
-    regex = re.compile(pattern)
-    dropped = sorted(k for k in arrays if regex.fullmatch(k))
-    if dropped:
-        notes.append(f"ignored {len(dropped)} {what} arrays, e.g. {dropped[:3]}")
-    return {k: v for k, v in arrays.items() if not regex.fullmatch(k)}
+  regex = re.compile(pattern)
+  dropped = sorted(k for k in arrays if regex.fullmatch(k))
+  if dropped:
+    notes.append(f"ignored {len(dropped)} {what} arrays, e.g. {dropped[:3]}")
+  return {k: v for k, v in arrays.items() if not regex.fullmatch(k)}
 
 
 def _heads_kernel(w_out_in: np.ndarray, num_heads: int) -> np.ndarray:
-    """torch Linear weight [H*Dh, D] -> Flax DenseGeneral kernel [D, H, Dh]."""
-    kernel = w_out_in.T  # [D, H*Dh]
-    if kernel.ndim == 2 and kernel.shape[1] % num_heads == 0:
-        kernel = kernel.reshape(kernel.shape[0], num_heads, -1)
-    return kernel
+  """torch Linear weight [H*Dh, D] -> Flax DenseGeneral kernel [D, H, Dh]."""
+  kernel = w_out_in.T  # [D, H*Dh]
+  if kernel.ndim == 2 and kernel.shape[1] % num_heads == 0:
+    kernel = kernel.reshape(kernel.shape[0], num_heads, -1)
+  return kernel
 
 
 def _heads_bias(b: np.ndarray, num_heads: int) -> np.ndarray:
-    """[H*Dh] -> [H, Dh]."""
-    return b.reshape(num_heads, -1) if b.ndim == 1 and b.shape[0] % num_heads == 0 else b
+  """[H*Dh] -> [H, Dh]."""
+  return b.reshape(num_heads, -1) if b.ndim == 1 and b.shape[0] % num_heads == 0 else b
 
 
 def _out_kernel(w_out_in: np.ndarray, num_heads: int) -> np.ndarray:
-    """torch Linear weight [D, H*Dh] -> Flax out kernel [H, Dh, D]."""
-    kernel = w_out_in.T  # [H*Dh, D]
-    if kernel.ndim == 2 and kernel.shape[0] % num_heads == 0:
-        kernel = kernel.reshape(num_heads, -1, kernel.shape[1])
-    return kernel
+  """torch Linear weight [D, H*Dh] -> Flax out kernel [H, Dh, D]."""
+  kernel = w_out_in.T  # [H*Dh, D]
+  if kernel.ndim == 2 and kernel.shape[0] % num_heads == 0:
+    kernel = kernel.reshape(num_heads, -1, kernel.shape[1])
+  return kernel
 
 
 def _conv_kernel(w_oihw: np.ndarray) -> np.ndarray:
-    """torch conv weight [D, 3, ph, pw] (OIHW) -> Flax [ph, pw, 3, D] (HWIO)."""
-    return w_oihw.transpose(2, 3, 1, 0) if w_oihw.ndim == 4 else w_oihw
+  """torch conv weight [D, 3, ph, pw] (OIHW) -> Flax [ph, pw, 3, D] (HWIO)."""
+  return w_oihw.transpose(2, 3, 1, 0) if w_oihw.ndim == 4 else w_oihw
 
 
 def _rename(arrays: Arrays, rules: list[tuple[str, Callable]], num_heads: int) -> Arrays:
-    """Applies the first matching (regex, emit) rule per key; unmatched keys pass unchanged.
+  """Applies the first matching (regex, emit) rule per key; unmatched keys pass unchanged.
 
-    `emit(match, value, num_heads)` returns {linen path: array}.
-    """
-    out: Arrays = {}
-    compiled = [(re.compile(p), emit) for p, emit in rules]
-    for key, value in arrays.items():
-        for regex, emit in compiled:
-            m = regex.fullmatch(key)
-            if m:
-                out.update(emit(m, value, num_heads))
-                break
-        else:
-            out[key] = value
-    return out
+  `emit(match, value, num_heads)` returns {linen path: array}.
+  """
+  out: Arrays = {}
+  compiled = [(re.compile(p), emit) for p, emit in rules]
+  for key, value in arrays.items():
+    for regex, emit in compiled:
+      m = regex.fullmatch(key)
+      if m:
+        out.update(emit(m, value, num_heads))
+        break
+    else:
+      out[key] = value
+  return out
 
 
 def _blk(m: re.Match, rest: str) -> str:
-    return f"Transformer/encoderblock_{m.group('i')}/{rest}"
+  return f"Transformer/encoderblock_{m.group('i')}/{rest}"
 
 
 def _param(name: str) -> str:
-    return {"weight": "scale", "bias": "bias"}[name]
+  return {"weight": "scale", "bias": "bias"}[name]
 
 
 def _linear(prefix_fn: Callable[[re.Match], str]):
-    """torch Linear (out, in) weight / bias -> Flax Dense kernel (in, out) / bias."""
-    def emit(m, v, _):
-        name = "kernel" if m.group("p") == "weight" else "bias"
-        return {f"{prefix_fn(m)}/{name}": v.T if name == "kernel" else v}
-    return emit
+  """torch Linear (out, in) weight / bias -> Flax Dense kernel (in, out) / bias."""
+  def emit(m, v, _):
+    name = "kernel" if m.group("p") == "weight" else "bias"
+    return {f"{prefix_fn(m)}/{name}": v.T if name == "kernel" else v}
+  return emit
 
 
 def _norm(prefix_fn: Callable[[re.Match], str]):
-    return lambda m, v, _: {f"{prefix_fn(m)}/{_param(m.group('p'))}": v}
+  return lambda m, v, _: {f"{prefix_fn(m)}/{_param(m.group('p'))}": v}
 
 
 def _heads(prefix_fn: Callable[[re.Match], str]):
-    """A per-head projection stored as one torch Linear: q, k, v ([H*Dh, D]) or out ([D, H*Dh])."""
-    def emit(m, v, num_heads):
-        out = prefix_fn(m).endswith("/out")
-        if m.group("p") == "weight":
-            return {f"{prefix_fn(m)}/kernel": _out_kernel(v, num_heads) if out else _heads_kernel(v, num_heads)}
-        return {f"{prefix_fn(m)}/bias": v if out else _heads_bias(v, num_heads)}
-    return emit
+  """A per-head projection stored as one torch Linear: q, k, v ([H*Dh, D]) or out ([D, H*Dh])."""
+  def emit(m, v, num_heads):
+    out = prefix_fn(m).endswith("/out")
+    if m.group("p") == "weight":
+      return {f"{prefix_fn(m)}/kernel": _out_kernel(v, num_heads) if out else _heads_kernel(v, num_heads)}
+    return {f"{prefix_fn(m)}/bias": v if out else _heads_bias(v, num_heads)}
+  return emit
 
 
 def _qkv(m, v, num_heads):
-    """timm's fused qkv: rows stacked q, k, v ([3*H*Dh, D] weight, [3*H*Dh] bias)."""
-    attn = _blk(m, "MultiHeadDotProductAttention_0")
-    if v.shape[0] % 3:
-        return {m.group(0): v}
-    parts = np.split(v, 3, axis=0)
-    if m.group("p") == "weight":
-        return {f"{attn}/{n}/kernel": _heads_kernel(p, num_heads) for n, p in zip(("query", "key", "value"), parts)}
-    return {f"{attn}/{n}/bias": _heads_bias(p, num_heads) for n, p in zip(("query", "key", "value"), parts)}
+  """timm's fused qkv: rows stacked q, k, v ([3*H*Dh, D] weight, [3*H*Dh] bias)."""
+  attn = _blk(m, "MultiHeadDotProductAttention_0")
+  if v.shape[0] % 3:
+    return {m.group(0): v}
+  parts = np.split(v, 3, axis=0)
+  if m.group("p") == "weight":
+    return {f"{attn}/{n}/kernel": _heads_kernel(p, num_heads) for n, p in zip(("query", "key", "value"), parts)}
+  return {f"{attn}/{n}/bias": _heads_bias(p, num_heads) for n, p in zip(("query", "key", "value"), parts)}
 
 
 _P = r"(?P<p>weight|bias)"
@@ -307,43 +307,43 @@ _ATTN = "MultiHeadDotProductAttention_0"
 
 
 def from_vit_npz(arrays: Arrays, num_heads: int) -> tuple[Arrays, list[str]]:
-    """google-research/vision_transformer npz: pre-Linen block names, optional `opt/target/`."""
-    del num_heads  # stored per head already
-    notes: list[str] = []
-    arrays = _subtree(arrays, "opt/target/", "the model weights of a Flax optimizer file", notes)
-    out = {}
-    for key, value in arrays.items():
-        parts = key.split("/")
-        if len(parts) > 2 and parts[0] == "Transformer" and parts[1].startswith("encoderblock_"):
-            parts[2] = PRE_LINEN_TO_LINEN.get(parts[2], parts[2])
-        out["/".join(parts)] = value
-    return out, notes
+  """google-research/vision_transformer npz: pre-Linen block names, optional `opt/target/`."""
+  del num_heads  # stored per head already
+  notes: list[str] = []
+  arrays = _subtree(arrays, "opt/target/", "the model weights of a Flax optimizer file", notes)
+  out = {}
+  for key, value in arrays.items():
+    parts = key.split("/")
+    if len(parts) > 2 and parts[0] == "Transformer" and parts[1].startswith("encoderblock_"):
+      parts[2] = PRE_LINEN_TO_LINEN.get(parts[2], parts[2])
+    out["/".join(parts)] = value
+  return out, notes
 
 
 def from_big_vision_npz(arrays: Arrays, num_heads: int) -> tuple[Arrays, list[str]]:
-    """big_vision npz: `params/` (or `params/img/`) prefix, root `pos_embedding` without the cls
-    slot ([1, N, D]; pretrained.py inserts a zero cls slot, exactly big_vision's arithmetic),
-    optional scanned blocks `Transformer/encoderblock/...` with a leading depth axis."""
-    del num_heads
-    notes: list[str] = []
-    arrays = _subtree(arrays, "params/", "the model parameters", notes)
-    arrays = _subtree(arrays, "img/", "the image tower of a two-tower model", notes)
-    if any(k.startswith("MAPHead_0/") for k in arrays):
-        raise CheckpointFormatError(
-            "this big_vision model pools with a MAP head (MAPHead_0, pool_type='map'); jvt "
-            "supports pool 'tok' and 'gap' only, so this checkpoint cannot be loaded."
-        )
-    out = {}
-    for key, value in arrays.items():
-        if key == "pos_embedding":
-            out[POSEMB] = value
-        elif key.startswith("Transformer/encoderblock/"):
-            rest = key[len("Transformer/encoderblock/"):]
-            for i, layer in enumerate(value):  # scanned: leading depth axis
-                out[f"Transformer/encoderblock_{i}/{rest}"] = layer
-        else:
-            out[key] = value
-    return out, notes
+  """big_vision npz: `params/` (or `params/img/`) prefix, root `pos_embedding` without the cls
+  slot ([1, N, D]; pretrained.py inserts a zero cls slot, exactly big_vision's arithmetic),
+  optional scanned blocks `Transformer/encoderblock/...` with a leading depth axis."""
+  del num_heads
+  notes: list[str] = []
+  arrays = _subtree(arrays, "params/", "the model parameters", notes)
+  arrays = _subtree(arrays, "img/", "the image tower of a two-tower model", notes)
+  if any(k.startswith("MAPHead_0/") for k in arrays):
+    raise CheckpointFormatError(
+        "this big_vision model pools with a MAP head (MAPHead_0, pool_type='map'); jvt "
+        "supports pool 'tok' and 'gap' only, so this checkpoint cannot be loaded."
+    )
+  out = {}
+  for key, value in arrays.items():
+    if key == "pos_embedding":
+      out[POSEMB] = value
+    elif key.startswith("Transformer/encoderblock/"):
+      rest = key[len("Transformer/encoderblock/"):]
+      for i, layer in enumerate(value):  # scanned: leading depth axis
+        out[f"Transformer/encoderblock_{i}/{rest}"] = layer
+    else:
+      out[key] = value
+  return out, notes
 
 
 _TIMM_RULES = [
@@ -365,16 +365,16 @@ _TIMM_RULES = [
 
 
 def from_timm(arrays: Arrays, num_heads: int) -> tuple[Arrays, list[str]]:
-    """timm VisionTransformer state dict (also MAE and MoCo-v3, which use timm names)."""
-    notes: list[str] = []
-    if any(k.startswith("module.base_encoder.") for k in arrays):  # MoCo-v3
-        arrays = _subtree(arrays, "module.base_encoder.", "MoCo-v3's base encoder", notes)
-        arrays = _drop(arrays, r"head\.\d+\..*", "MoCo-v3 projection-head", notes)
-    for prefix in ("module.", "model."):
-        if all(k.startswith(prefix) for k in arrays):
-            arrays = {k[len(prefix):]: v for k, v in arrays.items()}
-    arrays = _drop(arrays, r"mask_token|decoder_.*", "MAE decoder (pre-training only)", notes)
-    return _rename(arrays, _TIMM_RULES, num_heads), notes
+  """timm VisionTransformer state dict (also MAE and MoCo-v3, which use timm names)."""
+  notes: list[str] = []
+  if any(k.startswith("module.base_encoder.") for k in arrays):  # MoCo-v3
+    arrays = _subtree(arrays, "module.base_encoder.", "MoCo-v3's base encoder", notes)
+    arrays = _drop(arrays, r"head\.\d+\..*", "MoCo-v3 projection-head", notes)
+  for prefix in ("module.", "model."):
+    if all(k.startswith(prefix) for k in arrays):
+      arrays = {k[len(prefix):]: v for k, v in arrays.items()}
+  arrays = _drop(arrays, r"mask_token|decoder_.*", "MAE decoder (pre-training only)", notes)
+  return _rename(arrays, _TIMM_RULES, num_heads), notes
 
 
 _HF_LAYER = rf"encoder\.layer\.{_I}"
@@ -397,11 +397,11 @@ _HF_RULES = [
 
 
 def from_hf(arrays: Arrays, num_heads: int) -> tuple[Arrays, list[str]]:
-    """HuggingFace ViTModel / ViTForImageClassification (`vit.` prefix, `classifier` head)."""
-    notes: list[str] = []
-    arrays = {k[len("vit."):] if k.startswith("vit.") else k: v for k, v in arrays.items()}
-    arrays = _drop(arrays, r"embeddings\.mask_token", "masked-image-modeling", notes)
-    return _rename(arrays, _HF_RULES, num_heads), notes
+  """HuggingFace ViTModel / ViTForImageClassification (`vit.` prefix, `classifier` head)."""
+  notes: list[str] = []
+  arrays = {k[len("vit."):] if k.startswith("vit.") else k: v for k, v in arrays.items()}
+  arrays = _drop(arrays, r"embeddings\.mask_token", "masked-image-modeling", notes)
+  return _rename(arrays, _HF_RULES, num_heads), notes
 
 
 CONVERTERS: dict[str, Callable[[Arrays, int], tuple[Arrays, list[str]]]] = {
@@ -414,25 +414,25 @@ CONVERTERS: dict[str, Callable[[Arrays, int], tuple[Arrays, list[str]]]] = {
 
 def read_checkpoint(path: str | os.PathLike, *, num_heads: int,
                     format: str | None = None) -> tuple[str, Arrays, list[str]]:
-    """Reads `path` and converts it to Linen names.
+  """Reads `path` and converts it to Linen names.
 
-    Returns (format, {linen path: array as stored (dtype kept)}, notes about ignored arrays).
-    `num_heads` splits fused torch projections into [D, H, Dh].
-    """
-    if format is not None and format not in FORMATS:
-        raise ValueError(f"unknown checkpoint format {format!r}; choose one of {FORMATS} or None to detect.")
-    container, arrays = read_arrays(path)
+  Returns (format, {linen path: array as stored (dtype kept)}, notes about ignored arrays).
+  `num_heads` splits fused torch projections into [D, H, Dh].
+  """
+  if format is not None and format not in FORMATS:
+    raise ValueError(f"unknown checkpoint format {format!r}; choose one of {FORMATS} or None to detect.")
+  container, arrays = read_arrays(path)
+  if format is None:
+    format = detect_format(container, arrays)
     if format is None:
-        format = detect_format(container, arrays)
-        if format is None:
-            raise CheckpointFormatError(
-                f"{os.fspath(path)}: cannot tell which ViT layout this {container} file uses "
-                f"(first keys: {sorted(arrays)[:5]}). Pass format= one of {FORMATS}."
-            )
-    elif _CONTAINER[format] != container:
-        raise CheckpointFormatError(
-            f"{os.fspath(path)}: format {format!r} is stored as {_CONTAINER[format]}, but this "
-            f"file is {container}."
-        )
-    converted, notes = CONVERTERS[format](arrays, num_heads)
-    return format, converted, notes
+      raise CheckpointFormatError(
+          f"{os.fspath(path)}: cannot tell which ViT layout this {container} file uses "
+          f"(first keys: {sorted(arrays)[:5]}). Pass format= one of {FORMATS}."
+      )
+  elif _CONTAINER[format] != container:
+    raise CheckpointFormatError(
+        f"{os.fspath(path)}: format {format!r} is stored as {_CONTAINER[format]}, but this "
+        f"file is {container}."
+    )
+  converted, notes = CONVERTERS[format](arrays, num_heads)
+  return format, converted, notes

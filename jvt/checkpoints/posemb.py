@@ -22,70 +22,70 @@ METHODS = ("linear", "bicubic")
 
 
 def num_prefix_tokens(num_tokens: int) -> int:
-    """Prefix slots of a `[1, T, D]` position embedding: 0 if T is square, 1 if T-1 is."""
-    if math.isqrt(num_tokens) ** 2 == num_tokens:
-        return 0
-    if num_tokens > 1 and math.isqrt(num_tokens - 1) ** 2 == num_tokens - 1:
-        return 1
-    raise ValueError(
-        f"position embedding with {num_tokens} tokens is neither a square grid nor a cls slot "
-        "plus a square grid; only square patch grids are supported."
-    )
+  """Prefix slots of a `[1, T, D]` position embedding: 0 if T is square, 1 if T-1 is."""
+  if math.isqrt(num_tokens) ** 2 == num_tokens:
+    return 0
+  if num_tokens > 1 and math.isqrt(num_tokens - 1) ** 2 == num_tokens - 1:
+    return 1
+  raise ValueError(
+      f"position embedding with {num_tokens} tokens is neither a square grid nor a cls slot "
+      "plus a square grid; only square patch grids are supported."
+  )
 
 
 def _linear_weights(n_in: int, n_out: int) -> np.ndarray:
-    """[n_out, n_in] matrix of align-corners linear interpolation (scipy zoom order=1)."""
-    scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
-    pos = np.arange(n_out, dtype=np.float64) * scale  # input coordinate of each output sample
-    lo = np.minimum(np.floor(pos).astype(np.int64), n_in - 1)
-    hi = np.minimum(lo + 1, n_in - 1)
-    frac = pos - lo
-    weights = np.zeros((n_out, n_in), np.float64)
-    rows = np.arange(n_out)
-    np.add.at(weights, (rows, lo), 1.0 - frac)
-    np.add.at(weights, (rows, hi), frac)
-    return weights
+  """[n_out, n_in] matrix of align-corners linear interpolation (scipy zoom order=1)."""
+  scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+  pos = np.arange(n_out, dtype=np.float64) * scale  # input coordinate of each output sample
+  lo = np.minimum(np.floor(pos).astype(np.int64), n_in - 1)
+  hi = np.minimum(lo + 1, n_in - 1)
+  frac = pos - lo
+  weights = np.zeros((n_out, n_in), np.float64)
+  rows = np.arange(n_out)
+  np.add.at(weights, (rows, lo), 1.0 - frac)
+  np.add.at(weights, (rows, hi), frac)
+  return weights
 
 
 def resize_grid(grid: np.ndarray, size: tuple[int, int], method: str = "linear") -> np.ndarray:
-    """Resamples a `[gh, gw, D]` grid to `[h, w, D]` (float32)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown posemb_interpolation {method!r}; choose one of {METHODS}.")
-    grid = np.asarray(grid, np.float32)
-    h, w = size
-    if grid.shape[:2] == (h, w):
-        return grid
-    if method == "linear":
-        wh = _linear_weights(grid.shape[0], h)  # [h, gh]
-        ww = _linear_weights(grid.shape[1], w)  # [w, gw]
-        return np.einsum("hi,wj,ijd->hwd", wh, ww, grid.astype(np.float64)).astype(np.float32)
-    resized = jax.image.resize(grid, (h, w, grid.shape[2]), method="cubic")
-    return np.asarray(resized, np.float32)
+  """Resamples a `[gh, gw, D]` grid to `[h, w, D]` (float32)."""
+  if method not in METHODS:
+    raise ValueError(f"unknown posemb_interpolation {method!r}; choose one of {METHODS}.")
+  grid = np.asarray(grid, np.float32)
+  h, w = size
+  if grid.shape[:2] == (h, w):
+    return grid
+  if method == "linear":
+    wh = _linear_weights(grid.shape[0], h)  # [h, gh]
+    ww = _linear_weights(grid.shape[1], w)  # [w, gw]
+    return np.einsum("hi,wj,ijd->hwd", wh, ww, grid.astype(np.float64)).astype(np.float32)
+  resized = jax.image.resize(grid, (h, w, grid.shape[2]), method="cubic")
+  return np.asarray(resized, np.float32)
 
 
 def resize_posemb(posemb: np.ndarray, num_tokens: int, num_prefix: int,
                   method: str = "linear") -> np.ndarray:
-    """`[1, T, D]` -> `[1, num_tokens, D]` with `num_prefix` (0 or 1) leading slots.
+  """`[1, T, D]` -> `[1, num_tokens, D]` with `num_prefix` (0 or 1) leading slots.
 
-    The file's prefix count is read from T (square grid or one slot plus a square grid). A
-    missing cls slot (big_vision, timm `no_embed_class`: position added before the cls token
-    is concatenated) becomes zeros, which reproduces those models exactly; a cls slot the model
-    does not have is dropped.
-    """
-    posemb = np.asarray(posemb, np.float32)
-    if posemb.ndim != 3 or posemb.shape[0] != 1:
-        raise ValueError(f"position embedding must be [1, T, D], got {list(posemb.shape)}.")
-    file_prefix = num_prefix_tokens(posemb.shape[1])
-    prefix, grid = posemb[:, :file_prefix], posemb[0, file_prefix:]  # [1, P, D], [N, D]
-    if num_prefix > file_prefix:
-        prefix = np.zeros((1, num_prefix, posemb.shape[2]), np.float32)
-    prefix = prefix[:, :num_prefix]
-    new_side = math.isqrt(num_tokens - num_prefix)
-    if new_side * new_side != num_tokens - num_prefix:
-        raise ValueError(
-            f"model position embedding has {num_tokens} tokens with {num_prefix} prefix slots: "
-            "the remaining tokens do not form a square grid."
-        )
-    side = math.isqrt(grid.shape[0])
-    grid = resize_grid(grid.reshape(side, side, -1), (new_side, new_side), method)
-    return np.concatenate([prefix, grid.reshape(1, new_side * new_side, -1)], axis=1)
+  The file's prefix count is read from T (square grid or one slot plus a square grid). A
+  missing cls slot (big_vision, timm `no_embed_class`: position added before the cls token
+  is concatenated) becomes zeros, which reproduces those models exactly; a cls slot the model
+  does not have is dropped.
+  """
+  posemb = np.asarray(posemb, np.float32)
+  if posemb.ndim != 3 or posemb.shape[0] != 1:
+    raise ValueError(f"position embedding must be [1, T, D], got {list(posemb.shape)}.")
+  file_prefix = num_prefix_tokens(posemb.shape[1])
+  prefix, grid = posemb[:, :file_prefix], posemb[0, file_prefix:]  # [1, P, D], [N, D]
+  if num_prefix > file_prefix:
+    prefix = np.zeros((1, num_prefix, posemb.shape[2]), np.float32)
+  prefix = prefix[:, :num_prefix]
+  new_side = math.isqrt(num_tokens - num_prefix)
+  if new_side * new_side != num_tokens - num_prefix:
+    raise ValueError(
+        f"model position embedding has {num_tokens} tokens with {num_prefix} prefix slots: "
+        "the remaining tokens do not form a square grid."
+    )
+  side = math.isqrt(grid.shape[0])
+  grid = resize_grid(grid.reshape(side, side, -1), (new_side, new_side), method)
+  return np.concatenate([prefix, grid.reshape(1, new_side * new_side, -1)], axis=1)

@@ -1,8 +1,9 @@
 """Random-access data sources: `get_source(ds_cfg, split)` for every dataset name jvt accepts.
 
 A Source is any object with `__len__`, `__getitem__(i) -> {"image": uint8 [H, W, 3],
-"label": int}` and `num_classes: int`. A source may also offer `labels()` -> int64 [N] that
-reads labels without decoding images; the class-balanced sampler uses it when present.
+"label": int}` and `num_classes: int`; `__getitem__` is called from several threads. A source
+may also offer its labels without decoding images, as a `labels()` method returning int64 [N]
+or a `labels` sequence; the class-balanced sampler uses them when present.
 
 Accepted `ds_cfg.name` forms:
   jvt_synthetic             the synthetic demo set (`ds_cfg.task` picks the label feature)
@@ -82,9 +83,51 @@ class TfdsSource:
     undecoded = self._builder.as_data_source(self.split, decoders=skip_all)
     labels = np.empty(len(undecoded), np.int64)
     for start in range(0, len(labels), _LABEL_CHUNK):
-      chunk = undecoded.__getitems__(list(range(start, min(start + _LABEL_CHUNK, len(labels)))))
+      stop = min(start + _LABEL_CHUNK, len(labels))
+      chunk = undecoded.__getitems__(list(range(start, stop)))
       labels[start:start + len(chunk)] = [int(r[self._label_key]) for r in chunk]
     return labels
+
+
+class CachedSource:
+  """Keeps each example of `source` in memory after its first read.
+
+  For small splits read many times (VTAB-1k, the synthetic set): later epochs skip record
+  parsing and image decoding. Memory grows to the decoded size of the split.
+  """
+
+  def __init__(self, source: Source):
+    self.source = source
+    self.num_classes = source.num_classes
+    self._cache: dict = {}
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> dict:
+    example = self._cache.get(index)
+    if example is None:
+      example = self._cache[index] = self.source[index]
+    return example
+
+  def labels(self) -> np.ndarray:
+    """Labels int64 [N]: the source's fast path if it has one, else read (and cached)."""
+    labels = known_labels(self.source)
+    if labels is None:
+      labels = np.asarray([self[i]["label"] for i in range(len(self))], np.int64)
+    return labels
+
+
+def known_labels(source: Source) -> Optional[np.ndarray]:
+  """All labels int64 [N] when `source` offers them without decoding images, else None.
+
+  Recognises a `labels()` method (TfdsSource, CachedSource) or a `labels` sequence attribute
+  (e.g. list-file sources).
+  """
+  labels = getattr(source, "labels", None)
+  if labels is None:
+    return None
+  return np.asarray(labels() if callable(labels) else labels, np.int64)
 
 
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
@@ -95,7 +138,9 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
 
 def _tfds_builder(name: str, data_dir: Optional[str], how_to_prepare: str):
   """The prepared array_record builder `name`, or FileNotFoundError saying what to do."""
-  where = f"data_dir={data_dir!r}" + ("" if data_dir else f" (TFDS default {tfds.core.constants.DATA_DIR})")
+  where = f"data_dir={data_dir!r}"
+  if not data_dir:
+    where += f" (TFDS default {tfds.core.constants.DATA_DIR})"
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
@@ -116,7 +161,8 @@ def _synthetic_source(ds_cfg: Any, split: str) -> TfdsSource:
   from jvt.data import synthetic  # pylint: disable=g-import-not-at-top
   task = _get(ds_cfg, "task", "shape")
   if task not in synthetic.TASKS:
-    raise ValueError(f"Unknown jvt_synthetic task {task!r}; choose one of {list(synthetic.TASKS)}.")
+    raise ValueError(f"Unknown jvt_synthetic task {task!r}; "
+                     f"choose one of {list(synthetic.TASKS)}.")
   data_dir = _get(ds_cfg, "data_dir")
   how = ("Build it with `python -m jvt.data.synthetic --data_dir=DIR` or "
          "`jvt.data.synthetic.build_synthetic(DIR)`.")
@@ -139,17 +185,24 @@ def get_source(ds_cfg: Any, split: str) -> Source:
   """Returns the Source for `ds_cfg.name` and `split` (see the module docstring).
 
   Args:
-    ds_cfg: ConfigDict or dict with `name`, `data_dir` (None: TFDS default), and per kind
-      `task` (jvt_synthetic), `label_key` / `image_key` / `num_classes` (tfds:).
+    ds_cfg: ConfigDict or dict with `name`, `data_dir` (None: TFDS default), optional
+      `cache` (keep decoded examples in memory, see CachedSource), and per kind `task`
+      (jvt_synthetic), `label_key` / `image_key` / `num_classes` (tfds:).
     split: split name or TFDS split string.
   Raises:
     ValueError: unknown name form or task.
     FileNotFoundError: the dataset is not prepared; the message says where it looked and how
       to prepare it.
   """
+  source = _uncached_source(ds_cfg, split)
+  return CachedSource(source) if _get(ds_cfg, "cache", False) else source
+
+
+def _uncached_source(ds_cfg: Any, split: str) -> Source:
   name = _get(ds_cfg, "name")
   if not isinstance(name, str) or not name:
-    raise ValueError(f"ds_cfg.name must be a non-empty string; accepted forms: {ACCEPTED_NAMES}.")
+    raise ValueError(f"ds_cfg.name must be a non-empty string; "
+                     f"accepted forms: {ACCEPTED_NAMES}.")
   data_dir = _get(ds_cfg, "data_dir")
   if name == "jvt_synthetic":
     return _synthetic_source(ds_cfg, split)

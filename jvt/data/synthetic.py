@@ -32,7 +32,7 @@ import PIL.Image
 import tensorflow_datasets as tfds
 
 NAME = "jvt_synthetic"
-VERSION = "1.0.0"
+_VERSION = "1.0.0"
 SHAPES = ("square", "disc", "triangle", "cross")
 COLORS = {  # name -> RGB
     "red": (220, 40, 40),
@@ -132,8 +132,12 @@ class JvtSynthetic(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """TFDS builder of the synthetic shapes set (see the module docstring)."""
 
   name = NAME
-  VERSION = tfds.core.Version(VERSION)
-  RELEASE_NOTES = {VERSION: "Shapes, colours, counts and positions on noise."}
+  VERSION = tfds.core.Version(_VERSION)
+  RELEASE_NOTES = {_VERSION: "Shapes, colours, counts and positions on noise."}
+  # Nothing is downloaded, so there is no checksums file next to the code. TFDS 4.9 looks
+  # for one through `code_path`, which for a builder inside a package needs the
+  # `importlib_resources` backport; None skips that look-up.
+  code_path = None
 
   def __init__(self, *, settings: SyntheticSettings = SyntheticSettings(), **kwargs):
     self._settings = settings

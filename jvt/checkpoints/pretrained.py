@@ -1,0 +1,222 @@
+"""`load_pretrained`: a checkpoint file merged into a freshly initialised jvt parameter tree.
+
+Loading is a tree merge: the file (converted to Linen names by `formats.py`) provides every
+backbone leaf of the model; by design the head, the tuning parameters and any leaf the file
+cannot have (`fc_norm` for MAE-style models, `pre_logits` the file lacks) keep their initial
+values. Anything else that does not fit raises one `CheckpointMismatchError` naming every key.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jvt.checkpoints import formats
+from jvt.checkpoints import posemb as posemb_lib
+
+PyTree = Any
+
+HF_LAYER_NORM_EPS = 1e-12
+
+# (hidden, layers, mlp) -> variant name, to suggest which model a file was trained as.
+_VARIANTS = {
+    (192, 12, 768): "Ti", (384, 12, 1536): "S", (768, 12, 3072): "B", (1024, 24, 4096): "L",
+    (1280, 32, 5120): "H", (1408, 40, 6144): "g", (1664, 48, 8192): "G", (1152, 27, 4304): "So400m",
+}
+
+
+class CheckpointMismatchError(ValueError):
+  """The file's leaves do not fit the model: missing, unexpected or wrongly shaped keys."""
+
+
+def flatten_params(tree: PyTree) -> dict[str, Any]:
+  """`{'a/b/kernel': leaf}` view of a nested parameter tree."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep="/")
+  return dict(flat)
+
+
+def tree_geometry(flat: dict[str, Any]) -> dict[str, int]:
+  """Hidden size, patch size, depth, MLP width and heads read off a flat ViT tree."""
+  geo = {}
+  if "embedding/kernel" in flat:
+    shape = np.shape(flat["embedding/kernel"])
+    geo["hidden size"], geo["patch size"] = shape[-1], shape[0]
+  blocks = {m.group(1) for k in flat if (m := re.match(r"Transformer/encoderblock_(\d+)/", k))}
+  if blocks:
+    geo["layers"] = len(blocks)
+  mlp = flat.get("Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel")
+  if mlp is not None and np.ndim(mlp) == 2:
+    geo["MLP dim"] = np.shape(mlp)[1]
+  query = flat.get("Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel")
+  if query is not None and np.ndim(query) == 3:
+    geo["heads"] = np.shape(query)[1]
+  return geo
+
+
+def _variant(geo: dict[str, int]) -> str | None:
+  name = _VARIANTS.get((geo.get("hidden size"), geo.get("layers"), geo.get("MLP dim")))
+  return f"{name}/{geo['patch size']}" if name else None
+
+
+def _likely_cause(loaded: dict, target: dict, fmt: str, matched: int, expected: int) -> str:
+  file_geo, model_geo = tree_geometry(loaded), tree_geometry(target)
+  causes = [f"{k} {file_geo[k]} in file vs {model_geo[k]} in model"
+            for k in file_geo if k in model_geo and file_geo[k] != model_geo[k]]
+  if causes:
+    variant = _variant(file_geo)
+    causes[-1] += ": wrong variant?" + (f" the file looks like {variant}" if variant else "")
+  if "fc_norm/scale" in loaded and "fc_norm/scale" not in target:
+    causes.append("the file has fc_norm (MAE-style global pool): build the model with "
+                  "pool='gap' and fc_norm=True")
+  if ("cls" in loaded) != ("cls" in target):
+    where = "file" if "cls" in loaded else "model"
+    causes.append(f"only the {where} has a cls token: build the model with the file's pooling")
+  if matched < expected / 2:
+    causes.append(f"wrong format? the file was read as {fmt!r}; pass format= one of "
+                  f"{formats.FORMATS}")
+  return "; ".join(causes) if causes else "the file was written for another model"
+
+
+def _shape(x) -> list[int]:
+  return list(np.shape(x))
+
+
+def _place(value: np.ndarray, like) -> jax.Array:
+  """The file value as a jax array with the dtype (and sharding) of the model leaf."""
+  value = np.asarray(value).astype(np.dtype(like.dtype))
+  if isinstance(like, jax.Array):
+    return jax.make_array_from_callback(value.shape, like.sharding, lambda idx: value[idx])
+  return jnp.asarray(value)
+
+
+def _posemb_fits(file_shape, model_shape) -> bool:
+  """Only the token count may differ (resized); the grids must be square."""
+  if len(file_shape) != 3 or len(model_shape) != 3 or file_shape[0] != 1 or file_shape[2] != model_shape[2]:
+    return False
+  try:
+    posemb_lib.num_prefix_tokens(file_shape[1])
+  except ValueError:
+    return False
+  return True
+
+
+def load_pretrained(path: str | os.PathLike, params: PyTree, model: Any, *,
+                    format: str | None = None, posemb_interpolation: str = "linear",
+                    keep_head: bool = False,
+                    log: Callable[[str], Any] = logging.info) -> PyTree:
+  """Returns `params` with every backbone leaf replaced by the checkpoint's.
+
+  Args:
+    path: a `.npz` (vision_transformer, big_vision) or `.safetensors` (timm, HuggingFace
+      ViTModel) file. Pickles (`.pth`, `.pt`, `.pkl`, torch `.bin`) are refused unread.
+    params: the model's freshly initialised parameter tree (`variables["params"]`); it fixes
+      the structure, shapes, dtypes and shardings of the result.
+    model: the jvt ViT module (`num_heads` splits fused torch projections; `layer_norm_eps`
+      is checked against HuggingFace's 1e-12).
+    format: one of "vit_npz", "big_vision_npz", "timm", "hf"; None detects it from the keys.
+    posemb_interpolation: "linear" (scipy.ndimage.zoom order=1, as vision_transformer) or
+      "bicubic" (jax.image.resize cubic) when the position grid size differs.
+    keep_head: keep the file's head (and pre_logits) when its shapes match the model's.
+    log: where the one-line summaries go (ignored arrays, leaves kept from init).
+
+  Raises:
+    FileNotFoundError: `path` does not exist.
+    formats.CheckpointFormatError: unreadable, pickled, corrupt or unknown file.
+    CheckpointMismatchError: missing, unexpected or mis-shaped leaves (all named at once).
+  """
+  if isinstance(params, dict | flax.core.FrozenDict) and set(params) == {"params"}:
+    raise ValueError("pass the parameter collection variables['params'], not the variables dict.")
+  fmt, loaded, notes = formats.read_checkpoint(path, num_heads=model.num_heads, format=format)
+  if posemb_interpolation not in posemb_lib.METHODS:
+    raise ValueError(f"unknown posemb_interpolation {posemb_interpolation!r}; "
+                     f"choose one of {posemb_lib.METHODS}.")
+  for note in notes:
+    log(f"{os.fspath(path)}: {note}")
+  if fmt == "hf" and not math.isclose(model.layer_norm_eps, HF_LAYER_NORM_EPS):
+    logging.warning(
+        "%s is a HuggingFace ViT, trained with layer-norm eps 1e-12, but the model uses %g; "
+        "build it with layer_norm_eps=1e-12 to reproduce HuggingFace's outputs exactly.",
+        os.fspath(path), model.layer_norm_eps)
+
+  target = flatten_params(params)
+  from_file: dict[str, np.ndarray] = {}
+  from_init: list[str] = []
+  dropped: list[str] = []
+  missing, mismatched = [], []
+
+  file_has_fc_norm = any(k.startswith("fc_norm/") for k in loaded)
+  model_has_encoder_norm = any(k.startswith("Transformer/encoder_norm/") for k in target)
+  for key, like in target.items():
+    in_file = key in loaded
+    if not formats.is_backbone_leaf(key):
+      from_init.append(key)  # tuning parameters
+    elif key.startswith("head/"):
+      if keep_head and in_file and _shape(loaded[key]) == _shape(like):
+        from_file[key] = loaded[key]
+      else:
+        if keep_head:
+          logging.warning("keep_head: %s is %s in the file, %s in the model; using the "
+                          "initial head.", key, _shape(loaded[key]) if in_file else "absent",
+                          _shape(like))
+        from_init.append(key)
+    elif not in_file and (key.startswith("pre_logits/") or key.startswith("fc_norm/")):
+      from_init.append(key)
+    elif not in_file:
+      missing.append(f"{key}: model {_shape(like)}")
+    elif key == formats.POSEMB and _posemb_fits(_shape(loaded[key]), _shape(like)):
+      from_file[key] = loaded[key]
+    elif _shape(loaded[key]) != _shape(like):
+      mismatched.append(f"{key}: file {_shape(loaded[key])} vs model {_shape(like)}")
+    else:
+      from_file[key] = loaded[key]
+
+  unexpected = []
+  for key in sorted(set(loaded) - set(target)):
+    if key.startswith(("head/", "pre_logits/")):
+      dropped.append(key)
+    elif (key.startswith("Transformer/encoder_norm/") and not model_has_encoder_norm
+          and not file_has_fc_norm and any(k.startswith("fc_norm/") for k in target)):
+      dropped.append(key)  # MAE fine-tuning: global pool with a fresh fc_norm replaces it
+    else:
+      unexpected.append(f"{key}: file {_shape(loaded[key])}")
+  for key in sorted(set(loaded) & set(target)):
+    if not formats.is_backbone_leaf(key):
+      unexpected.append(f"{key}: file {_shape(loaded[key])} (a tuning parameter, not a checkpoint leaf)")
+
+  if missing or unexpected or mismatched:
+    expected = sum(formats.is_backbone_leaf(k) and not k.startswith("head/") for k in target)
+    sections = [(f"missing from the file ({len(missing)})", missing),
+                (f"unexpected in the file ({len(unexpected)})", unexpected),
+                (f"shape mismatch ({len(mismatched)})", mismatched)]
+    lines = [f"checkpoint {os.fspath(path)} (read as {fmt!r}) does not fit the model:"]
+    for title, items in sections:
+      if items:
+        lines += [f"  {title}:"] + [f"    {item}" for item in items]
+    lines.append("likely cause: " + _likely_cause(loaded, target, fmt, len(from_file), expected))
+    raise CheckpointMismatchError("\n".join(lines))
+
+  if dropped:
+    log(f"{os.fspath(path)}: not loaded by design (head / pre_logits / MAE encoder_norm): {dropped}")
+  log(f"{os.fspath(path)}: {len(from_file)} leaves from the {fmt} file; from init by design: {from_init}")
+
+  out = {}
+  for key, like in target.items():
+    if key not in from_file:
+      out[key] = like
+      continue
+    value = from_file[key]
+    if key == formats.POSEMB and _shape(value) != _shape(like):
+      num_prefix = posemb_lib.num_prefix_tokens(_shape(like)[1])
+      log(f"{os.fspath(path)}: position embedding {_shape(value)} -> {_shape(like)} "
+          f"({posemb_interpolation})")
+      value = posemb_lib.resize_posemb(value, _shape(like)[1], num_prefix, posemb_interpolation)
+    out[key] = _place(value, like)
+  tree = flax.traverse_util.unflatten_dict(out, sep="/")
+  return flax.core.freeze(tree) if isinstance(params, flax.core.FrozenDict) else tree

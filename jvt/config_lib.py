@@ -1,0 +1,103 @@
+"""The base training config every `configs/*.py` file starts from, and its argument parser.
+
+A config file's `get_config(arg=None)` calls `base_config()`, sets what it needs and returns
+it; `arg` is a short string of sweepable choices ("method=vpt_deep,seed=1") parsed by
+`parse_arg`. The config is locked, so a typo'd key is an error both in files and on the
+command line (`--config.optimizer.lr=0.1`).
+"""
+from __future__ import annotations
+
+import ml_collections
+
+PROTOCOLS = ("last", "best_val", "legacy_max_test")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field the trainer reads, with defaults. Durations: total_steps OR total_epochs."""
+  c = ml_collections.ConfigDict()
+  c.job = "train"  # "train" | "demo"
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.variant = "B/16"
+  c.model.image_size = 224
+  c.model.dtype = "float32"  # compute dtype: "float32" | "bfloat16"; parameters stay fp32
+  c.model.remat = "none"  # "none" | "full" | "dots" | "nothing"
+  # Other ViT fields (e.g. hidden_size, num_layers, pool, layer_norm_eps), as a dict.
+  c.model.overrides = ml_collections.ConfigDict()
+
+  c.pretrained = ml_collections.ConfigDict()
+  c.pretrained.path = ""  # "" = random init (a warning is logged)
+  c.pretrained.format = ""  # "" = detect from the file
+  c.pretrained.posemb_interpolation = "linear"
+
+  # A method dict, or a list of them for a composition (see docs/methods.md).
+  c.tuning = None  # None = dict(method="linear")
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = "jvt_synthetic"  # see docs/data.md
+  c.dataset.data_dir = ""
+  c.dataset.task = ""  # label for multi-label sets (synthetic: shape|color|count|position)
+  c.dataset.label_key = "label"
+  c.dataset.train_split = "train"
+  c.dataset.val_split = ""  # "" = no validation
+  c.dataset.test_split = "test"  # "" = no test
+  c.dataset.preprocess = "vtab"  # "vtab" | "fgvc" | "vit" | "vit_aug"
+  c.dataset.num_classes = -1  # -1 = from the data source
+  c.dataset.sampler = "shuffle"  # "shuffle" | "balanced"
+  c.dataset.images_per_class = 2  # balanced sampler
+
+  c.batch_size = 128
+  c.eval_batch_size = 256
+  c.total_steps = -1
+  c.total_epochs = 10.0
+  c.grad_accum_steps = 1
+  c.label_smoothing = 0.0
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "sgd"
+  c.optimizer.lr = 0.1
+  c.optimizer.base_batch_size = -1  # > 0: lr *= batch_size / base_batch_size (VPT's rule)
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.momentum = 0.9
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.schedule = "cosine"
+  c.optimizer.warmup_epochs = 0.0
+  c.optimizer.warmup_steps = -1  # >= 0 overrides warmup_epochs
+  c.optimizer.clip_norm = -1.0  # <= 0: off
+  c.optimizer.clip_value = -1.0  # <= 0: off
+  # Per-group multipliers, e.g. {"head": {"lr_mult": 1.0, "wd_mult": 5.0}}.
+  c.optimizer.groups = ml_collections.ConfigDict()
+
+  c.protocol = "last"  # "last" | "best_val" | "legacy_max_test"
+  c.eval_every_epochs = 1.0  # <= 0: only at the end
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 500
+  c.max_to_keep = 2
+  c.keep_checkpoints = True  # False: remove run checkpoints after a finished run
+  c.write_plots = True
+  c.progress_bar = True
+  c.overwrite = False  # allow a workdir that holds a run of a different config
+
+  # Knowledge distillation (remapping tuning); see docs/distill.md.
+  c.distill = ml_collections.ConfigDict()
+  c.distill.enabled = False
+  return c
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """"a=1,b=x" -> ConfigDict(a=1, b="x") over `defaults`; unknown keys are an error."""
+  out = dict(defaults)
+  if arg:
+    for item in arg.split(","):
+      if "=" not in item:
+        raise ValueError(f"config arg {item!r}: expected key=value (known keys: {sorted(out)}).")
+      key, value = item.split("=", 1)
+      if key not in out:
+        raise ValueError(f"config arg key {key!r} unknown; known keys: {sorted(out)}.")
+      default = out[key]
+      out[key] = type(default)(value) if default is not None and not isinstance(
+          default, bool) else (value.lower() in ("1", "true", "yes") if isinstance(
+              default, bool) else value)
+  return ml_collections.ConfigDict(out)

@@ -1,0 +1,351 @@
+"""Training and evaluation batches from a Source: sharded, prefetched, checkpointable.
+
+Design: a sampler plans each epoch as dataset indices [steps, global_batch]; process i of P
+keeps rows [i * B / P, (i + 1) * B / P) of every global batch, so the concatenation over
+processes is the single-process batch. Examples are read and preprocessed by a thread pool
+(decoding and PIL resizing release the GIL) into preallocated batch buffers, `prefetch`
+batches ahead of the consumer. Augmentation randomness is keyed by (seed, epoch, position in
+the epoch's stream), so any (epoch, step) is reproducible without replaying the past: the
+loader state is just {epoch, step}.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import os
+from typing import Any, Callable, Iterator, Optional, Union
+
+import numpy as np
+
+from jvt.data import preprocess as pp
+from jvt.data import samplers
+from jvt.data import sources
+
+Batch = dict  # {"image": float32 [B, S, S, 3], "label": int32 [B](, "mask": bool [B])}
+PreprocessArg = Union[str, Callable[[np.ndarray, Optional[np.random.Generator]], np.ndarray]]
+SAMPLERS = ("shuffle", "balanced")
+
+
+def _default_workers() -> int:
+  if hasattr(os, "sched_getaffinity"):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
+
+
+def _resolve_preprocess(preprocess: PreprocessArg, image_size: int, train: bool):
+  if isinstance(preprocess, str):
+    return pp.get_preprocess(preprocess, image_size, train=train)
+  if callable(preprocess):
+    return preprocess
+  raise ValueError(f"preprocess must be a preset name {list(pp.PRESETS)} or a callable "
+                   f"(image, rng) -> float32 [S, S, 3], got {preprocess!r}.")
+
+
+def _local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f"Need 0 <= process_index ({process_index}) < process_count "
+                     f"({process_count}).")
+  if global_batch_size < 1 or global_batch_size % process_count:
+    raise ValueError(f"global_batch_size ({global_batch_size}) must be a positive multiple of "
+                     f"process_count ({process_count}).")
+  return global_batch_size // process_count
+
+
+def _label_error(label: int, index: int, where: str, num_classes: int) -> ValueError:
+  return ValueError(f"Label {label} of example {index} in {where} is outside "
+                    f"[0, {num_classes}): check the label feature / num_classes.")
+
+
+@dataclasses.dataclass
+class _Reader:
+  """Reads one example, checks its label, preprocesses it into a batch buffer row."""
+  source: Any
+  preprocess: Callable
+  image_size: int
+  num_classes: int
+  where: str  # e.g. "split 'train' of jvt_synthetic", for error messages
+
+  def load(self, images: np.ndarray, labels: np.ndarray, row: int, index: int,
+           rng: Optional[np.random.Generator]) -> None:
+    example = self.source[index]
+    label = int(example["label"])
+    if not 0 <= label < self.num_classes:
+      raise _label_error(label, index, self.where, self.num_classes)
+    image = self.preprocess(example["image"], rng)
+    s = self.image_size
+    if image.shape != (s, s, 3):
+      raise ValueError(f"Preprocessing example {index} of {self.where} gave shape "
+                       f"{image.shape}, expected {(s, s, 3)}.")
+    images[row] = image
+    labels[row] = label
+
+
+@dataclasses.dataclass
+class _Pending:
+  """A batch being filled by the thread pool."""
+  images: np.ndarray  # [B, S, S, 3] float32
+  labels: np.ndarray  # [B] int32
+  mask: np.ndarray  # [B] bool
+  futures: list
+
+  def result(self) -> Batch:
+    for f in self.futures:
+      f.result()  # re-raises a worker's error here, in the consumer
+    return {"image": self.images, "label": self.labels}
+
+  def cancel(self) -> None:
+    for f in self.futures:
+      f.cancel()
+
+
+def _submit(pool: concurrent.futures.Executor, reader: _Reader, indices: np.ndarray,
+            rng_keys: Optional[list]) -> _Pending:
+  """Starts loading `indices` ([B], -1 = padding row) with per-row rng keys (or None)."""
+  b, s = len(indices), reader.image_size
+  pending = _Pending(images=np.zeros((b, s, s, 3), np.float32),
+                     labels=np.zeros((b,), np.int32), mask=indices >= 0, futures=[])
+  for row, index in enumerate(indices):
+    if index < 0:
+      continue
+    rng = None if rng_keys is None else np.random.default_rng(rng_keys[row])
+    pending.futures.append(pool.submit(reader.load, pending.images, pending.labels, row,
+                                       int(index), rng))
+  return pending
+
+
+class TrainLoader:
+  """Infinite iterator of this process's shard of the training batches, epoch after epoch.
+
+  `sampler` (jvt.data.samplers) plans the epochs and carries the seed, which also keys the
+  augmentation of each row by (seed, epoch, position in the epoch).
+
+  Yields {"image": float32 [local_batch, S, S, 3], "label": int32 [local_batch]}.
+  Attributes: steps_per_epoch, num_examples, num_classes, global_batch_size,
+  local_batch_size. `get_state()` / `set_state()` save and restore the position (JSON).
+  Call `close()` (or use it as a context manager) to stop its threads.
+  """
+
+  def __init__(self, source: Any, *, sampler: Any, preprocess: PreprocessArg, image_size: int,
+               split: str = "train", num_classes: Optional[int] = None,
+               process_index: int = 0, process_count: int = 1, prefetch: int = 2,
+               num_workers: Optional[int] = None):
+    self.global_batch_size = sampler.global_batch_size
+    self.local_batch_size = _local_batch_size(self.global_batch_size, process_index,
+                                              process_count)
+    self.num_examples = len(source)
+    self.num_classes = int(source.num_classes if num_classes is None else num_classes)
+    self.steps_per_epoch = sampler.steps_per_epoch
+    if self.steps_per_epoch < 1:
+      raise ValueError(f"{split} has {self.num_examples} examples, fewer than one global batch "
+                       f"of {self.global_batch_size}.")
+    if prefetch < 0:
+      raise ValueError(f"prefetch must be >= 0, got {prefetch}.")
+    fn = _resolve_preprocess(preprocess, image_size, train=True)
+    self._needs_rng = getattr(fn, "needs_rng", True)
+    self._reader = _Reader(source, fn, int(image_size), self.num_classes, split)
+    self._sampler = sampler
+    self._seed = sampler.seed
+    self._row0 = process_index * self.local_batch_size
+    self._prefetch = int(prefetch)
+    self._pool = concurrent.futures.ThreadPoolExecutor(
+        num_workers or _default_workers(), thread_name_prefix="jvt-train-data")
+    self._epoch, self._step = 0, 0
+    self._pending: collections.deque = collections.deque()  # batches from (epoch, step) on
+    self._plans: dict = {}  # epoch -> indices [steps, global_batch]
+
+  def _plan(self, epoch: int) -> np.ndarray:
+    if epoch not in self._plans:
+      self._plans = {e: p for e, p in self._plans.items() if e >= self._epoch}
+      self._plans[epoch] = self._sampler.epoch_indices(epoch)
+    return self._plans[epoch]
+
+  def _advance(self, epoch: int, step: int) -> tuple[int, int]:
+    return (epoch + 1, 0) if step + 1 == self.steps_per_epoch else (epoch, step + 1)
+
+  def _submit(self, epoch: int, step: int) -> _Pending:
+    rows = slice(self._row0, self._row0 + self.local_batch_size)
+    indices = self._plan(epoch)[step, rows]  # [local_batch]
+    keys = None
+    if self._needs_rng:
+      first = step * self.global_batch_size + self._row0  # position in the epoch's stream
+      keys = [[self._seed, samplers.AUGMENT_STREAM, epoch, first + r]
+              for r in range(self.local_batch_size)]
+    return _submit(self._pool, self._reader, indices, keys)
+
+  def _fill(self) -> None:
+    epoch, step = self._epoch, self._step
+    for _ in range(len(self._pending)):
+      epoch, step = self._advance(epoch, step)
+    while len(self._pending) < self._prefetch + 1:
+      self._pending.append(self._submit(epoch, step))
+      epoch, step = self._advance(epoch, step)
+
+  def __iter__(self) -> Iterator[Batch]:
+    return self
+
+  def __next__(self) -> Batch:
+    self._fill()
+    batch = self._pending[0].result()
+    self._pending.popleft()
+    self._epoch, self._step = self._advance(self._epoch, self._step)
+    self._fill()
+    return batch
+
+  def get_state(self) -> dict:
+    """JSON-serialisable position of the next batch, plus what must match on restore."""
+    return {"epoch": self._epoch, "step": self._step, "seed": self._seed,
+            "global_batch_size": self.global_batch_size, "num_examples": self.num_examples,
+            "sampler": self._sampler.description}
+
+  def set_state(self, state: dict) -> None:
+    """Continues from `state` (from get_state), yielding what an uninterrupted run would."""
+    expected = self.get_state()
+    for key in ("seed", "global_batch_size", "num_examples", "sampler"):
+      if state.get(key) != expected[key]:
+        raise ValueError(f"Loader state has {key}={state.get(key)!r} but this loader has "
+                         f"{expected[key]!r}: the restored batches would differ.")
+    epoch, step = int(state["epoch"]), int(state["step"])
+    if epoch < 0 or not 0 <= step < self.steps_per_epoch:
+      raise ValueError(f"Bad loader state epoch={epoch}, step={step} "
+                       f"(steps_per_epoch={self.steps_per_epoch}).")
+    for p in self._pending:
+      p.cancel()
+    self._pending.clear()
+    self._epoch, self._step = epoch, step
+
+  def close(self) -> None:
+    for p in self._pending:
+      p.cancel()
+    self._pending.clear()
+    self._pool.shutdown(wait=True, cancel_futures=True)
+
+  def __enter__(self) -> "TrainLoader":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+class EvalBatches:
+  """Every example of a split exactly once, in order, in padded batches.
+
+  Iterating yields {"image": float32 [local_batch, S, S, 3], "label": int32 [local_batch],
+  "mask": bool [local_batch]}; padding rows (after the last example) have mask False, a zero
+  image and label 0. Every process yields `len(self)` = ceil(N / global_batch) batches.
+  Can be iterated any number of times.
+  """
+
+  def __init__(self, source: Any, *, global_batch_size: int, preprocess: PreprocessArg,
+               image_size: int, split: str = "eval", num_classes: Optional[int] = None,
+               process_index: int = 0, process_count: int = 1, prefetch: int = 2,
+               num_workers: Optional[int] = None):
+    self.global_batch_size = int(global_batch_size)
+    self.local_batch_size = _local_batch_size(self.global_batch_size, process_index,
+                                              process_count)
+    self.num_examples = len(source)
+    if self.num_examples < 1:
+      raise ValueError(f"{split} is empty.")
+    self.num_classes = int(source.num_classes if num_classes is None else num_classes)
+    if prefetch < 0:
+      raise ValueError(f"prefetch must be >= 0, got {prefetch}.")
+    fn = _resolve_preprocess(preprocess, image_size, train=False)
+    self._reader = _Reader(source, fn, int(image_size), self.num_classes, split)
+    self._row0 = process_index * self.local_batch_size
+    self._prefetch = int(prefetch)
+    self._num_workers = num_workers or _default_workers()
+
+  def __len__(self) -> int:
+    return -(-self.num_examples // self.global_batch_size)
+
+  def _indices(self, b: int) -> np.ndarray:
+    start = b * self.global_batch_size + self._row0
+    positions = np.arange(start, start + self.local_batch_size)  # [local_batch]
+    return np.where(positions < self.num_examples, positions, -1)
+
+  def __iter__(self) -> Iterator[Batch]:
+    pool = concurrent.futures.ThreadPoolExecutor(self._num_workers,
+                                                 thread_name_prefix="jvt-eval-data")
+    pending: collections.deque = collections.deque()
+    try:
+      submitted = 0
+      for _ in range(len(self)):
+        while submitted < len(self) and len(pending) < self._prefetch + 1:
+          pending.append(_submit(pool, self._reader, self._indices(submitted), None))
+          submitted += 1
+        head = pending.popleft()
+        yield {**head.result(), "mask": head.mask}
+    finally:
+      for p in pending:
+        p.cancel()
+      pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _checked_labels(source: Any, where: str, num_classes: int,
+                    pool: concurrent.futures.Executor) -> np.ndarray:
+  """All labels of `source`, int64 [N] (fast path: `sources.known_labels`), range-checked."""
+  labels = sources.known_labels(source)
+  if labels is None:
+    labels = np.asarray(list(pool.map(lambda i: int(source[i]["label"]), range(len(source)))),
+                        np.int64)
+  bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+  if bad.size:
+    raise _label_error(int(labels[bad[0]]), int(bad[0]), where, num_classes)
+  return labels
+
+
+def _where(ds_cfg: Any, split: str) -> str:
+  return f"split {split!r} of {ds_cfg.get('name')}"
+
+
+def make_train_loader(ds_cfg: Any, split: str, *, global_batch_size: int, image_size: int,
+                      preprocess: PreprocessArg, seed: int, process_index: int = 0,
+                      process_count: int = 1, sampler: str = "shuffle",
+                      images_per_class: int = 2, num_classes: Optional[int] = None,
+                      prefetch: int = 2, num_workers: Optional[int] = None) -> TrainLoader:
+  """The training loader of `split` of dataset `ds_cfg` (see `sources.get_source`).
+
+  Args:
+    ds_cfg: dataset config (name, data_dir, ...).
+    split: split to train on.
+    global_batch_size: batch over all processes; each yields global_batch_size //
+      process_count rows (rows [i * local, (i + 1) * local) of the global batch).
+    image_size: output side S.
+    preprocess: preset name (`jvt.data.preprocess.PRESETS`, training variant) or a callable
+      (uint8 image [H, W, 3], np.random.Generator) -> float32 [S, S, 3].
+    seed: seeds shuffling (per epoch) and augmentation (per epoch and position).
+    process_index, process_count: this process and the number of processes.
+    sampler: "shuffle" (a permutation per epoch) or "balanced" (C classes x images_per_class).
+    images_per_class: K for the balanced sampler.
+    num_classes: labels must lie in [0, num_classes); default: the source's num_classes.
+    prefetch: batches prepared ahead of the consumer.
+    num_workers: reading/preprocessing threads (default: the usable CPU cores).
+  """
+  source = sources.get_source(ds_cfg, split)
+  where = _where(ds_cfg, split)
+  n_classes = int(source.num_classes if num_classes is None else num_classes)
+  if sampler == "shuffle":
+    plan = samplers.ShuffleSampler(len(source), global_batch_size, seed)
+  elif sampler == "balanced":
+    with concurrent.futures.ThreadPoolExecutor(num_workers or _default_workers()) as pool:
+      labels = _checked_labels(source, where, n_classes, pool)
+    plan = samplers.BalancedSampler(labels, global_batch_size, images_per_class, seed)
+  else:
+    raise ValueError(f"Unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}.")
+  return TrainLoader(source, sampler=plan, preprocess=preprocess, image_size=image_size,
+                     split=where, num_classes=n_classes,
+                     process_index=process_index, process_count=process_count,
+                     prefetch=prefetch, num_workers=num_workers)
+
+
+def make_eval_batches(ds_cfg: Any, split: str, *, global_batch_size: int, image_size: int,
+                      preprocess: PreprocessArg, process_index: int = 0,
+                      process_count: int = 1, num_classes: Optional[int] = None,
+                      prefetch: int = 2, num_workers: Optional[int] = None) -> EvalBatches:
+  """Padded evaluation batches of `split` (see EvalBatches); preset in its eval variant."""
+  source = sources.get_source(ds_cfg, split)
+  return EvalBatches(source, global_batch_size=global_batch_size, preprocess=preprocess,
+                     image_size=image_size, split=_where(ds_cfg, split),
+                     num_classes=num_classes, process_index=process_index,
+                     process_count=process_count, prefetch=prefetch, num_workers=num_workers)

@@ -1,0 +1,345 @@
+"""Aggregates finished runs into paper-style VTAB-1k / FGVC tables (markdown and CSV).
+
+Each run's workdir holds `final_metrics.json` (written by the trainer: at least `protocol`,
+`task`, the protocol's metric — `test_accuracy` or `val_accuracy`, a fraction in [0, 1] — and
+`trainable_params`; optionally `method` and `seed`) and, when launched by jvt.sweep,
+`sweep_overrides.json` (the config overrides, used for anything final_metrics.json lacks).
+
+Per row (protocol x method x optional group_by keys) and task: the mean and standard deviation
+(numpy's, ddof=0) over seeds. VTAB rows add the three group means (natural, specialized,
+structured), the mean of the three group means and the mean of the 19 tasks; FGVC rows add the
+mean of the 5 tasks. A mean is shown only when every task it covers is present. Under the
+`vtab_tune` protocol each (method, task) keeps the hyper-parameters with the best mean val200
+accuracy; they are also written to best_hparams.json for the final sweep.
+
+  python -m jvt.results --root=DIR --out=DIR [--group_by=key,...]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import json
+import os
+import sys
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from jvt import protocols
+from jvt import sweep
+from jvt.data import fgvc
+from jvt.data import vtab
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+  """One finished run."""
+  workdir: str
+  task: str
+  protocol: str
+  method: str
+  seed: Any
+  overrides: Mapping[str, Any]
+  metrics: Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class CellStats:
+  """Accuracy of one task in one row (fractions in [0, 1])."""
+  mean: float
+  std: float
+  n: int
+  trainable_params: float | None
+  hparams: Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSummary:
+  """One row of a results table."""
+  protocol: protocols.Protocol
+  method: str
+  group: tuple[tuple[str, Any], ...]
+  cells: Mapping[str, CellStats]
+  group_means: Mapping[str, float | None]
+  mean_of_group_means: float | None
+  mean_of_tasks: float | None
+  trainable_params: float | None
+
+  @property
+  def label(self) -> str:
+    extra = ",".join(f"{k}={sweep.format_value(v)}" for k, v in self.group)
+    return self.method + (f" [{extra}]" if extra else "")
+
+
+def _read_json(path: str) -> dict:
+  with open(path, encoding="utf-8") as f:
+    value = json.load(f)
+  if not isinstance(value, dict):
+    raise ValueError(f"{path}: expected a JSON object")
+  return value
+
+
+def load_records(root: str, task_key: str = "task", method_key: str = "method",
+                 seed_key: str = "seed") -> list[RunRecord]:
+  """Reads every workdir below root that holds final_metrics.json (sorted by path).
+
+  task/method/seed come from final_metrics.json ('task', 'method', 'seed') or else from the
+  sweep overrides under task_key/method_key/seed_key.
+  """
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f"results root {root} does not exist")
+  records = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames.sort()
+    if sweep.FINAL_METRICS not in filenames:
+      continue
+    metrics = _read_json(os.path.join(dirpath, sweep.FINAL_METRICS))
+    overrides_path = os.path.join(dirpath, sweep.OVERRIDES_FILE)
+    overrides = _read_json(overrides_path) if os.path.isfile(overrides_path) else {}
+    task = metrics.get("task", overrides.get(task_key))
+    if task is None:
+      raise ValueError(f"{dirpath}: neither {sweep.FINAL_METRICS} ('task') nor "
+                       f"{sweep.OVERRIDES_FILE} ('{task_key}') names the task; pass --task_key")
+    if "protocol" not in metrics:
+      raise ValueError(f"{dirpath}/{sweep.FINAL_METRICS} has no 'protocol' "
+                       f"(one of {', '.join(protocols.PROTOCOLS)})")
+    protocols.get_protocol(metrics["protocol"])
+    records.append(RunRecord(
+        workdir=dirpath, task=str(task), protocol=metrics["protocol"],
+        method=str(metrics.get("method", overrides.get(method_key, ""))),
+        seed=metrics.get("seed", overrides.get(seed_key)), overrides=overrides,
+        metrics=metrics))
+  return records
+
+
+def _accuracy(record: RunRecord, metric: str) -> float:
+  if metric not in record.metrics:
+    raise ValueError(f"{record.workdir}/{sweep.FINAL_METRICS} has no '{metric}', which protocol "
+                     f"{record.protocol} reports")
+  value = float(record.metrics[metric])
+  if not 0.0 <= value <= 1.0:
+    raise ValueError(f"{record.workdir}: {metric}={value} is not a fraction in [0, 1]")
+  return value
+
+
+def _hparams(record: RunRecord, ignored: set[str]) -> dict:
+  return {k: v for k, v in sorted(record.overrides.items()) if k not in ignored}
+
+
+def _canonical(value: Any) -> str:
+  return json.dumps(value, sort_keys=True, default=str)
+
+
+def _cell(runs: Sequence[RunRecord], metric: str, hparams: Mapping[str, Any]) -> CellStats:
+  accuracies = np.array([_accuracy(r, metric) for r in runs], np.float64)
+  params = [float(r.metrics["trainable_params"]) for r in runs if "trainable_params" in r.metrics]
+  return CellStats(mean=float(accuracies.mean()), std=float(accuracies.std()), n=len(runs),
+                   trainable_params=float(np.mean(params)) if params else None,
+                   hparams=dict(hparams))
+
+
+def _benchmark_tasks(benchmark: str) -> tuple[str, ...]:
+  return tuple(vtab.VTAB_TASKS) if benchmark == "vtab" else tuple(fgvc.FGVC_TASKS)
+
+
+def _mean_if_complete(cells: Mapping[str, CellStats], tasks: Sequence[str]) -> float | None:
+  if all(t in cells for t in tasks):
+    return float(np.mean([cells[t].mean for t in tasks]))
+  return None
+
+
+def summarize(records: Sequence[RunRecord], group_by: Sequence[str] = (),
+              task_key: str = "task", method_key: str = "method", seed_key: str = "seed"
+              ) -> list[RowSummary]:
+  """Groups runs into table rows and computes the per-task and group statistics.
+
+  Within a row, every task's runs must share their hyper-parameters (the overrides other than
+  task/method/seed/protocol and group_by) — except under a tuning protocol (val split, no test
+  split), where the hyper-parameters with the best mean accuracy are kept.
+  """
+  ignored = {task_key, method_key, seed_key, "protocol", *group_by}
+  rows: dict[tuple, dict[str, list[RunRecord]]] = {}
+  for r in records:
+    key = (r.protocol, r.method, tuple((k, r.overrides.get(k)) for k in group_by))
+    rows.setdefault(key, {}).setdefault(r.task, []).append(r)
+
+  summaries = []
+  order = {name: i for i, name in enumerate(protocols.PROTOCOLS)}
+  for (protocol_name, method, group), by_task in sorted(
+      rows.items(), key=lambda kv: (order[kv[0][0]], kv[0][1], repr(kv[0][2]))):
+    protocol = protocols.get_protocol(protocol_name)
+    known = _benchmark_tasks(protocol.benchmark)
+    unknown = sorted(set(by_task) - set(known))
+    if unknown:
+      raise ValueError(f"tasks {unknown} are not {protocol.benchmark} tasks ({', '.join(known)})")
+    tuning = protocol.test_split is None
+    cells = {}
+    for task in known:
+      if task not in by_task:
+        continue
+      by_hparams: dict[str, list[RunRecord]] = {}
+      for r in by_task[task]:
+        by_hparams.setdefault(_canonical(_hparams(r, ignored)), []).append(r)
+      if len(by_hparams) > 1 and not tuning:
+        variants = [_hparams(runs[0], ignored) for runs in by_hparams.values()]
+        keys = sorted(k for k in set().union(*variants)
+                      if len({_canonical(v.get(k)) for v in variants}) > 1)
+        raise ValueError(
+            f"{protocol_name}/{method or '(no method)'}/{task}: runs differ in {keys}; "
+            "pass them as group_by to make separate rows")
+      candidates = [_cell(runs, protocol.metric, _hparams(runs[0], ignored))
+                    for _, runs in sorted(by_hparams.items())]
+      cells[task] = max(candidates, key=lambda c: c.mean)  # first of the best on ties
+    if protocol.benchmark == "vtab":
+      group_means = {g: _mean_if_complete(cells, tasks) for g, tasks in vtab.VTAB_GROUPS.items()}
+      mean_groups = (float(np.mean(list(group_means.values())))
+                     if all(m is not None for m in group_means.values()) else None)
+    else:
+      group_means, mean_groups = {}, None
+    params = [c.trainable_params for c in cells.values() if c.trainable_params is not None]
+    summaries.append(RowSummary(
+        protocol=protocol, method=method, group=group, cells=cells, group_means=group_means,
+        mean_of_group_means=mean_groups, mean_of_tasks=_mean_if_complete(cells, known),
+        trainable_params=float(np.mean(params)) if params else None))
+  return summaries
+
+
+def best_hparams(rows: Sequence[RowSummary]) -> dict[str, dict[str, dict]]:
+  """{row label: {task: hyper-parameters}} of the tuning rows (vtab_tune)."""
+  return {row.label: {task: dict(c.hparams) for task, c in row.cells.items()}
+          for row in rows if row.protocol.test_split is None}
+
+
+# ---------------------------------------------------------------------------------------------
+# Output.
+
+def _pct(value: float | None) -> str:
+  return "–" if value is None else f"{100 * value:.2f}"
+
+
+def _params(value: float | None) -> str:
+  return "–" if value is None else f"{value / 1e6:.3f}"
+
+
+def _titles(benchmark: str) -> list[tuple[str, str]]:
+  tasks = vtab.VTAB_TASKS if benchmark == "vtab" else fgvc.FGVC_TASKS
+  return [(name, t.title) for name, t in tasks.items()]
+
+
+def to_markdown(rows: Sequence[RowSummary]) -> str:
+  """One table per protocol; cells are 'mean ± std' test (or val) accuracy in percent."""
+  out = []
+  for protocol in protocols.PROTOCOLS.values():
+    prows = [r for r in rows if r.protocol.name == protocol.name]
+    if not prows:
+      continue
+    out.append(f"## {protocol.label} (`{protocol.name}`)\n")
+    if protocol.legacy:
+      out.append(f"**{protocols.LEGACY_LABEL}: the reported epoch is chosen on the test set; "
+                 "these numbers are not comparable with last-epoch or best-val results.**\n")
+    out.append(f"Accuracy (%) of `{protocol.metric}`, mean ± std over seeds (n = runs).\n")
+    titles = _titles(protocol.benchmark)
+    header = ["Method"] + [t for _, t in titles]
+    if protocol.benchmark == "vtab":
+      header += [g.capitalize() for g in vtab.VTAB_GROUPS] + ["Mean (groups)", "Mean (19 tasks)"]
+    else:
+      header += ["Mean"]
+    header += ["Params (M)"]
+    out.append("| " + " | ".join(header) + " |")
+    out.append("|" + "---|" * len(header))
+    for row in prows:
+      cells = []
+      for name, _ in titles:
+        c = row.cells.get(name)
+        cells.append("–" if c is None else f"{_pct(c.mean)} ± {_pct(c.std)} (n={c.n})")
+      if protocol.benchmark == "vtab":
+        cells += [_pct(row.group_means[g]) for g in vtab.VTAB_GROUPS]
+        cells += [_pct(row.mean_of_group_means), _pct(row.mean_of_tasks)]
+      else:
+        cells += [_pct(row.mean_of_tasks)]
+      cells += [_params(row.trainable_params)]
+      out.append("| " + " | ".join([row.label or "(no method)"] + cells) + " |")
+    out.append("")
+    if protocol.test_split is None:
+      out.append("Best hyper-parameters per task (by mean val accuracy):\n")
+      for row in prows:
+        for task, c in row.cells.items():
+          out.append(f"- {row.label or '(no method)'} / {task}: "
+                     f"{_canonical(dict(c.hparams))}")
+      out.append("")
+  return "\n".join(out)
+
+
+CSV_COLUMNS = ("protocol", "protocol_label", "method", "group_by", "task", "accuracy_mean_pct",
+               "accuracy_std_pct", "n", "trainable_params", "hparams")
+
+
+def to_csv(rows: Sequence[RowSummary]) -> str:
+  """Long format: one line per (row, task), then the group means and overall means."""
+  buffer = io.StringIO()
+  writer = csv.writer(buffer, lineterminator="\n")
+  writer.writerow(CSV_COLUMNS)
+  for row in rows:
+    prefix = [row.protocol.name, row.protocol.label, row.method,
+              _canonical(dict(row.group))]
+    for task, c in row.cells.items():
+      writer.writerow(prefix + [task, f"{100 * c.mean:.4f}", f"{100 * c.std:.4f}", c.n,
+                                "" if c.trainable_params is None else int(c.trainable_params),
+                                _canonical(dict(c.hparams))])
+    summary = [(f"group:{g}", m) for g, m in row.group_means.items()]
+    if row.protocol.benchmark == "vtab":
+      summary.append(("mean_of_group_means", row.mean_of_group_means))
+    summary.append(("mean_of_tasks", row.mean_of_tasks))
+    for name, value in summary:
+      writer.writerow(prefix + [name, "" if value is None else f"{100 * value:.4f}", "", "",
+                                "" if row.trainable_params is None else int(row.trainable_params),
+                                ""])
+  return buffer.getvalue()
+
+
+def write_results(root: str, out: str, group_by: Sequence[str] = (), task_key: str = "task",
+                  method_key: str = "method", seed_key: str = "seed") -> list[RowSummary]:
+  """Writes out/results.md, out/results.csv and (with tuning runs) out/best_hparams.json."""
+  records = load_records(root, task_key, method_key, seed_key)
+  if not records:
+    raise FileNotFoundError(f"no {sweep.FINAL_METRICS} below {root}")
+  rows = summarize(records, group_by, task_key, method_key, seed_key)
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
+    f.write(to_markdown(rows))
+  with open(os.path.join(out, "results.csv"), "w", encoding="utf-8") as f:
+    f.write(to_csv(rows))
+  best = best_hparams(rows)
+  if best:
+    with open(os.path.join(out, "best_hparams.json"), "w", encoding="utf-8") as f:
+      json.dump(best, f, indent=2, sort_keys=True, default=str)
+  return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """CLI entry point; returns the exit status."""
+  parser = argparse.ArgumentParser(prog="python -m jvt.results",
+                                   description="Aggregate run workdirs into result tables.")
+  parser.add_argument("--root", required=True, help="folder searched for final_metrics.json")
+  parser.add_argument("--out", required=True, help="folder for results.md/.csv")
+  parser.add_argument("--group_by", default="", help="comma-separated override keys that "
+                      "split rows (e.g. a hyper-parameter varied on purpose)")
+  parser.add_argument("--task_key", default="task")
+  parser.add_argument("--method_key", default="method")
+  parser.add_argument("--seed_key", default="seed")
+  args = parser.parse_args(argv)
+  group_by = [k for k in args.group_by.split(",") if k]
+  try:
+    rows = write_results(args.root, args.out, group_by, args.task_key, args.method_key,
+                         args.seed_key)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(to_markdown(rows))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
