@@ -38,8 +38,9 @@ def run(argv) -> int:
     raise ValueError("--config is required, e.g. --config=configs/demo.py")
   if not FLAGS.workdir:
     raise ValueError("--workdir is required.")
-  logging.basicConfig(level=logging.INFO if jax.process_index() == 0 else logging.WARNING,
-                      format="%(asctime)s %(name)s %(levelname)s %(message)s")
+  # jvt's own messages at INFO on process 0; libraries (orbax, tfds) only warnings.
+  logging.getLogger().setLevel(logging.WARNING)
+  logging.getLogger("jvt").setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
   if config.get("job", "train") == "demo":
     from jvt import demo
     demo.run_demo(config, FLAGS.workdir)

@@ -61,6 +61,7 @@ class RunDirectory:
                             "another --workdir.") from None
     config_path = os.path.join(self.path, "config.json")
     new = config.to_json(indent=1)
+    self._config_text = new
     if os.path.exists(config_path) and not config.get("overwrite", False):
       with open(config_path) as f:
         old = f.read()
@@ -69,10 +70,15 @@ class RunDirectory:
         raise FileExistsError(
             f"workdir {self.path} holds a run of a different config ({diff}). Use another "
             "--workdir, or pass --config.overwrite=True to start over there.")
-    if os.path.exists(config_path) and config.get("overwrite", False):
-      _clear_run(self.path)
+    self._clear = os.path.exists(config_path) and config.get("overwrite", False)
+
+  def start(self) -> None:
+    """Claims the workdir for this config (after set-up succeeded): writes config.json and, with
+    `overwrite`, removes the previous run's files."""
     if jax.process_index() == 0:
-      atomic_write_text(config_path, new)
+      if self._clear:
+        _clear_run(self.path)
+      atomic_write_text(os.path.join(self.path, "config.json"), self._config_text)
 
   def write_final(self, final: dict, history: list[dict]) -> None:
     atomic_write_text(os.path.join(self.path, "final_metrics.json"),

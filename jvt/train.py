@@ -347,6 +347,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
           image_size=config.model.image_size, preprocess=ds.preprocess, process_index=pi,
           process_count=pc, num_classes=num_classes)
   from jvt.checkpoints.runs import RunCheckpointer
+  run_dir.start()
   ckpt = RunCheckpointer(os.path.join(run_dir.path, "checkpoints"),
                          max_to_keep=config.max_to_keep)
   history: list[dict] = []

@@ -231,7 +231,7 @@ def _out_kernel(w_out_in: np.ndarray, num_heads: int) -> np.ndarray:
   """torch Linear weight [D, H*Dh] -> Flax out kernel [H, Dh, D]."""
   kernel = w_out_in.T  # [H*Dh, D]
   if kernel.ndim == 2 and kernel.shape[0] % num_heads == 0:
-    kernel = kernel.reshape(num_heads, -1, kernel.shape[1])
+    kernel = kernel.reshape(-1, num_heads, kernel.shape[1]).transpose(1, 0, 2)
   return kernel
 
 

@@ -322,17 +322,17 @@ def make_train_loader(ds_cfg: Any, split: str, *, global_batch_size: int, image_
     prefetch: batches prepared ahead of the consumer.
     num_workers: reading/preprocessing threads (default: the usable CPU cores).
   """
+  if sampler not in SAMPLERS:
+    raise ValueError(f"Unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}.")
   source = sources.get_source(ds_cfg, split)
   where = _where(ds_cfg, split)
   n_classes = int(source.num_classes if num_classes is None else num_classes)
   if sampler == "shuffle":
     plan = samplers.ShuffleSampler(len(source), global_batch_size, seed)
-  elif sampler == "balanced":
+  else:
     with concurrent.futures.ThreadPoolExecutor(num_workers or _default_workers()) as pool:
       labels = _checked_labels(source, where, n_classes, pool)
     plan = samplers.BalancedSampler(labels, global_batch_size, images_per_class, seed)
-  else:
-    raise ValueError(f"Unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}.")
   return TrainLoader(source, sampler=plan, preprocess=preprocess, image_size=image_size,
                      split=where, num_classes=n_classes,
                      process_index=process_index, process_count=process_count,

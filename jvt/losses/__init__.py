@@ -8,3 +8,4 @@ from jvt.losses.distill import kd_loss
 from jvt.losses.proxy_anchor import l2_normalize
 from jvt.losses.proxy_anchor import log1p_sum_exp
 from jvt.losses.proxy_anchor import proxy_anchor_loss
+from jvt.losses.da_vpt import da_vpt_terms

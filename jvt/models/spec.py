@@ -42,6 +42,9 @@ class DAVPTSpec:
   mapping_images_per_class: int = 10
   refresh_from_epoch: int = 1
   kmeans_layer_norm: bool = False
+  # More proxy prompts than classes: "" is an error, "unused" maps class c -> prompt c and the
+  # remaining prompts serve only as negatives.
+  surplus_prompts: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -119,7 +119,11 @@ def _davpt_common(f, num_layers, plus):
       normalize_positives=pick("normalize_positives", "with_positives", "all"),
       mapping_images_per_class=int(f["mapping_images_per_class"]),
       refresh_from_epoch=int(f["refresh_from_epoch"]),
-      kmeans_layer_norm=bool(f["kmeans_layer_norm"]))
+      kmeans_layer_norm=bool(f["kmeans_layer_norm"]),
+      surplus_prompts=str(f["surplus_prompts"] or ""))
+  if davpt_spec.surplus_prompts not in ("", "unused"):
+    raise ValueError(f"{f['method']}.surplus_prompts={davpt_spec.surplus_prompts!r}; allowed: "
+                     "'' (more proxy prompts than classes is an error), 'unused'.")
   if davpt_spec.patch_feature not in ("attn_out_mean", "input_patch_mean"):
     raise ValueError(f"{f['method']}.patch_feature={davpt_spec.patch_feature!r}; allowed: "
                      "'attn_out_mean' (paper), 'input_patch_mean' (released code).")
@@ -216,7 +220,7 @@ _DAVPT_FIELDS = dict(
     cls_weight=0.05, scale_ratio=1.0, dropout=0.0, alpha=32.0, delta_pos=0.1, delta_neg=-0.1,
     normalize_positives=None, patch_feature=None, prompt_query=None, cls_query=None, init=None,
     l2norm=None, attention_mask=None, mapping_images_per_class=10, refresh_from_epoch=1,
-    kmeans_layer_norm=False)
+    kmeans_layer_norm=False, surplus_prompts="")
 
 
 @dataclasses.dataclass(frozen=True)

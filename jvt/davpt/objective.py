@@ -1,0 +1,111 @@
+"""DA-VPT's training objective: CE + patch_weight * L_ML(X, P) + cls_weight * L_ML(P, x_cls).
+
+State (checkpointed, replicated over devices):
+  mapping [C] int32     class -> proxy prompt, an argument of the jitted step (never retraced)
+  centroids [M, D]      the k-means centroids behind the mapping (warm start for the next)
+  class_sums [C, D]     sums of the normalised final [CLS] of the prompted model this epoch,
+  class_counts [C]      accumulated inside the train step over the global batch (segment_sum)
+
+The initial mapping clusters class means of the frozen pretrained model (no prompts) over
+`mapping_images_per_class` training images per class; from `refresh_from_epoch` on, each
+epoch end re-clusters the accumulated means warm-started from the previous centroids.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jvt.davpt.mapping import accumulate_class_sums, class_means, compute_mapping, finalize_class_means
+from jvt.losses import da_vpt as da_vpt_loss
+from jvt.losses.proxy_anchor import l2_normalize
+from jvt.models.spec import TuningSpec
+from jvt.objectives import CrossEntropy
+
+log = logging.getLogger("jvt.davpt")
+
+
+def pretrained_backbone_params(params: dict) -> dict:
+  """The backbone + head leaves of a tuned tree (plug-ins dropped)."""
+  from flax import traverse_util
+  import re
+  from jvt.tuning.methods import BACKBONE_LEAVES, HEAD_LEAVES
+  flat = traverse_util.flatten_dict(params, sep="/")
+  keep = {k: v for k, v in flat.items()
+          if re.fullmatch(BACKBONE_LEAVES, k) or re.fullmatch(HEAD_LEAVES, k)}
+  return traverse_util.unflatten_dict(keep, sep="/")
+
+
+def initial_mapping(model, params, images, labels, num_classes: int, spec, seed: int = 0,
+                    chunk: int = 64):
+  """Mapping [C] and centroids [M, D] from the frozen model's class means of final [CLS]."""
+  plain = model.clone(tuning=TuningSpec(), partition_rules=())
+  backbone = pretrained_backbone_params(params)
+  fwd = jax.jit(lambda p, x: plain.apply({"params": p}, x, train=False)[1]["cls"])
+  feats = []
+  for i in range(0, len(images), chunk):
+    part = np.asarray(images[i:i + chunk])
+    pad = chunk - len(part)
+    if pad:
+      part = np.concatenate([part, np.zeros((pad, *part.shape[1:]), part.dtype)])
+    feats.append(np.asarray(fwd(backbone, part))[:chunk - pad])
+  feats = np.concatenate(feats)  # [N, D]
+  means, counts = class_means(jnp.asarray(feats), jnp.asarray(labels), num_classes)
+  return compute_mapping(np.asarray(means), np.asarray(counts), spec.num_proxy_prompts,
+                         seed=seed, layer_norm=spec.kmeans_layer_norm)
+
+
+class DAVPTObjective(CrossEntropy):
+  """Cross-entropy plus DA-VPT's two metric terms, with the class -> prompt mapping state."""
+
+  def __init__(self, spec, label_smoothing: float = 0.0):
+    super().__init__(label_smoothing)
+    self.spec = spec
+    self.capture = da_vpt_loss.capture_keys(spec)
+    self.capture_layers = tuple(spec.proxy_layers)
+    self.seed = 0
+
+  def init_state(self, ctx) -> dict:
+    spec, c = self.spec, ctx.num_classes
+    if spec.num_proxy_prompts > c and spec.surplus_prompts != "unused":
+      raise ValueError(
+          f"da_vpt.num_proxy_prompts={spec.num_proxy_prompts} is more than the {c} classes: "
+          "set num_proxy_prompts <= num_classes, or surplus_prompts='unused' to map class c to "
+          "prompt c and keep the other prompts as negatives only.")
+    self.seed = int(ctx.config.get("seed", 0))
+    images, labels = ctx.class_examples(spec.mapping_images_per_class)
+    mapping, centroids = initial_mapping(ctx.model, ctx.params, images, labels, c, spec,
+                                         seed=self.seed)
+    log.info("DA-VPT initial mapping (class -> prompt): %s", mapping.tolist())
+    d = centroids.shape[1]
+    return {"mapping": np.asarray(mapping, np.int32),
+            "centroids": np.asarray(centroids, np.float32),
+            "class_sums": np.zeros((c, d), np.float32),
+            "class_counts": np.zeros((c,), np.float32)}
+
+  def loss(self, logits, aux, batch, state, constants):
+    del constants
+    ce = self.classification_loss(logits, batch)
+    terms = da_vpt_loss.metric_terms(aux, batch["label"], state["mapping"], self.spec)
+    total = ce + self.spec.patch_weight * terms["patch"] + self.spec.cls_weight * terms["cls"]
+    feats = jax.lax.stop_gradient(l2_normalize(aux["cls"]))  # [B, D]
+    sums, counts = accumulate_class_sums(state["class_sums"], state["class_counts"], feats,
+                                         batch["label"])
+    state = dict(state, class_sums=sums, class_counts=counts)
+    return total, {"ce_loss": ce, "patch_loss": terms["patch"], "cls_loss": terms["cls"]}, state
+
+  def end_of_epoch(self, state: dict, epoch: int) -> dict:
+    if epoch < self.spec.refresh_from_epoch or not np.any(state["class_counts"] > 0):
+      return state
+    means = np.asarray(finalize_class_means(jnp.asarray(state["class_sums"]),
+                                            jnp.asarray(state["class_counts"])))
+    mapping, centroids = compute_mapping(
+        means, np.asarray(state["class_counts"]), self.spec.num_proxy_prompts, seed=self.seed,
+        init_centroids=np.asarray(state["centroids"]), layer_norm=self.spec.kmeans_layer_norm)
+    return {"mapping": np.asarray(mapping, np.int32),
+            "centroids": np.asarray(centroids, np.float32),
+            "class_sums": np.zeros_like(state["class_sums"]),
+            "class_counts": np.zeros_like(state["class_counts"])}

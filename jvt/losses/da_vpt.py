@@ -1,0 +1,65 @@
+"""DA-VPT's metric-learning terms: L_ML(X, P) and L_ML(P, x_cls) at the proxy blocks.
+
+At each proxy block l the prompts P_l [M, D] act as class proxies (class c -> prompt
+mapping[c]) in a Proxy-Anchor loss:
+  * patch term L_ML(X, P): features = a per-image patch feature of block l (paper: mean of the
+    attention-output image tokens; released code: mean of the block's input image tokens),
+    proxies = P_l;
+  * cls term L_ML(P, x_cls): features = block l's [CLS] (paper: the block's output [CLS];
+    released code: the query projection of norm1(x_cls)), proxies = P_l or, in the paper, the
+    query projection of the prompts.
+Both are averaged over the proxy blocks. Pure functions of the model's `aux`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jvt.losses.proxy_anchor import proxy_anchor_loss
+
+# What the model must capture at the proxy blocks for a DA-VPT spec.
+def capture_keys(spec) -> tuple[str, ...]:
+  keys = [spec.patch_feature, "prompts"]
+  keys.append("cls_query" if spec.cls_query else "tokens")
+  if spec.prompt_query:
+    keys.append("prompt_query")
+  return tuple(dict.fromkeys(keys))
+
+
+def metric_terms(aux: dict, labels: jax.Array, mapping: jax.Array, spec: Any,
+                 valid: jax.Array | None = None) -> dict[str, jax.Array]:
+  """{"patch": L_ML(X, P), "cls": L_ML(P, x_cls)} averaged over `spec.proxy_layers`.
+
+  aux: the model's aux with aux["blocks"][l] captured for every proxy layer l (see
+  `capture_keys`); labels [B] int; mapping [C] int (class -> prompt).
+  """
+  proxy_ids = jnp.take(mapping, labels)  # [B]
+  kw = dict(alpha=spec.alpha, delta_pos=spec.delta_pos, delta_neg=spec.delta_neg,
+            normalize_positives=spec.normalize_positives, scale_ratio=spec.scale_ratio,
+            valid=valid)
+  patch, cls = [], []
+  for layer in spec.proxy_layers:
+    block = aux["blocks"][layer]
+    prompts = block["prompts"]  # [M, D]
+    patch.append(proxy_anchor_loss(block[spec.patch_feature], prompts, proxy_ids, **kw))
+    cls_feature = block["cls_query"] if spec.cls_query else block["tokens"][:, 0]  # [B, D]
+    cls_proxies = block["prompt_query"] if spec.prompt_query else prompts
+    cls.append(proxy_anchor_loss(cls_feature, cls_proxies, proxy_ids, **kw))
+  return {"patch": jnp.mean(jnp.stack(patch)), "cls": jnp.mean(jnp.stack(cls))}
+
+
+def da_vpt_terms(model, params, images, labels, mapping) -> dict[str, jax.Array]:
+  """The unweighted DA-VPT terms of `model` (built with da_vpt / da_vpt_plus) on a batch.
+
+  Deterministic (no dropout). Returns {"patch": L_ML(X, P), "cls": L_ML(P, x_cls)}, each
+  averaged over the model's proxy layers. images [B, H, W, 3], labels [B], mapping [C].
+  """
+  spec = model.tuning.davpt
+  if spec is None:
+    raise ValueError("da_vpt_terms needs a model built with tuning method 'da_vpt' or "
+                     "'da_vpt_plus'.")
+  _, aux = model.apply({"params": params}, images, train=False, capture=capture_keys(spec),
+                       capture_layers=spec.proxy_layers)
+  return metric_terms(aux, jnp.asarray(labels), jnp.asarray(mapping), spec)
