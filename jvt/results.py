@@ -70,7 +70,7 @@ class RowSummary:
   @property
   def label(self) -> str:
     extra = ",".join(f"{k}={sweep.format_value(v)}" for k, v in self.group)
-    return self.method + (f" [{extra}]" if extra else "")
+    return (self.method or "(no method)") + (f" [{extra}]" if extra else "")
 
 
 def _read_json(path: str) -> dict:
@@ -260,13 +260,13 @@ def to_markdown(rows: Sequence[RowSummary]) -> str:
       else:
         cells += [_pct(row.mean_of_tasks)]
       cells += [_params(row.trainable_params)]
-      out.append("| " + " | ".join([row.label or "(no method)"] + cells) + " |")
+      out.append("| " + " | ".join([row.label] + cells) + " |")
     out.append("")
     if protocol.test_split is None:
       out.append("Best hyper-parameters per task (by mean val accuracy):\n")
       for row in prows:
         for task, c in row.cells.items():
-          out.append(f"- {row.label or '(no method)'} / {task}: "
+          out.append(f"- {row.label} / {task}: "
                      f"{_canonical(dict(c.hparams))}")
       out.append("")
   return "\n".join(out)

@@ -5,12 +5,12 @@ format's exact layout by writers in this file (independent of the readers). timm
 additionally checked by a numpy forward pass that reads the torch-layout state dict the way
 timm / HuggingFace do, so a transposition error shared by a writer and a reader still fails.
 """
+import json
 import logging
 import math
 import os
 import pickle
 import struct
-import json
 import zipfile
 
 import jax

@@ -3,6 +3,7 @@
 import io
 import json
 
+import ml_collections
 import numpy as np
 import PIL.Image
 import pytest
@@ -393,7 +394,9 @@ def test_tfds_source_reads_split_arithmetic_and_tiles_gray(tiny_dir):
 
 
 def test_loaders_through_tfds(tiny_dir):
-  cfg = {"name": "tfds:jvt_test_tiny", "data_dir": tiny_dir}
+  cfg = ml_collections.ConfigDict({"name": "tfds:jvt_test_tiny", "data_dir": tiny_dir,
+                                   "label_key": "label"})
+  cfg.lock()
   with pipeline.make_train_loader(cfg, "train", global_batch_size=8, image_size=8,
                                   preprocess="vit", seed=0, sampler="balanced",
                                   images_per_class=4) as loader:
@@ -441,3 +444,12 @@ def test_unknown_names_list_the_accepted_forms():
   with pytest.raises(ValueError, match="sampler"):
     pipeline.make_train_loader({"name": "imagenet"}, "train", global_batch_size=2,
                                image_size=4, preprocess="vit", seed=0, sampler="random")
+
+
+def test_list_folders_are_dispatched_to_jvt_data_lists(tmp_path):
+  for i, label in enumerate([1, 0]):
+    PIL.Image.fromarray(np.full((5, 7), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+  (tmp_path / "train800.txt").write_text("0.png 1\n1.png 0\n")
+  src = sources.get_source({"name": f"list:{tmp_path}", "data_dir": None}, "train800")
+  assert len(src) == 2 and src.num_classes == 2
+  assert src[0]["image"].shape == (5, 7, 3) and [src[i]["label"] for i in range(2)] == [1, 0]

@@ -102,7 +102,8 @@ def test_balanced_loader_on_the_synthetic_set(tiny_dir):
 
 
 def test_build_is_idempotent_and_rebuilds_on_new_settings(tiny_dir):
-  info = os.path.join(tfds.builder("jvt_synthetic", data_dir=tiny_dir).data_dir, "dataset_info.json")
+  version_dir = tfds.builder("jvt_synthetic", data_dir=tiny_dir).data_dir
+  info = os.path.join(version_dir, "dataset_info.json")
   stamp = os.stat(info).st_mtime_ns
   synthetic.build_synthetic(tiny_dir, **TINY)
   assert os.stat(info).st_mtime_ns == stamp

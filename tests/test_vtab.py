@@ -324,9 +324,9 @@ def stored_ids(data_dir):
     for split in builder.info.splits:
       if (spec, split) not in ids:
         source = builder.as_data_source(split=split)
-        ids[(spec, split)] = [decode_id(vtab.to_rgb(source[i]["image"],
-                                                    255 if kind == "bits" else 1), kind)
-                              for i in range(len(source))]
+        raw = [source[i]["image"] for i in range(len(source))]  # [4, 4, C], C in {1, 3}
+        ids[(spec, split)] = [decode_id(np.repeat(r, 3 // r.shape[-1], axis=-1)
+                                        * (255 if kind == "bits" else 1), kind) for r in raw]
   return ids
 
 
@@ -377,10 +377,12 @@ def test_prepare_targets_merge_shared_builders():
 def test_prepare_reports_what_is_missing(tmp_path):
   no_tf = lambda module: module != "tensorflow"
   [resisc] = prepare.resolve_targets("resisc45")
-  problems = prepare.missing_requirements(resisc, str(tmp_path), has_module=no_tf)
-  assert len(problems) == 2
-  assert "TensorFlow is not installed" in problems[0]
-  assert "NWPU-RESISC45.rar" in problems[1] and str(tmp_path / "NWPU-RESISC45") in problems[1]
+  [problem] = prepare.missing_requirements(resisc, str(tmp_path), has_module=no_tf)
+  assert "NWPU-RESISC45.rar" in problem and str(tmp_path / "NWPU-RESISC45") in problem
+  [problem] = prepare.tensorflow_problem(prepare.resolve_targets("all-fgvc"), no_tf)
+  assert "TensorFlow" in problem and "is not installed" in problem
+  assert "needed for: cub, flowers, dogs, cars." in problem  # nabirds has no TFDS builder
+  assert prepare.tensorflow_problem([resisc], lambda m: True) == []
   (tmp_path / "NWPU-RESISC45").mkdir()
   assert prepare.missing_requirements(resisc, str(tmp_path), has_module=lambda m: True) == []
   [camelyon] = prepare.resolve_targets("patch_camelyon")
@@ -400,3 +402,20 @@ def test_prepare_cli(data_dir, tmp_path, capsys):
   err = capsys.readouterr().err
   assert status == 2 and "Traceback" not in err
   assert f"{tmp_path}/m/NWPU-RESISC45" in err
+
+
+def test_prepare_cli_runs_and_reports_failures(tmp_path, monkeypatch, capsys):
+  prepared = []
+  monkeypatch.setattr(prepare, "module_installed", lambda module: True)
+  monkeypatch.setattr(prepare, "prepare", lambda target, data_dir, manual_dir: prepared.append(
+      (target.tasks, data_dir, manual_dir)))
+  assert prepare.main(["clevr_dist", f"--data_dir={tmp_path}"]) == 0
+  assert prepared == [(("clevr_dist",), str(tmp_path), f"{tmp_path}/downloads/manual")]
+
+  def offline(target, data_dir, manual_dir):
+    raise ConnectionError("no network")
+
+  monkeypatch.setattr(prepare, "prepare", offline)
+  assert prepare.main(["dtd", f"--data_dir={tmp_path}"]) == 1
+  err = capsys.readouterr().err
+  assert "error: preparing dtd: ConnectionError: no network" in err and "Traceback" not in err

@@ -31,9 +31,11 @@ def _check_model(flat: dict[str, Any], model: Any) -> None:
   expected = {"hidden size": model.hidden_size, "patch size": model.patch_size,
               "layers": model.num_layers, "heads": model.num_heads}
   geo = tree_geometry(flat)
-  wrong = [f"{k} {geo.get(k)} in params vs {v} in model" for k, v in expected.items() if geo.get(k) != v]
-  if "head/kernel" in flat and np.shape(flat["head/kernel"])[-1] != model.num_classes:
-    wrong.append(f"{np.shape(flat['head/kernel'])[-1]} classes in params vs {model.num_classes} in model")
+  wrong = [f"{k} {geo.get(k)} in params vs {v} in model"
+           for k, v in expected.items() if geo.get(k) != v]
+  classes = np.shape(flat["head/kernel"])[-1] if "head/kernel" in flat else model.num_classes
+  if classes != model.num_classes:
+    wrong.append(f"{classes} classes in params vs {model.num_classes} in model")
   if wrong:
     raise ValueError("save_npz: params do not belong to this model: " + "; ".join(wrong) + ".")
 

@@ -38,7 +38,8 @@ BACKBONE_LEAF = re.compile(
     r"|cls"
     r"|Transformer/posembed_input/pos_embedding"
     r"|Transformer/encoderblock_\d+/LayerNorm_[01]/(scale|bias)"
-    r"|Transformer/encoderblock_\d+/MultiHeadDotProductAttention_0/(query|key|value|out)/(kernel|bias)"
+    r"|Transformer/encoderblock_\d+/MultiHeadDotProductAttention_0/(query|key|value|out)/"
+    r"(kernel|bias)"
     r"|Transformer/encoderblock_\d+/MlpBlock_0/Dense_[01]/(kernel|bias)"
     r"|Transformer/encoder_norm/(scale|bias)"
     r"|fc_norm/(scale|bias)"
@@ -178,8 +179,8 @@ def detect_format(container: str, keys) -> str | None:
     if any(k.startswith(("embeddings.", "vit.embeddings.")) or ".encoder.layer." in "." + k
            for k in keys):
       return "hf"
-    if any(re.search(r"(^|\.)(patch_embed|blocks\.\d+)\.", k) or k.endswith(("cls_token", "pos_embed"))
-           for k in keys):
+    if any(re.search(r"(^|\.)(patch_embed|blocks\.\d+)\.", k)
+           or k.endswith(("cls_token", "pos_embed")) for k in keys):
       return "timm"
     return None
   if any(k.endswith(POSEMB) for k in keys):
@@ -231,7 +232,7 @@ def _out_kernel(w_out_in: np.ndarray, num_heads: int) -> np.ndarray:
   """torch Linear weight [D, H*Dh] -> Flax out kernel [H, Dh, D]."""
   kernel = w_out_in.T  # [H*Dh, D]
   if kernel.ndim == 2 and kernel.shape[0] % num_heads == 0:
-    kernel = kernel.reshape(-1, num_heads, kernel.shape[1]).transpose(1, 0, 2)
+    kernel = kernel.reshape(num_heads, -1, kernel.shape[1])
   return kernel
 
 
@@ -240,68 +241,53 @@ def _conv_kernel(w_oihw: np.ndarray) -> np.ndarray:
   return w_oihw.transpose(2, 3, 1, 0) if w_oihw.ndim == 4 else w_oihw
 
 
-def _rename(arrays: Arrays, rules: list[tuple[str, Callable]], num_heads: int) -> Arrays:
-  """Applies the first matching (regex, emit) rule per key; unmatched keys pass unchanged.
-
-  `emit(match, value, num_heads)` returns {linen path: array}.
-  """
-  out: Arrays = {}
-  compiled = [(re.compile(p), emit) for p, emit in rules]
-  for key, value in arrays.items():
-    for regex, emit in compiled:
-      m = regex.fullmatch(key)
-      if m:
-        out.update(emit(m, value, num_heads))
-        break
-    else:
-      out[key] = value
-  return out
+def _torch_to_flax(kind: str, is_weight: bool, value: np.ndarray, num_heads: int) -> np.ndarray:
+  """One torch parameter -> its Flax layout. Biases only change shape for per-head inputs."""
+  if kind == "conv" and is_weight:
+    return _conv_kernel(value)
+  if kind == "linear" and is_weight:
+    return value.T  # (out, in) -> (in, out)
+  if kind == "heads_in":
+    return _heads_kernel(value, num_heads) if is_weight else _heads_bias(value, num_heads)
+  if kind == "heads_out" and is_weight:
+    return _out_kernel(value, num_heads)
+  return value
 
 
-def _blk(m: re.Match, rest: str) -> str:
-  return f"Transformer/encoderblock_{m.group('i')}/{rest}"
-
-
-def _param(name: str) -> str:
-  return {"weight": "scale", "bias": "bias"}[name]
-
-
-def _linear(prefix_fn: Callable[[re.Match], str]):
-  """torch Linear (out, in) weight / bias -> Flax Dense kernel (in, out) / bias."""
-  def emit(m, v, _):
-    name = "kernel" if m.group("p") == "weight" else "bias"
-    return {f"{prefix_fn(m)}/{name}": v.T if name == "kernel" else v}
-  return emit
-
-
-def _norm(prefix_fn: Callable[[re.Match], str]):
-  return lambda m, v, _: {f"{prefix_fn(m)}/{_param(m.group('p'))}": v}
-
-
-def _heads(prefix_fn: Callable[[re.Match], str]):
-  """A per-head projection stored as one torch Linear: q, k, v ([H*Dh, D]) or out ([D, H*Dh])."""
-  def emit(m, v, num_heads):
-    out = prefix_fn(m).endswith("/out")
-    if m.group("p") == "weight":
-      return {f"{prefix_fn(m)}/kernel": _out_kernel(v, num_heads) if out else _heads_kernel(v, num_heads)}
-    return {f"{prefix_fn(m)}/bias": v if out else _heads_bias(v, num_heads)}
-  return emit
-
-
-def _qkv(m, v, num_heads):
-  """timm's fused qkv: rows stacked q, k, v ([3*H*Dh, D] weight, [3*H*Dh] bias)."""
-  attn = _blk(m, "MultiHeadDotProductAttention_0")
-  if v.shape[0] % 3:
-    return {m.group(0): v}
-  parts = np.split(v, 3, axis=0)
-  if m.group("p") == "weight":
-    return {f"{attn}/{n}/kernel": _heads_kernel(p, num_heads) for n, p in zip(("query", "key", "value"), parts)}
-  return {f"{attn}/{n}/bias": _heads_bias(p, num_heads) for n, p in zip(("query", "key", "value"), parts)}
-
-
+# A rule: (file key regex with groups i = block, p = weight|bias, n = projection name,
+#          Linen path template, kind). Kinds: "as_is" (the template is the whole path), "norm"
+# (weight -> scale), "conv", "linear", "heads_in" (q/k/v), "heads_out" (attention output),
+# "qkv" (timm's fused q, k, v rows).
+Rule = tuple[str, str, str]
+_BLK = "Transformer/encoderblock_{i}"
+_ATTN = _BLK + "/MultiHeadDotProductAttention_0"
 _P = r"(?P<p>weight|bias)"
 _I = r"(?P<i>\d+)"
-_ATTN = "MultiHeadDotProductAttention_0"
+
+
+def _rename(arrays: Arrays, rules: list[Rule], num_heads: int) -> Arrays:
+  """Applies the first matching rule per key; keys no rule matches keep their file name."""
+  compiled = [(re.compile(pattern), template, kind) for pattern, template, kind in rules]
+  out: Arrays = {}
+  for key, value in arrays.items():
+    match = next(((m, t, k) for r, t, k in compiled if (m := r.fullmatch(key))), None)
+    if match is None or (match[2] == "qkv" and value.shape[0] % 3):
+      out[key] = value
+      continue
+    m, template, kind = match
+    path = template.format(**m.groupdict())
+    if kind == "as_is":
+      out[path] = value
+      continue
+    is_weight = m.group("p") == "weight"
+    leaf = "bias" if not is_weight else "scale" if kind == "norm" else "kernel"
+    if kind == "qkv":
+      for name, part in zip(("query", "key", "value"), np.split(value, 3, axis=0)):
+        out[f"{path}/{name}/{leaf}"] = _torch_to_flax("heads_in", is_weight, part, num_heads)
+    else:
+      out[f"{path}/{leaf}"] = _torch_to_flax(kind, is_weight, value, num_heads)
+  return out
+
 
 # ----------------------------------------------------------------------------- converters
 
@@ -346,21 +332,20 @@ def from_big_vision_npz(arrays: Arrays, num_heads: int) -> tuple[Arrays, list[st
   return out, notes
 
 
-_TIMM_RULES = [
-    (r"cls_token", lambda m, v, _: {"cls": v}),
-    (r"pos_embed", lambda m, v, _: {POSEMB: v}),
-    (r"patch_embed\.proj\.weight", lambda m, v, _: {"embedding/kernel": _conv_kernel(v)}),
-    (r"patch_embed\.proj\.bias", lambda m, v, _: {"embedding/bias": v}),
-    (rf"blocks\.{_I}\.norm1\.{_P}", _norm(lambda m: _blk(m, "LayerNorm_0"))),
-    (rf"blocks\.{_I}\.norm2\.{_P}", _norm(lambda m: _blk(m, "LayerNorm_1"))),
-    (rf"blocks\.{_I}\.attn\.qkv\.{_P}", _qkv),
-    (rf"blocks\.{_I}\.attn\.proj\.{_P}", _heads(lambda m: _blk(m, f"{_ATTN}/out"))),
-    (rf"blocks\.{_I}\.mlp\.fc1\.{_P}", _linear(lambda m: _blk(m, "MlpBlock_0/Dense_0"))),
-    (rf"blocks\.{_I}\.mlp\.fc2\.{_P}", _linear(lambda m: _blk(m, "MlpBlock_0/Dense_1"))),
-    (rf"norm\.{_P}", _norm(lambda m: "Transformer/encoder_norm")),
-    (rf"fc_norm\.{_P}", _norm(lambda m: "fc_norm")),
-    (rf"pre_logits\.fc\.{_P}", _linear(lambda m: "pre_logits")),
-    (rf"head\.{_P}", _linear(lambda m: "head")),
+_TIMM_RULES: list[Rule] = [
+    (r"cls_token", "cls", "as_is"),
+    (r"pos_embed", POSEMB, "as_is"),
+    (rf"patch_embed\.proj\.{_P}", "embedding", "conv"),
+    (rf"blocks\.{_I}\.norm1\.{_P}", _BLK + "/LayerNorm_0", "norm"),
+    (rf"blocks\.{_I}\.norm2\.{_P}", _BLK + "/LayerNorm_1", "norm"),
+    (rf"blocks\.{_I}\.attn\.qkv\.{_P}", _ATTN, "qkv"),
+    (rf"blocks\.{_I}\.attn\.proj\.{_P}", _ATTN + "/out", "heads_out"),
+    (rf"blocks\.{_I}\.mlp\.fc1\.{_P}", _BLK + "/MlpBlock_0/Dense_0", "linear"),
+    (rf"blocks\.{_I}\.mlp\.fc2\.{_P}", _BLK + "/MlpBlock_0/Dense_1", "linear"),
+    (rf"norm\.{_P}", "Transformer/encoder_norm", "norm"),
+    (rf"fc_norm\.{_P}", "fc_norm", "norm"),
+    (rf"pre_logits\.fc\.{_P}", "pre_logits", "linear"),
+    (rf"head\.{_P}", "head", "linear"),
 ]
 
 
@@ -378,21 +363,20 @@ def from_timm(arrays: Arrays, num_heads: int) -> tuple[Arrays, list[str]]:
 
 
 _HF_LAYER = rf"encoder\.layer\.{_I}"
-_HF_RULES = [
-    (r"embeddings\.cls_token", lambda m, v, _: {"cls": v}),
-    (r"embeddings\.position_embeddings", lambda m, v, _: {POSEMB: v}),
-    (r"embeddings\.patch_embeddings\.projection\.weight", lambda m, v, _: {"embedding/kernel": _conv_kernel(v)}),
-    (r"embeddings\.patch_embeddings\.projection\.bias", lambda m, v, _: {"embedding/bias": v}),
-    (rf"{_HF_LAYER}\.layernorm_before\.{_P}", _norm(lambda m: _blk(m, "LayerNorm_0"))),
-    (rf"{_HF_LAYER}\.layernorm_after\.{_P}", _norm(lambda m: _blk(m, "LayerNorm_1"))),
-    (rf"{_HF_LAYER}\.attention\.attention\.(?P<n>query|key|value)\.{_P}",
-     _heads(lambda m: _blk(m, f"{_ATTN}/{m.group('n')}"))),
-    (rf"{_HF_LAYER}\.attention\.output\.dense\.{_P}", _heads(lambda m: _blk(m, f"{_ATTN}/out"))),
-    (rf"{_HF_LAYER}\.intermediate\.dense\.{_P}", _linear(lambda m: _blk(m, "MlpBlock_0/Dense_0"))),
-    (rf"{_HF_LAYER}\.output\.dense\.{_P}", _linear(lambda m: _blk(m, "MlpBlock_0/Dense_1"))),
-    (rf"layernorm\.{_P}", _norm(lambda m: "Transformer/encoder_norm")),
-    (rf"pooler\.dense\.{_P}", _linear(lambda m: "pre_logits")),
-    (rf"classifier\.{_P}", _linear(lambda m: "head")),
+_HF_RULES: list[Rule] = [
+    (r"embeddings\.cls_token", "cls", "as_is"),
+    (r"embeddings\.position_embeddings", POSEMB, "as_is"),
+    (rf"embeddings\.patch_embeddings\.projection\.{_P}", "embedding", "conv"),
+    (rf"{_HF_LAYER}\.layernorm_before\.{_P}", _BLK + "/LayerNorm_0", "norm"),
+    (rf"{_HF_LAYER}\.layernorm_after\.{_P}", _BLK + "/LayerNorm_1", "norm"),
+    (rf"{_HF_LAYER}\.attention\.attention\.(?P<n>query|key|value)\.{_P}", _ATTN + "/{n}",
+     "heads_in"),
+    (rf"{_HF_LAYER}\.attention\.output\.dense\.{_P}", _ATTN + "/out", "heads_out"),
+    (rf"{_HF_LAYER}\.intermediate\.dense\.{_P}", _BLK + "/MlpBlock_0/Dense_0", "linear"),
+    (rf"{_HF_LAYER}\.output\.dense\.{_P}", _BLK + "/MlpBlock_0/Dense_1", "linear"),
+    (rf"layernorm\.{_P}", "Transformer/encoder_norm", "norm"),
+    (rf"pooler\.dense\.{_P}", "pre_logits", "linear"),
+    (rf"classifier\.{_P}", "head", "linear"),
 ]
 
 
@@ -420,7 +404,8 @@ def read_checkpoint(path: str | os.PathLike, *, num_heads: int,
   `num_heads` splits fused torch projections into [D, H, Dh].
   """
   if format is not None and format not in FORMATS:
-    raise ValueError(f"unknown checkpoint format {format!r}; choose one of {FORMATS} or None to detect.")
+    raise ValueError(f"unknown checkpoint format {format!r}; choose one of {FORMATS} "
+                     "or None to detect it.")
   container, arrays = read_arrays(path)
   if format is None:
     format = detect_format(container, arrays)

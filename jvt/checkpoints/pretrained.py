@@ -98,7 +98,9 @@ def _place(value: np.ndarray, like) -> jax.Array:
 
 def _posemb_fits(file_shape, model_shape) -> bool:
   """Only the token count may differ (resized); the grids must be square."""
-  if len(file_shape) != 3 or len(model_shape) != 3 or file_shape[0] != 1 or file_shape[2] != model_shape[2]:
+  if len(file_shape) != 3 or len(model_shape) != 3 or file_shape[0] != 1:
+    return False
+  if file_shape[2] != model_shape[2]:
     return False
   try:
     posemb_lib.num_prefix_tokens(file_shape[1])
@@ -188,7 +190,8 @@ def load_pretrained(path: str | os.PathLike, params: PyTree, model: Any, *,
       unexpected.append(f"{key}: file {_shape(loaded[key])}")
   for key in sorted(set(loaded) & set(target)):
     if not formats.is_backbone_leaf(key):
-      unexpected.append(f"{key}: file {_shape(loaded[key])} (a tuning parameter, not a checkpoint leaf)")
+      unexpected.append(f"{key}: file {_shape(loaded[key])} (a tuning parameter, not a "
+                        "checkpoint leaf)")
 
   if missing or unexpected or mismatched:
     expected = sum(formats.is_backbone_leaf(k) and not k.startswith("head/") for k in target)
@@ -203,8 +206,10 @@ def load_pretrained(path: str | os.PathLike, params: PyTree, model: Any, *,
     raise CheckpointMismatchError("\n".join(lines))
 
   if dropped:
-    log(f"{os.fspath(path)}: not loaded by design (head / pre_logits / MAE encoder_norm): {dropped}")
-  log(f"{os.fspath(path)}: {len(from_file)} leaves from the {fmt} file; from init by design: {from_init}")
+    log(f"{os.fspath(path)}: not loaded by design (head / pre_logits / MAE encoder_norm): "
+        f"{dropped}")
+  log(f"{os.fspath(path)}: {len(from_file)} leaves from the {fmt} file; "
+      f"from init by design: {from_init}")
 
   out = {}
   for key, like in target.items():

@@ -68,11 +68,12 @@ class _Reader:
   where: str  # e.g. "split 'train' of jvt_synthetic", for error messages
 
   def load(self, images: np.ndarray, labels: np.ndarray, row: int, index: int,
-           rng: Optional[np.random.Generator]) -> None:
+           rng_key: Optional[list]) -> None:
     example = self.source[index]
     label = int(example["label"])
     if not 0 <= label < self.num_classes:
       raise _label_error(label, index, self.where, self.num_classes)
+    rng = None if rng_key is None else np.random.default_rng(rng_key)
     image = self.preprocess(example["image"], rng)
     s = self.image_size
     if image.shape != (s, s, 3):
@@ -109,9 +110,9 @@ def _submit(pool: concurrent.futures.Executor, reader: _Reader, indices: np.ndar
   for row, index in enumerate(indices):
     if index < 0:
       continue
-    rng = None if rng_keys is None else np.random.default_rng(rng_keys[row])
+    key = None if rng_keys is None else rng_keys[row]
     pending.futures.append(pool.submit(reader.load, pending.images, pending.labels, row,
-                                       int(index), rng))
+                                       int(index), key))
   return pending
 
 

@@ -19,7 +19,7 @@ import dataclasses
 import importlib.util
 import os
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 from jvt.data import fgvc
 from jvt.data import vtab
@@ -113,10 +113,18 @@ def resolve_targets(name: str) -> list[Target]:
   return list(merged.values())
 
 
+def module_installed(module: str) -> bool:
+  """True when `module` can be imported (without importing it)."""
+  return importlib.util.find_spec(module) is not None
+
+
 def missing_requirements(target: Target, manual_dir: str,
-                         has_module=lambda m: importlib.util.find_spec(m) is not None
-                         ) -> list[str]:
-  """Human-readable list of what is missing to prepare `target` (empty when all is there)."""
+                         has_module: Callable[[str], bool] | None = None) -> list[str]:
+  """Human-readable list of what is missing to prepare `target` (empty when all is there).
+
+  TensorFlow is reported once for all targets by tensorflow_problem.
+  """
+  has_module = has_module or module_installed
   if not target.tfds_name:
     return [f"{target.tasks[0]} is not in TFDS: download NABirds from {_NABIRDS_URL}, put VPT's "
             "train.json, val.json and test.json split files in the dataset root (images under "
@@ -124,13 +132,6 @@ def missing_requirements(target: Target, manual_dir: str,
             "there is nothing to prepare"]
   problems = []
   name = "/".join(target.tasks)
-  if not has_module("tensorflow"):
-    problems.append(
-        f"{name} ({target.specs[-1]}): TFDS's builder runs TensorFlow while preparing "
-        "(tf.io.gfile file access, PNG encoding of decoded images) and TensorFlow is not "
-        "installed here. Run this same command in an environment with `pip install "
-        "tensorflow-cpu tensorflow-datasets`, then point --data_dir here (reading needs no "
-        "TensorFlow), or use the jpg list format (jvt.data.lists)")
   for module, package in target.needs.modules:
     if not has_module(module):
       problems.append(f"{name}: the builder imports {module}: pip install {package}")
@@ -140,6 +141,20 @@ def missing_requirements(target: Target, manual_dir: str,
         target.needs.manual_instructions.format(manual_dir=manual_dir)
         + f" (missing: {', '.join(os.path.join(manual_dir, p) for p in absent)})")
   return problems
+
+
+def tensorflow_problem(targets: Sequence[Target],
+                       has_module: Callable[[str], bool] | None = None) -> list[str]:
+  """The missing-TensorFlow problem of the TFDS targets (every TFDS builder needs it)."""
+  has_module = has_module or module_installed
+  names = ["/".join(t.tasks) for t in targets if t.tfds_name]
+  if not names or has_module("tensorflow"):
+    return []
+  return [f"TensorFlow, which TFDS builders run while preparing (tf.io.gfile file access, PNG "
+          f"encoding of decoded images), is not installed here; needed for: {', '.join(names)}. "
+          "Run this same command in an environment with `pip install tensorflow-cpu "
+          "tensorflow-datasets` and use the prepared --data_dir from here (reading needs no "
+          "TensorFlow), or use the jpg list format (jvt.data.lists)"]
 
 
 def _prepared_builder(target: Target, data_dir: str):
@@ -195,15 +210,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   todo, problems = [], []
   for target in targets:
-    builder = _prepared_builder(target, args.data_dir) if target.tfds_name else None
+    if not target.tfds_name:  # nabirds: nothing to prepare
+      [note] = missing_requirements(target, manual_dir)
+      if len(targets) == 1:
+        problems.append(note)
+      else:
+        print(f"note: {note}")
+      continue
+    builder = _prepared_builder(target, args.data_dir)
     if builder is not None:
       print(f"{'/'.join(target.tasks)}: {builder.name} {builder.version} already prepared in "
             f"{builder.data_dir}")
       continue
-    missing = missing_requirements(target, manual_dir)
-    problems.extend(missing)
-    if not missing:
-      todo.append(target)
+    problems.extend(missing_requirements(target, manual_dir))
+    todo.append(target)
+  problems = tensorflow_problem(todo) + problems
   if problems:
     print("Cannot prepare, missing:", file=sys.stderr)
     for problem in problems:

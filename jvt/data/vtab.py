@@ -269,9 +269,14 @@ def open_prepared_builder(specs: tuple[str, ...], data_dir: str | None, prepare_
   when none is prepared.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
 
   looked = []
   for spec in specs:
+    name_dir = epath.Path(data_dir, spec.split(":")[0]) if data_dir else None
+    if name_dir is not None and not name_dir.exists():
+      looked.append(f"{spec} (no {name_dir})")
+      continue
     try:
       builder = tfds.builder(spec, data_dir=data_dir)
     except (AssertionError, ValueError):  # this TFDS cannot even construct that version

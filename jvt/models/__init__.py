@@ -11,6 +11,10 @@ from jvt.models.variants import VARIANT_DIMS, variant_config
 from jvt.models.vit import CAPTURE_KEYS, ViT
 
 
+# ViT fields that build_model sets itself (or flax owns): not valid as overrides.
+_NOT_OVERRIDES = {"num_classes", "tuning", "partition_rules", "parent", "name"}
+
+
 def build_model(variant: str, num_classes: int, tuning: Any = None, **overrides) -> ViT:
   """Builds a ViT by variant name ("B/16", ...) with the tuning methods of `tuning`.
 
@@ -20,11 +24,12 @@ def build_model(variant: str, num_classes: int, tuning: Any = None, **overrides)
     `representation_size=768`, or smaller dims for tests (`hidden_size=32, num_layers=2`).
   """
   from jvt.tuning.methods import resolve_tuning  # models/ stays free of the registry at import
-  fields = {**variant_config(variant), **overrides}
-  unknown = set(fields) - set(ViT.__dataclass_fields__)
+  allowed = sorted(set(ViT.__dataclass_fields__) - _NOT_OVERRIDES)
+  unknown = sorted(set(overrides) - set(allowed))
   if unknown:
-    raise ValueError(f"build_model: unknown ViT field(s) {sorted(unknown)}; allowed: "
-                     f"{sorted(f for f in ViT.__dataclass_fields__ if f not in ('parent', 'name'))}.")
+    raise ValueError(f"build_model: unknown ViT field(s) {unknown}; allowed overrides: "
+                     f"{allowed}.")
+  fields = {**variant_config(variant), **overrides}
   if fields["hidden_size"] % fields["num_heads"]:
     raise ValueError(f"hidden_size={fields['hidden_size']} is not divisible by "
                      f"num_heads={fields['num_heads']}.")

@@ -30,6 +30,9 @@ from jvt.models.spec import TuningSpec
 
 Dtype = Any
 
+POOLS = ("tok", "gap")
+# Per-block jax.checkpoint policies ("none": no rematerialisation).
+REMAT_POLICIES = ("none", "full", "dots", "nothing")
 # What a block can be asked to capture (see `Encoder1DBlock`).
 CAPTURE_KEYS = ("tokens", "attention", "attn_out_mean", "input_patch_mean", "cls_query",
                 "prompt_query", "prompts")
@@ -43,8 +46,7 @@ class MultiHeadDotProductAttention(nn.Module):
   attention_dropout: float = 0.0
 
   def _proj(self, name, features, in_axes=1):
-    target = {"query": "query", "key": "key", "value": "value", "out": "out"}[name]
-    lora = self.spec.lora_rank if target in self.spec.lora_targets else 0
+    lora = self.spec.lora_rank if name in self.spec.lora_targets else 0
     return Projection(features=features, in_axes=in_axes, lora_rank=lora,
                       lora_alpha=self.spec.lora_alpha, ssf=self.spec.ssf, dtype=self.dtype,
                       name=name)
@@ -53,10 +55,10 @@ class MultiHeadDotProductAttention(nn.Module):
   def __call__(self, x, mask=None, deterministic=True):
     d = x.shape[-1]
     head_dim = d // self.num_heads
-    q = self._proj("query", (self.num_heads, head_dim))(x)  # [B, T, H, Dh]
+    query = self._proj("query", (self.num_heads, head_dim))(x)  # [B, T, H, Dh]
     k = self._proj("key", (self.num_heads, head_dim))(x)
     v = self._proj("value", (self.num_heads, head_dim))(x)
-    q = q / jnp.sqrt(head_dim).astype(q.dtype)
+    q = query / jnp.sqrt(head_dim).astype(query.dtype)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)  # [B, H, T, T]
     if mask is not None:
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
@@ -64,7 +66,7 @@ class MultiHeadDotProductAttention(nn.Module):
     probs_c = nn.Dropout(self.attention_dropout)(probs, deterministic=deterministic)
     y = jnp.einsum("bhqk,bkhd->bqhd", probs_c.astype(self.dtype), v)  # [B, T, H, Dh]
     out = self._proj("out", (d,), in_axes=2)(y)  # [B, T, D]
-    return out, probs, q
+    return out, probs, query
 
 
 class MlpBlock(nn.Module):
@@ -121,7 +123,8 @@ class Encoder1DBlock(nn.Module):
     if "cls_query" in self.capture:
       captured["cls_query"] = q[:, 0].reshape(q.shape[0], -1).astype(jnp.float32)  # [B, H*Dh]
     if "prompt_query" in self.capture:
-      captured["prompt_query"] = q[0, 1:1 + p].reshape(p, -1).astype(jnp.float32)  # [P, H*Dh]
+      width = q.shape[2] * q.shape[3]  # H * Dh (explicit: p may be 0)
+      captured["prompt_query"] = q[0, 1:1 + p].reshape(p, width).astype(jnp.float32)  # [P, H*Dh]
     if "attention" in self.capture:
       captured["attention"] = probs  # [B, H, T, T]
     y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
@@ -273,7 +276,7 @@ class ViT(nn.Module):
   tuning: TuningSpec = TuningSpec()
   # First-match (regex, label) rules of the tuning methods this model was built with; read by
   # `jvt.partition`, not by the forward pass.
-  partition_rules: tuple[tuple[str, str], ...] = ()
+  partition_rules: tuple[tuple[str, str, bool], ...] = ()
 
   @nn.compact
   def __call__(self, images, train: bool = False, capture: tuple[str, ...] = (),
@@ -284,9 +287,20 @@ class ViT(nn.Module):
     if s.prompt_tokens and len(s.prompt_tokens) != self.num_layers:
       raise ValueError(f"tuning.prompt_tokens has {len(s.prompt_tokens)} entries; the model has "
                        f"{self.num_layers} blocks.")
+    if self.pool not in POOLS:
+      raise ValueError(f"pool={self.pool!r}; allowed: {POOLS}.")
+    if self.fc_norm and self.pool != "gap":
+      raise ValueError("fc_norm=True norms the pooled image tokens: it needs pool='gap' "
+                       f"(got pool={self.pool!r}).")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat={self.remat!r}; allowed: {REMAT_POLICIES}.")
     unknown = set(capture) - set(CAPTURE_KEYS)
     if unknown:
       raise ValueError(f"capture: unknown keys {sorted(unknown)}; allowed {CAPTURE_KEYS}.")
+    bad = [l for l in capture_layers if not -self.num_layers <= l < self.num_layers]
+    if bad:
+      raise ValueError(f"capture_layers {bad} out of range: the model has {self.num_layers} "
+                       f"blocks (valid: 0..{self.num_layers - 1} or negative from the end).")
     layers = tuple(l % self.num_layers for l in capture_layers)
     x = nn.Conv(self.hidden_size, (self.patch_size, self.patch_size),
                 strides=(self.patch_size, self.patch_size), padding="VALID", dtype=self.dtype,
@@ -297,7 +311,7 @@ class ViT(nn.Module):
     x = x.reshape(b, h * w, d)  # [B, N, D]
     cls = self.param("cls", nn.initializers.zeros, (1, 1, d))
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, d)), x], axis=1)
-    use_encoder_norm = not (self.pool == "gap" and self.fc_norm)
+    use_encoder_norm = not self.fc_norm
     x, blocks, carried = Encoder(
         self.num_layers, self.num_heads, self.mlp_dim, s, self.patch_size, dtype=self.dtype,
         dropout_rate=self.dropout_rate, attention_dropout=self.attention_dropout,
@@ -306,12 +320,10 @@ class ViT(nn.Module):
         capture_layers=layers, name="Transformer")(x, deterministic)
     if self.pool == "tok":
       feat = x[:, 0]
-    elif self.pool == "gap":
+    else:  # "gap": mean of the image tokens (prompts excluded)
       feat = jnp.mean(x[:, 1 + carried:], axis=1)
       if self.fc_norm:
         feat = LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="fc_norm")(feat)
-    else:
-      raise ValueError(f"pool={self.pool!r}; allowed: 'tok', 'gap'.")
     aux = {"cls": feat.astype(jnp.float32), "blocks": blocks}
     if self.representation_size is not None:
       feat = nn.tanh(nn.Dense(self.representation_size, dtype=self.dtype, name="pre_logits")(feat))

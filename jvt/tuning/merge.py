@@ -50,7 +50,8 @@ def unmerge_lora(merged: dict, lora_params: dict, *, alpha: float, rank: int) ->
 def merge_ssf(params: dict) -> dict:
   """Folds every `ssf_scale` / `ssf_shift` into the op it follows; drops the SSF leaves.
 
-  Projection / Dense: kernel * scale (over output axes), bias * scale + shift.
+  Projection / Dense: kernel * scale (over output axes), bias * scale + shift, and a LoRA
+  `lora_b` still present * scale (so `merge_ssf` and `merge_lora` commute).
   LayerNorm: scale * g, bias * g + shift. Patch embedding (top-level SSF): likewise on
   `embedding`.
   """
@@ -65,6 +66,10 @@ def merge_ssf(params: dict) -> dict:
       kernel = flat[f"{owner}/kernel"]
       flat[f"{owner}/kernel"] = (np.asarray(kernel, np.float64) * scale).astype(
           np.asarray(kernel).dtype)
+      if f"{owner}/lora_b" in flat:  # an unmerged LoRA update is scaled too: (xW + xAB) * s
+        lora_b = flat[f"{owner}/lora_b"]
+        flat[f"{owner}/lora_b"] = (np.asarray(lora_b, np.float64) * scale).astype(
+            np.asarray(lora_b).dtype)
       bias = flat[f"{owner}/bias"]
       flat[f"{owner}/bias"] = (np.asarray(bias, np.float64) * scale + shift).astype(
           np.asarray(bias).dtype)

@@ -100,6 +100,8 @@ def _davpt_common(f, num_layers, plus):
   for name in ("patch_weight", "cls_weight"):
     if f[name] < 0:
       raise ValueError(f"{f['method']}.{name}={f[name]}: must be >= 0.")
+  if f["num_prompts"] < 0:
+    raise ValueError(f"{f['method']}.num_prompts={f['num_prompts']}: must be >= 0.")
   if f["num_proxy_prompts"] <= 0:
     raise ValueError(f"{f['method']}.num_proxy_prompts={f['num_proxy_prompts']}: must be > 0.")
   paper = preset == "paper"
