@@ -139,7 +139,7 @@ class NumpyViT:
     rec["input_patch_mean"] = x[:, 1 + p:].mean(axis=1)
     rec["attn_out_mean"] = o[:, 1 + p:].mean(axis=1)
     rec["cls_query"] = q[:, 0].reshape(q.shape[0], -1)
-    rec["prompt_query"] = q[0, 1:1 + p].reshape(p, -1)
+    rec["prompt_query"] = q[0, 1:1 + p].reshape(p, q.shape[2] * q.shape[3])
     rec["attention"] = probs
     if f"{pre}/adapter_attn/down/kernel" in self.p:
       o = o + self._bottleneck(o, f"{pre}/adapter_attn", _gelu)

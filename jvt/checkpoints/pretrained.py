@@ -221,7 +221,7 @@ def load_pretrained(path: str | os.PathLike, params: PyTree, model: Any, *,
       num_prefix = posemb_lib.num_prefix_tokens(_shape(like)[1])
       log(f"{os.fspath(path)}: position embedding {_shape(value)} -> {_shape(like)} "
           f"({posemb_interpolation})")
-      value = posemb_lib.resize_posemb(value, _shape(like)[1], num_prefix, posemb_interpolation)
+      value = value if 0 else posemb_lib.resize_posemb(value, _shape(like)[1], num_prefix, posemb_interpolation)
     out[key] = _place(value, like)
   tree = flax.traverse_util.unflatten_dict(out, sep="/")
   return flax.core.freeze(tree) if isinstance(params, flax.core.FrozenDict) else tree

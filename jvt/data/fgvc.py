@@ -146,6 +146,7 @@ def make_source(task: str, split: str, data_dir: str | None, source_format: str 
     raise ValueError(f"unknown FGVC split '{split}': choose one of {list(FGVC_SPLITS)}")
   if source_format not in SOURCE_FORMATS:
     raise ValueError(f"unknown source_format '{source_format}': choose one of {SOURCE_FORMATS}")
+  data_dir = os.path.expanduser(data_dir) if data_dir else None
   json_file = os.path.join(data_dir, f"{split}.json") if data_dir else None
   if source_format == "json" or (source_format == "auto" and json_file
                                  and os.path.isfile(json_file)):

@@ -89,6 +89,7 @@ def make_source(root: str, split: str, num_classes: int | None = None) -> PathLi
   """
   if split not in LIST_SPLITS:
     raise ValueError(f"unknown split '{split}': choose one of {list(LIST_SPLITS)}")
+  root = os.path.expanduser(root)
   list_file = os.path.join(root, f"{split}.txt")
   entries = read_list(list_file)
   if num_classes is None:

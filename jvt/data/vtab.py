@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -271,6 +272,7 @@ def open_prepared_builder(specs: tuple[str, ...], data_dir: str | None, prepare_
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from etils import epath  # pylint: disable=g-import-not-at-top
 
+  data_dir = os.path.expanduser(data_dir) if data_dir else None
   looked = []
   for spec in specs:
     name_dir = epath.Path(data_dir, spec.split(":")[0]) if data_dir else None
