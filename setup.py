@@ -26,9 +26,10 @@ setuptools.setup(
         "matplotlib>=3.8",
         "pillow>=10.0",
         "psutil>=5.9",
+        "ml_dtypes>=0.4",
         "tensorboardX>=2.6",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+        "test": ["pytest>=8.0", "scipy>=1.11", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
     },
 )

@@ -83,6 +83,21 @@ def base_config() -> ml_collections.ConfigDict:
   # Knowledge distillation (remapping tuning); see docs/distill.md.
   c.distill = ml_collections.ConfigDict()
   c.distill.enabled = False
+  # L = (1 - weight) CE + weight T^2 KL(teacher/T || student/T) + feature_weight * feature loss
+  c.distill.weight = 0.5  # 0: no logit distillation (feature matching only)
+  c.distill.temperature = 1.0
+  c.distill.feature_weight = 0.0  # 0: no feature distillation
+  c.distill.feature_kind = "cosine"  # "cosine" | "l2"
+  c.distill.feature_token = "cls"  # block output token matched: "cls" | "mean" (image tokens)
+  c.distill.student_layers = ()  # student blocks matched (negative: from the end) ...
+  c.distill.teacher_layers = ()  # ... to these teacher blocks, pairwise
+  # The teacher: a finished jvt run's workdir, or a checkpoint file (with its head for logits).
+  c.distill.teacher = ml_collections.ConfigDict()
+  c.distill.teacher.workdir = ""
+  c.distill.teacher.path = ""
+  c.distill.teacher.format = ""  # path: "" = detect from the file
+  c.distill.teacher.variant = ""  # path: "" = the student's variant
+  c.distill.teacher.overrides = ml_collections.ConfigDict()  # path: other ViT fields
   return c
 
 

@@ -45,6 +45,10 @@ def run(argv) -> int:
     from jvt import demo
     demo.run_demo(config, FLAGS.workdir)
     return 0
+  if config.get("job", "train") == "distill_demo":
+    from jvt import distill_demo
+    distill_demo.run_distill_demo(config, FLAGS.workdir)
+    return 0
   from jvt.train import train_and_evaluate
   _, final = train_and_evaluate(config, FLAGS.workdir)
   if jax.process_index() == 0:

@@ -1,9 +1,10 @@
 """Aggregates finished runs into paper-style VTAB-1k / FGVC tables (markdown and CSV).
 
-Each run's workdir holds `final_metrics.json` (written by the trainer: at least `protocol`,
-`task`, the protocol's metric — `test_accuracy` or `val_accuracy`, a fraction in [0, 1] — and
-`trainable_params`; optionally `method` and `seed`) and, when launched by jvt.sweep,
-`sweep_overrides.json` (the config overrides, used for anything final_metrics.json lacks).
+Each run's workdir holds `final_metrics.json` (written by the trainer: `protocol`, the reported
+`test_accuracy` / `val_accuracy` as fractions in [0, 1], `trainable_params`, `methods`), the
+run's `config.json`, and, when launched by jvt.sweep, `sweep_overrides.json`. The task comes
+from the dataset name ('vtab/dtd', 'fgvc/cub', 'list:<root>/dtd'), the full protocol (see
+jvt.protocols) from the trainer's `protocol` plus the benchmark and the dataset splits.
 
 Per row (protocol x method x optional group_by keys) and task: the mean and standard deviation
 (numpy's, ddof=0) over seeds. VTAB rows add the three group means (natural, specialized,
@@ -31,6 +32,8 @@ from jvt import protocols
 from jvt import sweep
 from jvt.data import fgvc
 from jvt.data import vtab
+
+CONFIG_FILE = "config.json"  # the run's config, written by the trainer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,36 +84,89 @@ def _read_json(path: str) -> dict:
   return value
 
 
-def load_records(root: str, task_key: str = "task", method_key: str = "method",
+def _dotted(tree: Mapping[str, Any], key: str) -> Any:
+  """tree['a']['b'] for key 'a.b'; None when absent."""
+  for part in key.split("."):
+    if not isinstance(tree, Mapping) or part not in tree:
+      return None
+    tree = tree[part]
+  return tree
+
+
+def task_from_dataset_name(name: str) -> str:
+  """'vtab/dtd' -> 'dtd', 'fgvc/cub' -> 'cub', 'list:/data/vtab-1k/dtd' -> 'dtd', 'dtd' -> 'dtd'."""
+  if name.startswith("list:"):
+    return os.path.basename(name[len("list:"):].rstrip("/\\"))
+  for prefix in ("vtab/", "fgvc/"):
+    if name.startswith(prefix):
+      return name[len(prefix):]
+  return name
+
+
+def benchmark_of(task: str) -> str:
+  """'vtab' or 'fgvc' for a task name; ValueError otherwise."""
+  if task in vtab.VTAB_TASKS:
+    return "vtab"
+  if task in fgvc.FGVC_TASKS:
+    return "fgvc"
+  raise ValueError(f"'{task}' is neither a VTAB-1k task ({', '.join(vtab.VTAB_TASKS)}) nor an "
+                   f"FGVC task ({', '.join(fgvc.FGVC_TASKS)})")
+
+
+def _record(workdir: str, task_key: str, method_key: str, seed_key: str) -> RunRecord:
+  """One run from its final_metrics.json, sweep_overrides.json and config.json."""
+  metrics = _read_json(os.path.join(workdir, sweep.FINAL_METRICS))
+  overrides, config = {}, {}
+  if os.path.isfile(os.path.join(workdir, sweep.OVERRIDES_FILE)):
+    overrides = _read_json(os.path.join(workdir, sweep.OVERRIDES_FILE))
+  if os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
+    config = _read_json(os.path.join(workdir, CONFIG_FILE))
+
+  def lookup(key: str) -> Any:  # the sweep's override, else the run's stored config
+    return overrides[key] if key in overrides else _dotted(config, key)
+
+  name = metrics.get("task", lookup(task_key))
+  if name is None:
+    raise ValueError(f"{workdir}: no task in {sweep.FINAL_METRICS} ('task'), "
+                     f"{sweep.OVERRIDES_FILE} or {CONFIG_FILE} ('{task_key}'); pass --task_key")
+  task = task_from_dataset_name(str(name))
+  protocol = metrics.get("protocol")
+  if protocol in protocols.SELECTIONS:  # the trainer's selection name: add benchmark and splits
+    try:
+      protocol = protocols.infer_protocol(protocol, benchmark_of(task),
+                                          lookup("dataset.train_split"),
+                                          lookup("dataset.test_split")).name
+    except ValueError as e:
+      raise ValueError(f"{workdir}: {e}") from e
+  elif protocol not in protocols.PROTOCOLS:
+    raise ValueError(f"{workdir}/{sweep.FINAL_METRICS}: unknown protocol '{protocol}'; known "
+                     f"protocols: {', '.join(protocols.PROTOCOLS)} (or the trainer's "
+                     f"{', '.join(protocols.SELECTIONS)} with the dataset splits)")
+  method = metrics.get("method", lookup(method_key))
+  if method is None:
+    method = "+".join(metrics.get("methods", []))
+  seed = metrics.get("seed", lookup(seed_key))
+  return RunRecord(workdir=workdir, task=task, protocol=protocol, method=str(method), seed=seed,
+                   overrides=overrides, metrics=metrics)
+
+
+def load_records(root: str, task_key: str = "dataset.name", method_key: str = "method",
                  seed_key: str = "seed") -> list[RunRecord]:
   """Reads every workdir below root that holds final_metrics.json (sorted by path).
 
-  task/method/seed come from final_metrics.json ('task', 'method', 'seed') or else from the
-  sweep overrides under task_key/method_key/seed_key.
+  Each field comes from final_metrics.json when it has it ('task', 'method', 'seed',
+  'protocol'), else from the sweep overrides, else from the run's config.json (task_key,
+  method_key, seed_key, the dataset.*_split fields); 'vtab/<task>', 'fgvc/<task>' and
+  'list:<root>/<task>' dataset names give the task. The method falls back to the '+'-joined
+  `methods` list the trainer writes.
   """
   if not os.path.isdir(root):
     raise FileNotFoundError(f"results root {root} does not exist")
   records = []
   for dirpath, dirnames, filenames in os.walk(root):
     dirnames.sort()
-    if sweep.FINAL_METRICS not in filenames:
-      continue
-    metrics = _read_json(os.path.join(dirpath, sweep.FINAL_METRICS))
-    overrides_path = os.path.join(dirpath, sweep.OVERRIDES_FILE)
-    overrides = _read_json(overrides_path) if os.path.isfile(overrides_path) else {}
-    task = metrics.get("task", overrides.get(task_key))
-    if task is None:
-      raise ValueError(f"{dirpath}: neither {sweep.FINAL_METRICS} ('task') nor "
-                       f"{sweep.OVERRIDES_FILE} ('{task_key}') names the task; pass --task_key")
-    if "protocol" not in metrics:
-      raise ValueError(f"{dirpath}/{sweep.FINAL_METRICS} has no 'protocol' "
-                       f"(one of {', '.join(protocols.PROTOCOLS)})")
-    protocols.get_protocol(metrics["protocol"])
-    records.append(RunRecord(
-        workdir=dirpath, task=str(task), protocol=metrics["protocol"],
-        method=str(metrics.get("method", overrides.get(method_key, ""))),
-        seed=metrics.get("seed", overrides.get(seed_key)), overrides=overrides,
-        metrics=metrics))
+    if sweep.FINAL_METRICS in filenames:
+      records.append(_record(dirpath, task_key, method_key, seed_key))
   return records
 
 
@@ -151,15 +207,15 @@ def _mean_if_complete(cells: Mapping[str, CellStats], tasks: Sequence[str]) -> f
 
 
 def summarize(records: Sequence[RunRecord], group_by: Sequence[str] = (),
-              task_key: str = "task", method_key: str = "method", seed_key: str = "seed"
+              task_key: str = "dataset.name", method_key: str = "method", seed_key: str = "seed"
               ) -> list[RowSummary]:
   """Groups runs into table rows and computes the per-task and group statistics.
 
   Within a row, every task's runs must share their hyper-parameters (the overrides other than
-  task/method/seed/protocol and group_by) — except under a tuning protocol (val split, no test
+  task/method/seed/protocol/splits and group_by) — except under a tuning protocol (val split, no test
   split), where the hyper-parameters with the best mean accuracy are kept.
   """
-  ignored = {task_key, method_key, seed_key, "protocol", *group_by}
+  ignored = {task_key, method_key, seed_key, "protocol", *protocols.SPLIT_KEYS, *group_by}
   rows: dict[tuple, dict[str, list[RunRecord]]] = {}
   for r in records:
     key = (r.protocol, r.method, tuple((k, r.overrides.get(k)) for k in group_by))
@@ -299,7 +355,8 @@ def to_csv(rows: Sequence[RowSummary]) -> str:
   return buffer.getvalue()
 
 
-def write_results(root: str, out: str, group_by: Sequence[str] = (), task_key: str = "task",
+def write_results(root: str, out: str, group_by: Sequence[str] = (),
+                  task_key: str = "dataset.name",
                   method_key: str = "method", seed_key: str = "seed") -> list[RowSummary]:
   """Writes out/results.md, out/results.csv and (with tuning runs) out/best_hparams.json."""
   records = load_records(root, task_key, method_key, seed_key)
@@ -326,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--out", required=True, help="folder for results.md/.csv")
   parser.add_argument("--group_by", default="", help="comma-separated override keys that "
                       "split rows (e.g. a hyper-parameter varied on purpose)")
-  parser.add_argument("--task_key", default="task")
+  parser.add_argument("--task_key", default="dataset.name")
   parser.add_argument("--method_key", default="method")
   parser.add_argument("--seed_key", default="seed")
   args = parser.parse_args(argv)

@@ -249,7 +249,7 @@ def _backbone_keys(flat):
 
 
 # ----------------------------------------------------------------------------- vision_transformer npz
-@pytest.mark.parametrize("prefix", ["", "opt/target/"])
+@pytest.mark.parametrize("prefix", ["", "opt/target/", "params/"])
 def test_vit_npz_loads_exactly(tmp_path, tok_model, original, prefix):
   flat, init = original
   file_flat = {**flat, "pre_logits/kernel": np.ones((D, D), np.float32),
@@ -257,7 +257,7 @@ def test_vit_npz_loads_exactly(tmp_path, tok_model, original, prefix):
                "head/kernel": np.zeros((D, 21), np.float32), "head/bias": np.zeros((21,), np.float32)}
   path = tmp_path / "ViT.npz"
   write_vit_npz(path, file_flat, prefix)
-  if prefix:  # old Flax optimizer files also hold optimizer state
+  if prefix == "opt/target/":  # old Flax optimizer files also hold optimizer state
     with np.load(path) as f:
       arrays = dict(f)
     np.savez(path, **arrays, **{"opt/state/step": np.zeros((), np.int32)})
@@ -331,6 +331,14 @@ def test_big_vision_map_head_is_refused(tmp_path, tok_model, original):
   write_big_vision(path, flat, extra={"params/MAPHead_0/probe": np.zeros((1, 1, D), np.float32)})
   with pytest.raises(CheckpointFormatError, match=r"MAPHead_0.*'map'"):
     load_pretrained(path, init, tok_model)
+
+
+def test_big_vision_gap_model_without_cls_is_explained(tmp_path, tok_model, original):
+  flat, init = original
+  write_big_vision(tmp_path / "gap.npz", {k: v for k, v in flat.items() if k != "cls"})
+  with pytest.raises(CheckpointMismatchError, match=r"(?s)missing from the file \(1\):\n    cls: "
+                     r"model \[1, 1, 32\].*the file has no cls token"):
+    load_pretrained(tmp_path / "gap.npz", init, tok_model)
 
 
 # ----------------------------------------------------------------------------- timm
@@ -552,6 +560,7 @@ def test_missing_unexpected_and_mismatched_keys_in_one_error(tmp_path, tok_model
   assert "missing from the file (1)" in text and "Transformer/encoderblock_1/LayerNorm_1/scale: model [32]" in text
   assert "unexpected in the file (1)" in text and "Transformer/encoderblock_0/extra/kernel: file [2, 2]" in text
   assert "Transformer/encoder_norm/bias: file [33] vs model [32]" in text
+  assert "wrong format" not in text  # nearly all names are right
 
 
 def test_wrong_variant_is_named(tmp_path, tok_model, original):

@@ -170,4 +170,5 @@ def test_fgvc_tfds_source(tmp_path):
   assert sorted(ids["train"] + ids["val"]) == list(range(30))
   assert sorted(ids["test"]) == list(range(100, 107))
   assert all(sources["test"][i]["label"] == ids["test"][i] % 200 for i in range(7))
+  assert list(sources["test"].labels()) == [k % 200 for k in ids["test"]]
   assert sources["train"].num_classes == 200

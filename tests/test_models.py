@@ -81,11 +81,12 @@ def test_numpy_reference_uses_every_leaf():
   params = small_params(model)
   x = images()
   base, _ = NumpyViT(params, pool="gap", fc_norm=True)(x)
+  rng = np.random.default_rng(0)
   for path, leaf in flat(params).items():
     if path.endswith(("key/bias", "key/ssf_shift")):
       continue
     bumped = dict(flat(params))
-    bumped[path] = leaf + 0.5
+    bumped[path] = leaf + 0.5 * rng.standard_normal(leaf.shape)  # not constant: LN removes that
     out, _ = NumpyViT(unflat(bumped), pool="gap", fc_norm=True)(x)
     assert np.abs(out - base).max() > 1e-6, path
 
@@ -338,7 +339,7 @@ def test_zero_initialised_plugins_keep_the_pretrained_function():
     (dict(variant="X/16"), r"Unknown ViT variant 'X/16'.*Ti.*B/16"),
     (dict(variant="B16"), r"Unknown ViT variant"),
     (dict(hidden_dim=32), r"unknown ViT field\(s\) \['hidden_dim'\].*hidden_size"),
-    (dict(num_classes=3), r"unknown ViT field\(s\) \['num_classes'\]"),
+    (dict(partition_rules=()), r"unknown ViT field\(s\) \['partition_rules'\]"),
     (dict(hidden_size=30, num_heads=4), r"hidden_size=30 is not divisible by num_heads=4"),
 ])
 def test_build_model_bad_input(kwargs, match):

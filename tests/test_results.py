@@ -18,42 +18,59 @@ STRUCTURED = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
 TASK_MEANS = dict(zip(vtab.VTAB_TASKS, NATURAL + SPECIALIZED + STRUCTURED))
 
 
-def _write_run(root, name, metrics, overrides=None):
+def _write_run(root, name, metrics, overrides=None, config=None):
   workdir = os.path.join(root, name)
   os.makedirs(workdir)
-  with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-    json.dump(metrics, f)
-  if overrides is not None:
-    with open(os.path.join(workdir, "sweep_overrides.json"), "w") as f:
-      json.dump(overrides, f)
+  for filename, content in [("final_metrics.json", metrics), ("sweep_overrides.json", overrides),
+                            ("config.json", config)]:
+    if content is not None:
+      with open(os.path.join(workdir, filename), "w") as f:
+        json.dump(content, f)
+
+
+def _config(name, train, val, test, protocol="last", seed=0):
+  """The parts of a trainer config.json the aggregator reads."""
+  return {"seed": seed, "protocol": protocol, "dataset": {
+      "name": name, "train_split": train, "val_split": val, "test_split": test}}
+
+
+FINAL_SPLITS = {"dataset.train_split": "train800val200", "dataset.val_split": "",
+                "dataset.test_split": "test"}
 
 
 @pytest.fixture
 def runs_root(tmp_path):
+  """Runs written the way the trainer and jvt.sweep write them, plus a few hand-made ones."""
   root = str(tmp_path / "runs")
   for i, (task, mean) in enumerate(TASK_MEANS.items()):
     params = 50_000 if i < 7 else 150_000
     for seed, delta in [(0, -0.02), (1, 0.02)]:
-      # The task comes from the sweep overrides for half of the runs, from the metrics otherwise.
-      metrics = {"protocol": "vtab_final", "test_accuracy": mean + delta,
-                 "trainable_params": params, "method": "vpt_deep"}
-      overrides = {"task": task, "seed": seed, "lr": 0.5}
-      if seed == 1:
-        metrics.update(task=task, seed=seed)
-      _write_run(root, f"final/{task}-{seed}", metrics, overrides)
+      metrics = {"protocol": "last", "test_accuracy": mean + delta, "val_accuracy": None,
+                 "trainable_params": params, "methods": ["vpt_deep"]}
+      if seed == 0:  # task, splits and seed from config.json
+        _write_run(root, f"final/{task}-{seed}", metrics, {"optimizer.lr": 0.5},
+                   _config(f"vtab/{task}", "train800val200", "", "test", seed=seed))
+      else:  # everything from the sweep's overrides
+        _write_run(root, f"final/{task}-{seed}", metrics,
+                   {"dataset.name": f"vtab/{task}", "seed": seed, "protocol": "last",
+                    "optimizer.lr": 0.5, **FINAL_SPLITS})
   for task, acc in [("cifar100", 0.95), ("dtd", 0.75)]:
     _write_run(root, f"legacy/{task}", {"protocol": "vtab_legacy_max_test", "task": task,
                                         "test_accuracy": acc, "trainable_params": 10,
                                         "method": "da_vpt"})
   for task, acc in zip(["cub", "nabirds", "flowers", "dogs", "cars"], [0.9, 0.8, 0.99, 0.9, 0.8]):
-    _write_run(root, f"fgvc/{task}", {"protocol": "fgvc", "task": task, "test_accuracy": acc,
+    _write_run(root, f"fgvc/{task}", {"protocol": "best_val", "test_accuracy": acc,
                                       "val_accuracy": 0.1, "trainable_params": 1_000_000,
-                                      "method": "vpt_deep"})
+                                      "methods": ["vpt_deep"]},
+               config=_config(f"fgvc/{task}", "train", "val", "test", protocol="best_val"))
   # Tuning: lr=0.1 has the best single run (0.9) but the worse mean (0.6) -> lr=1.0 (0.7).
   for lr, seed, acc in [(0.1, 0, 0.9), (0.1, 1, 0.3), (1.0, 0, 0.7)]:
     _write_run(root, f"tune/lr={lr},seed={seed}",
-               {"protocol": "vtab_tune", "val_accuracy": acc, "trainable_params": 5},
-               {"task": "dtd", "lr": lr, "seed": seed, "method": "vpt_deep"})
+               {"protocol": "last", "val_accuracy": acc, "test_accuracy": None,
+                "trainable_params": 5, "methods": ["vpt_deep"]},
+               {"dataset.name": "list:/data/vtab-1k/dtd/", "optimizer.lr": lr, "seed": seed,
+                "protocol": "last", "dataset.train_split": "train800",
+                "dataset.val_split": "val200", "dataset.test_split": ""})
   return root
 
 
@@ -71,7 +88,7 @@ def test_vtab_means(runs_root):
     assert cell.n == 2
     assert cell.mean == pytest.approx(mean)
     assert cell.std == pytest.approx(0.02)  # population std of (m - 0.02, m + 0.02)
-    assert cell.hparams == {"lr": 0.5}
+    assert cell.hparams == {"optimizer.lr": 0.5}
   assert row.group_means["natural"] == pytest.approx(0.6)
   assert row.group_means["specialized"] == pytest.approx(0.75)
   assert row.group_means["structured"] == pytest.approx(0.45)
@@ -94,9 +111,9 @@ def test_incomplete_and_fgvc_rows(runs_root):
 def test_tuning_keeps_best_mean(runs_root):
   rows = results.summarize(results.load_records(runs_root))
   tune = _row(rows, "vtab_tune")
-  assert tune.cells["dtd"].hparams == {"lr": 1.0}
+  assert tune.cells["dtd"].hparams == {"optimizer.lr": 1.0}
   assert tune.cells["dtd"].mean == pytest.approx(0.7)
-  assert results.best_hparams(rows) == {"vpt_deep": {"dtd": {"lr": 1.0}}}
+  assert results.best_hparams(rows) == {"vpt_deep": {"dtd": {"optimizer.lr": 1.0}}}
 
 
 def test_outputs_label_legacy(runs_root):
@@ -121,10 +138,18 @@ def test_differing_hparams_need_group_by(tmp_path):
     _write_run(root, f"lr={lr}", {"protocol": "vtab_final", "test_accuracy": acc},
                {"task": "dtd", "lr": lr, "seed": 0})
   with pytest.raises(ValueError, match=r"dtd: runs differ in \['lr'\]"):
-    results.summarize(results.load_records(root))
-  rows = results.summarize(results.load_records(root), group_by=["lr"])
+    results.summarize(results.load_records(root, task_key="task"), task_key="task")
+  rows = results.summarize(results.load_records(root, task_key="task"), group_by=["lr"],
+                           task_key="task")
   assert [(r.label, r.cells["dtd"].mean) for r in rows] == [
       ("(no method) [lr=0.1]", pytest.approx(0.5)), ("(no method) [lr=1.0]", pytest.approx(0.7))]
+
+
+def test_task_names():
+  assert results.task_from_dataset_name("vtab/clevr_dist") == "clevr_dist"
+  assert results.task_from_dataset_name("fgvc/cub") == "cub"
+  assert results.task_from_dataset_name("list:/data/vtab-1k/svhn/") == "svhn"
+  assert results.task_from_dataset_name("dtd") == "dtd"
 
 
 def test_bad_records(tmp_path):
@@ -133,7 +158,7 @@ def test_bad_records(tmp_path):
   with pytest.raises(ValueError, match="not a fraction"):
     results.summarize(results.load_records(str(tmp_path / "a")))
   _write_run(str(tmp_path / "b"), "r", {"protocol": "vtab_final", "test_accuracy": 0.5})
-  with pytest.raises(ValueError, match="names the task"):
+  with pytest.raises(ValueError, match="no task in final_metrics.json"):
     results.load_records(str(tmp_path / "b"))
   _write_run(str(tmp_path / "c"), "r", {"protocol": "best_of_all", "task": "dtd"})
   with pytest.raises(ValueError, match="unknown protocol 'best_of_all'"):
@@ -142,6 +167,15 @@ def test_bad_records(tmp_path):
                                          "test_accuracy": 0.5})
   with pytest.raises(ValueError, match=r"\['imagenet'\] are not vtab tasks"):
     results.summarize(results.load_records(str(tmp_path / "d")))
+  _write_run(str(tmp_path / "e"), "r", {"protocol": "last", "test_accuracy": 0.5},
+             config=_config("jvt_synthetic", "train", "", "test"))
+  with pytest.raises(ValueError, match="'jvt_synthetic' is neither a VTAB-1k task"):
+    results.load_records(str(tmp_path / "e"))
+  _write_run(str(tmp_path / "f"), "r", {"protocol": "best_val", "test_accuracy": 0.5},
+             config=_config("vtab/dtd", "train800", "val200", "test", protocol="best_val"))
+  with pytest.raises(ValueError, match="no vtab protocol trains on 'train800' with "
+                                       "protocol='best_val'"):
+    results.load_records(str(tmp_path / "f"))
 
 
 def test_cli(runs_root, tmp_path, capsys):
@@ -150,7 +184,7 @@ def test_cli(runs_root, tmp_path, capsys):
   assert sorted(os.listdir(out)) == ["best_hparams.json", "results.csv", "results.md"]
   assert "Mean (19 tasks)" in capsys.readouterr().out
   with open(os.path.join(out, "best_hparams.json")) as f:
-    assert json.load(f) == {"vpt_deep": {"dtd": {"lr": 1.0}}}
+    assert json.load(f) == {"vpt_deep": {"dtd": {"optimizer.lr": 1.0}}}
   assert results.main([f"--root={tmp_path}/missing", f"--out={out}"]) == 2
   assert "does not exist" in capsys.readouterr().err
 
@@ -173,20 +207,35 @@ def test_protocol_table():
   assert (p["vtab_tune"].train_split, p["vtab_tune"].val_split) == ("train800", "val200")
   assert (p["vtab_final"].train_split, p["vtab_final"].test_split) == ("train800val200", "test")
   assert p["vtab_final"].seeds == (0, 1, 2, 3, 4)
-  assert p["fgvc"].selection == "best_val_epoch"
+  assert p["fgvc"].selection == "best_val"
   for name, protocol in p.items():
     assert protocol.legacy == ("legacy" in name)
     assert ("legacy (max test accuracy over epochs)" in protocol.label) == protocol.legacy
+    assert protocol.selection in ("last", "best_val", "legacy_max_test")  # jvt.config_lib's
+    o = protocol.config_overrides()
+    inferred = protocols.infer_protocol(o["protocol"], protocol.benchmark,
+                                        o["dataset.train_split"], o["dataset.test_split"])
+    assert inferred == protocol
+  assert p["vtab_tune"].config_overrides() == {
+      "protocol": "last", "dataset.train_split": "train800", "dataset.val_split": "val200",
+      "dataset.test_split": ""}
 
 
 def test_two_stage_sweeps():
-  tune = protocols.tune_sweep(["dtd", "svhn"], {"lr": [0.1, 1.0], "wd": [0.0]})
+  tune = protocols.tune_sweep(["dtd", "svhn"], {"optimizer.lr": [0.1, 1.0], "wd": [0.0]})
+  splits = {"protocol": "last", "dataset.train_split": "train800",
+            "dataset.val_split": "val200", "dataset.test_split": ""}
   assert tune == [
-      {"task": "dtd", "protocol": "vtab_tune", "seed": 0, "lr": 0.1, "wd": 0.0},
-      {"task": "dtd", "protocol": "vtab_tune", "seed": 0, "lr": 1.0, "wd": 0.0},
-      {"task": "svhn", "protocol": "vtab_tune", "seed": 0, "lr": 0.1, "wd": 0.0},
-      {"task": "svhn", "protocol": "vtab_tune", "seed": 0, "lr": 1.0, "wd": 0.0}]
-  final = protocols.final_sweep({"dtd": {"lr": 1.0}}, seeds=[3, 4])
-  assert final == [{"task": "dtd", "protocol": "vtab_final", "seed": 3, "lr": 1.0},
-                   {"task": "dtd", "protocol": "vtab_final", "seed": 4, "lr": 1.0}]
+      {"dataset.name": "vtab/dtd", "seed": 0, **splits, "optimizer.lr": 0.1, "wd": 0.0},
+      {"dataset.name": "vtab/dtd", "seed": 0, **splits, "optimizer.lr": 1.0, "wd": 0.0},
+      {"dataset.name": "vtab/svhn", "seed": 0, **splits, "optimizer.lr": 0.1, "wd": 0.0},
+      {"dataset.name": "vtab/svhn", "seed": 0, **splits, "optimizer.lr": 1.0, "wd": 0.0}]
+  final = protocols.final_sweep({"dtd": {"optimizer.lr": 1.0}}, seeds=[3, 4],
+                                task_format="list:/d/{task}")
+  assert final == [
+      {"dataset.name": "list:/d/dtd", "seed": s, "protocol": "last", **FINAL_SPLITS,
+       "optimizer.lr": 1.0} for s in (3, 4)]
   assert len(protocols.final_sweep({"dtd": {}, "svhn": {}})) == 10
+  assert protocols.final_sweep({"cub": {}}, protocol="fgvc", seeds=[0]) == [
+      {"dataset.name": "fgvc/cub", "seed": 0, "protocol": "best_val",
+       "dataset.train_split": "train", "dataset.val_split": "val", "dataset.test_split": "test"}]

@@ -344,6 +344,7 @@ def test_make_source_splits(task, data_dir, stored_ids):
     assert got == expected, (task, split)
     assert [e["label"] for e in examples] == [EXPECTED_LABEL[task](k) for k in got]
     assert all(0 <= e["label"] < source.num_classes for e in examples)
+  np.testing.assert_array_equal(source.labels(), [e["label"] for e in examples])
   assert len(set(stored_ids[(spec, "train")])) == len(stored_ids[(spec, "train")])
   batch = source.__getitems__([2, 0])
   assert [decode_id(e["image"], kind) for e in batch] == [got[2], got[0]]

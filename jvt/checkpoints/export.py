@@ -74,9 +74,9 @@ def save_npz(path: str | os.PathLike, params: PyTree, *, model: Any = None) -> N
   if extra:
     raise ValueError(
         f"save_npz writes the plain vision_transformer layout, which has no place for {extra}. "
-        "Merge LoRA/SSF parameters into the backbone first (jvt's merge functions) and pass "
-        "the merged tree; prompts and adapters cannot be merged: keep such runs as "
-        "RunCheckpointer checkpoints."
+        "Merge LoRA/SSF parameters into the backbone first (jvt.tuning.merge.merge_lora / "
+        "merge_ssf) and pass the merged tree; prompts and adapters cannot be merged: keep such "
+        "runs as RunCheckpointer checkpoints."
     )
   if model is not None:
     _check_model(flat, model)

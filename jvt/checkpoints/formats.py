@@ -5,12 +5,10 @@ is, and rename/transpose its arrays into jvt's Linen names (those of
 google-research/vision_transformer's Linen ViT). Matching against a model, position-embedding
 resizing and head handling live in `pretrained.py`.
 
-| format           | container    | recognised by                                              |
-|------------------|--------------|------------------------------------------------------------|
-| `vit_npz`        | `.npz`       | `Transformer/posembed_input/pos_embedding` (pre-Linen names)|
-| `big_vision_npz` | `.npz`       | `pos_embedding` at the root, `params/` prefix, scanned blocks|
-| `timm`           | safetensors  | `blocks.{i}.*`, `patch_embed.*`, `cls_token`, `pos_embed`   |
-| `hf`             | safetensors  | `embeddings.*`, `encoder.layer.{i}.*` (optional `vit.`)     |
+- `vit_npz` (.npz): `Transformer/posembed_input/pos_embedding`, pre-Linen block names.
+- `big_vision_npz` (.npz): `params/` prefix, root `pos_embedding`, or scanned blocks.
+- `timm` (.safetensors): `blocks.{i}.*`, `patch_embed.*`, `cls_token`, `pos_embed`.
+- `hf` (.safetensors): `embeddings.*`, `encoder.layer.{i}.*`, optional `vit.` prefix.
 
 Keys a reader does not know keep their file name, so the matcher reports them as unexpected.
 """
@@ -293,10 +291,12 @@ def _rename(arrays: Arrays, rules: list[Rule], num_heads: int) -> Arrays:
 
 
 def from_vit_npz(arrays: Arrays, num_heads: int) -> tuple[Arrays, list[str]]:
-  """google-research/vision_transformer npz: pre-Linen block names, optional `opt/target/`."""
+  """google-research/vision_transformer npz: pre-Linen block names; optional `opt/target/`
+  (old Flax optimizer files) or `params/` prefix."""
   del num_heads  # stored per head already
   notes: list[str] = []
   arrays = _subtree(arrays, "opt/target/", "the model weights of a Flax optimizer file", notes)
+  arrays = _subtree(arrays, "params/", "the model parameters", notes)
   out = {}
   for key, value in arrays.items():
     parts = key.split("/")

@@ -131,7 +131,8 @@ def make_tfds_source(task: str, split: str, data_dir: str | None) -> vtab.TfdsSo
       data_source=vtab.open_data_source(builder, split_string),
       label_fn=vtab.label_identity,
       num_classes=spec.num_classes,
-      description=f"{task}/{split}: {builder.name}:{builder.version} {split_string}")
+      description=f"{task}/{split}: {builder.name}:{builder.version} {split_string}",
+      label_source=vtab.open_data_source(builder, split_string, decode_image=None))
 
 
 def make_source(task: str, split: str, data_dir: str | None, source_format: str = "auto"):

@@ -219,8 +219,16 @@ def main(argv: Sequence[str] | None = None) -> int:
       continue
     builder = _prepared_builder(target, args.data_dir)
     if builder is not None:
-      print(f"{'/'.join(target.tasks)}: {builder.name} {builder.version} already prepared in "
-            f"{builder.data_dir}")
+      formats = {getattr(f, "value", f) for f in builder.info.available_file_formats()}
+      if formats & {"array_record", "parquet"}:
+        print(f"{'/'.join(target.tasks)}: {builder.name} {builder.version} already prepared in "
+              f"{builder.data_dir}")
+      else:
+        problems.append(
+            f"{'/'.join(target.tasks)}: {builder.data_dir} holds {sorted(formats)} files, which "
+            "have no random access without TensorFlow: convert them where TensorFlow is "
+            "installed with `tfds convert_format --dataset_version_dir="
+            f"{builder.data_dir} --out_file_format=array_record`, or use another --data_dir")
       continue
     problems.extend(missing_requirements(target, manual_dir))
     todo.append(target)

@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 SPLITS = ("train800", "val200", "train800val200", "test")
+_LABEL_CHUNK = 1024  # records per read in TfdsSource.labels()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,7 +213,8 @@ VTAB_TASKS: "collections.OrderedDict[str, VtabTask]" = collections.OrderedDict(
         _task("dtd", "DTD", "dtd", ("3.*.*",), "natural", 47, _VALIDATION200, _TEST),
         _task("flowers102", "Flowers102", "oxford_flowers102", ("2.*.*",), "natural", 102,
               _VALIDATION200, _TEST),
-        # VPT read oxford_iiit_pet 3.*; TFDS 4.9 prepares 4.0.0 (same images and labels).
+        # VPT read oxford_iiit_pet 3.*; TFDS 4.9 only prepares 4.0.0 (same image list and
+        # labels, plus head boxes and a few re-encoded corrupt JPEGs).
         _task("pets", "Pets", "oxford_iiit_pet", ("3.*.*", "4.*.*"), "natural", 37,
               _train_pct200(80), _TEST),
         _task("svhn", "SVHN", "svhn_cropped", ("3.*.*",), "natural", 10,
@@ -293,10 +295,15 @@ def open_prepared_builder(specs: tuple[str, ...], data_dir: str | None, prepare_
       f"{'; '.join(looked)}. Prepare it with:\n  {prepare_command}")
 
 
-def open_data_source(builder, split: str):
-  """`builder.as_data_source(split)`, with a clear error when the files are not random-access."""
+def open_data_source(builder, split: str, decode_image: str | None = "image"):
+  """`builder.as_data_source(split)` decoding only the image feature `decode_image` (None: no
+  image), with a clear error when the files are not random-access."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  skip = {key: tfds.decode.SkipDecoding() for key, feature in builder.info.features.items()
+          if isinstance(feature, tfds.features.Image) and key != decode_image}
   try:
-    return builder.as_data_source(split=split)
+    return builder.as_data_source(split=split, decoders=skip or None)
   except NotImplementedError as e:
     raise ValueError(
         f"{builder.name} {builder.version} in {builder.data_dir} is stored as "
@@ -332,6 +339,8 @@ class TfdsSource:
     image_key: the feature holding the image.
     image_scale: pixel multiplier (255 for dSprites' 0/1 images).
     description: 'task/split: tfds split string', for logs.
+    label_source: the same split read without decoding images, for labels(); None: read
+      labels through data_source.
   """
   data_source: Any
   label_fn: Callable[[Mapping[str, Any]], int]
@@ -339,6 +348,16 @@ class TfdsSource:
   image_key: str = "image"
   image_scale: int = 1
   description: str = ""
+  label_source: Any = None
+
+  def labels(self) -> np.ndarray:
+    """All labels, int64 [N], read from `label_source` (the split without image decoding)."""
+    source = self.label_source if self.label_source is not None else self.data_source
+    labels = np.empty(len(source), np.int64)
+    for start in range(0, len(labels), _LABEL_CHUNK):
+      records = source.__getitems__(list(range(start, min(start + _LABEL_CHUNK, len(labels)))))
+      labels[start:start + len(records)] = [self.label_fn(r) for r in records]
+    return labels
 
   def __len__(self) -> int:
     return len(self.data_source)
@@ -375,4 +394,5 @@ def make_source(task: str, split: str, data_dir: str | None) -> TfdsSource:
       label_fn=LABEL_FUNCTIONS[spec.label_fn],
       num_classes=spec.num_classes,
       image_scale=spec.image_scale,
-      description=f"{task}/{split}: {builder.name}:{builder.version} {split_string}")
+      description=f"{task}/{split}: {builder.name}:{builder.version} {split_string}",
+      label_source=open_data_source(builder, split_string, decode_image=None))

@@ -71,6 +71,11 @@ class TuningSpec:
   lora_targets: tuple[str, ...] = ()
   ssf: bool = False
   davpt: DAVPTSpec | None = None
+  # Feature distillation: K learned maps [D] -> [distill_proj_dim] (one per matched layer), in
+  # `distill_proj/{kernel [K, D, D'], bias [K, D']}`. Training-only: the ViT returns them in
+  # aux["distill_proj"] and `jvt.distill` applies them to the block features it matches.
+  distill_proj_dim: int = 0
+  distill_proj_num: int = 1
 
   def prompts_before(self, layer: int) -> int:
     """Number of prompt tokens in the sequence entering block `layer` (after insertion)."""

@@ -155,16 +155,23 @@ class Prompts(nn.Module):
   def setup(self):
     s = self.spec
     width = s.prompt_proj_dim or self.hidden_size
-    if s.prompt_init == "vpt":
-      # VPT: uniform(+-v), v = sqrt(6 / (3 * ph * pw + D)).
-      v = float(np.sqrt(6.0 / (3 * self.patch_size * self.patch_size + width)))
-      init = lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -v, v)
-    else:  # "xavier8": xavier-uniform / 8 (DA-VPT's released code).
-      xavier = nn.initializers.xavier_uniform()
-      init = lambda key, shape: xavier(key, shape, jnp.float32) / 8.0
-    self.tokens = {
-        f"block_{i}": self.param(f"block_{i}", init, (m, width))
-        for i, m in enumerate(s.prompt_tokens) if m > 0 and s.inserts_prompts(i)}
+    inserting = [i for i, m in enumerate(s.prompt_tokens) if m > 0 and s.inserts_prompts(i)]
+    proxy = set(s.davpt.proxy_layers) if s.davpt is not None else set()
+
+    def bound(i):
+      if s.prompt_init == "vpt":  # VPT: v = sqrt(6 / (3 * ph * pw + D)).
+        return float(np.sqrt(6.0 / (3 * self.patch_size * self.patch_size + width)))
+      # "xavier8" (DA-VPT's released code): torch's xavier_uniform_ over the stacked
+      # [depth, M, D] prompts of a group (the proxy blocks, or the other blocks), then / 8;
+      # torch's fans of that tensor are M * D and depth * D.
+      depth = sum((j in proxy) == (i in proxy) for j in inserting)
+      return float(np.sqrt(6.0 / (width * (s.prompt_tokens[i] + depth)))) / 8.0
+
+    def uniform(v):
+      return lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -v, v)
+
+    self.tokens = {f"block_{i}": self.param(f"block_{i}", uniform(bound(i)),
+                                            (s.prompt_tokens[i], width)) for i in inserting}
     if s.prompt_proj_dim:
       self.proj = nn.Dense(self.hidden_size, dtype=self.dtype, name="proj")
     self.dropout = nn.Dropout(s.prompt_dropout)
@@ -255,6 +262,20 @@ class PositionEmbedding(nn.Module):
     return self.param("pos_embedding", nn.initializers.normal(stddev=0.02), (1, *x.shape[1:]))
 
 
+class DistillProjection(nn.Module):
+  """`kernel` [K, D, D'] and `bias` [K, D'] of K linear maps, returned rather than applied:
+  the distillation objective chooses the block features they project (jvt.distill)."""
+  features: int
+  num: int
+
+  @nn.compact
+  def __call__(self, in_features: int):
+    kernel = self.param("kernel", nn.initializers.lecun_normal(batch_axis=(0,)),
+                        (self.num, in_features, self.features))
+    bias = self.param("bias", nn.initializers.zeros, (self.num, self.features))
+    return {"kernel": kernel, "bias": bias}
+
+
 class ViT(nn.Module):
   """ViT classifier. Fields match vision_transformer's config names where they exist."""
   num_classes: int
@@ -328,6 +349,9 @@ class ViT(nn.Module):
     if self.representation_size is not None:
       feat = nn.tanh(nn.Dense(self.representation_size, dtype=self.dtype, name="pre_logits")(feat))
     aux["pre_logits"] = feat.astype(jnp.float32)
+    if s.distill_proj_dim:
+      aux["distill_proj"] = DistillProjection(s.distill_proj_dim, s.distill_proj_num,
+                                              name="distill_proj")(d)
     head_init = nn.initializers.zeros if self.head_zero_init else nn.initializers.xavier_uniform()
     logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=head_init, name="head")(feat)
     return logits.astype(jnp.float32), aux

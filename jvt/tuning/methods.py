@@ -45,13 +45,14 @@ ALL_BIASES = "|".join(f"({p})" for p in BIAS_SUBSETS.values())
 
 DAVPT_PRESETS = ("code", "paper")
 # DA-VPT+ bias sets. paper: K and V biases and [CLS]; released code: K, V, attention-out, fc2
-# and norm2 biases, all of norm1, and [CLS].
+# and norm2 biases, all of norm1, [CLS], and the patch-embedding bias (its `proj.bias` name
+# matches the released code's attention-out switch too).
 DAVPT_PLUS_RULES = {
     "paper": ((BIAS_SUBSETS["key"], "bias"), (BIAS_SUBSETS["value"], "bias"), ("cls", "cls")),
     "code": ((BIAS_SUBSETS["key"], "bias"), (BIAS_SUBSETS["value"], "bias"),
              (BIAS_SUBSETS["out"], "bias"), (BIAS_SUBSETS["mlp_out"], "bias"),
              (BIAS_SUBSETS["norm2"], "bias"), (rf"{_BLOCK}/LayerNorm_0/(scale|bias)", "bias"),
-             ("cls", "cls")),
+             (BIAS_SUBSETS["embedding"], "bias"), ("cls", "cls")),
 }
 
 COMMON_FIELDS = {"train_head": True, "rules": ()}
@@ -121,7 +122,7 @@ def _davpt_common(f, num_layers, plus):
       normalize_positives=pick("normalize_positives", "with_positives", "all"),
       mapping_images_per_class=int(f["mapping_images_per_class"]),
       refresh_from_epoch=int(f["refresh_from_epoch"]),
-      kmeans_layer_norm=bool(f["kmeans_layer_norm"]),
+      kmeans_layer_norm=bool(pick("kmeans_layer_norm", False, True)),
       surplus_prompts=str(f["surplus_prompts"] or ""))
   if davpt_spec.surplus_prompts not in ("", "unused"):
     raise ValueError(f"{f['method']}.surplus_prompts={davpt_spec.surplus_prompts!r}; allowed: "
@@ -217,12 +218,21 @@ def _full(f, num_layers):
   return {}, ((BACKBONE_LEAVES, "backbone"),)
 
 
+def _distill_proj(f, num_layers):
+  del num_layers
+  if f["dim"] <= 0 or f["num"] <= 0:
+    raise ValueError(f"distill_proj.dim={f['dim']} and num={f['num']}: both must be > 0 (dim = "
+                     "the teacher's width, num = the number of matched layers).")
+  return (dict(distill_proj_dim=int(f["dim"]), distill_proj_num=int(f["num"])),
+          ((r"distill_proj/(kernel|bias)", "distill"),))
+
+
 _DAVPT_FIELDS = dict(
     preset="code", num_prompts=10, num_proxy_prompts=10, proxy_layers=(-1,), patch_weight=0.05,
     cls_weight=0.05, scale_ratio=1.0, dropout=0.0, alpha=32.0, delta_pos=0.1, delta_neg=-0.1,
     normalize_positives=None, patch_feature=None, prompt_query=None, cls_query=None, init=None,
     l2norm=None, attention_mask=None, mapping_images_per_class=10, refresh_from_epoch=1,
-    kmeans_layer_norm=False, surplus_prompts="")
+    kmeans_layer_norm=None, surplus_prompts="")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,6 +265,8 @@ METHODS: dict[str, MethodDef] = {
     "linear": MethodDef("parameter", {}, _linear, "linear probe: the head only"),
     "partial": MethodDef("parameter", dict(k=1), _partial, "last k blocks + final norm + head"),
     "full": MethodDef("baseline", {}, _full, "full fine-tuning"),
+    "distill_proj": MethodDef("remapping", dict(dim=0, num=1), _distill_proj,
+                              "feature distillation's learned projections (with jvt.distill)"),
 }
 
 

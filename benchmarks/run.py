@@ -1,0 +1,381 @@
+"""Speed, memory and compile time of every tuning method, through the trainer's own step.
+
+    python benchmarks/run.py --variant S/16 --batch 8 --image-size 224 \
+        --methods full,linear,vpt_deep,da_vpt,lora,adapter,adaptformer,bitfit,ssf --out DIR
+
+For each method (and each `--remat` policy) a fresh subprocess builds the run with
+`jvt.train.setup` (random backbone, synthetic random batches, no dataset), compiles the same
+jitted, donated `train_step` the trainer runs, and times `--steps` steps after `--warmup`
+warm-up steps, with `jax.block_until_ready` around each step. It then times the eval step the
+same way. Writes `DIR/results.json` (one object per row) and `DIR/results.md` (a table with the
+ratios to full fine-tuning and DA-VPT vs VPT-Deep, and the performance goals met or missed).
+
+Peak memory: the device allocator's `peak_bytes_in_use` where the backend reports it (GPU, TPU);
+on CPU the peak resident set of the child while it runs the timed steps (the high-water mark
+is reset after compilation, so XLA's compiler memory does not count; `peak_rss_total_mb` keeps
+the whole process's peak, compilation included). Each method has its own process, so no
+method's buffers hide in another's.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Sequence
+
+REQUIRED_KEYS = ("method", "train_img_s", "train_img_s_min", "train_img_s_max", "eval_img_s",
+                 "peak_mem_mb", "compile_s", "trainable_params", "backend", "device_kind",
+                 "variant", "batch")
+REMAT = ("none", "full", "dots", "nothing")
+DTYPES = ("float32", "bfloat16")
+# Benchmark method name -> the registry's method name (and fields set from the flags).
+PROMPT_METHODS = ("vpt_deep", "vpt_shallow", "da_vpt", "da_vpt_plus")
+FROZEN_BACKBONE = ("linear", "vpt_deep", "vpt_shallow", "da_vpt", "da_vpt_plus", "lora",
+                   "adapter", "adaptformer", "bitfit", "ssf", "layernorm")
+DEFAULT_METHODS = "full,linear,vpt_deep,da_vpt,lora,adapter,adaptformer,bitfit,ssf"
+# Goals (docs/PERFORMANCE.md): frozen-backbone train step >= 1.4x full fine-tuning's images/s;
+# DA-VPT within 5% of VPT-Deep in time and memory.
+FROZEN_SPEEDUP_GOAL = 1.4
+DAVPT_OVERHEAD_GOAL = 0.05
+
+
+def tuning_for(method: str, num_prompts: int) -> dict:
+  """The tuning config of a benchmark method name (registry names pass through)."""
+  from jvt.tuning.methods import METHODS
+  if method == "vpt_deep":
+    return dict(method="vpt", num_prompts=num_prompts, deep=True)
+  if method == "vpt_shallow":
+    return dict(method="vpt", num_prompts=num_prompts, deep=False)
+  if method in ("da_vpt", "da_vpt_plus"):
+    return dict(method=method, num_prompts=num_prompts, num_proxy_prompts=num_prompts)
+  if method in METHODS and method != "vpt":
+    return dict(method=method)
+  raise ValueError(f"--methods: unknown method {method!r}; allowed: vpt_deep, vpt_shallow, "
+                   f"{', '.join(sorted(set(METHODS) - {'vpt'}))}.")
+
+
+def bench_config(spec: dict):
+  """The training config of one benchmark row (random backbone, SGD momentum)."""
+  from jvt.config_lib import base_config
+  c = base_config()
+  c.model.variant = spec["variant"]
+  c.model.image_size = spec["image_size"]
+  c.model.dtype = spec["dtype"]
+  c.model.remat = spec["remat"]
+  c.model.overrides = dict(spec["overrides"])
+  c.tuning = tuning_for(spec["method"], spec["num_prompts"])
+  c.batch_size = spec["batch"]
+  c.eval_batch_size = spec["eval_batch"]
+  c.total_steps = spec["warmup"] + spec["steps"]
+  c.optimizer.name = "sgd"
+  c.optimizer.lr = 1e-3
+  c.optimizer.warmup_steps = 0
+  c.seed = spec["seed"]
+  c.lock()
+  return c
+
+
+def _flops(compiled) -> float:
+  """FLOPs of one call of a compiled executable from XLA's cost analysis (0 if unknown)."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get("flops", 0.0))
+
+
+def _reset_peak_rss() -> bool:
+  """Returns freed heap to the OS and resets the kernel's resident high-water mark (Linux)."""
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
+def _peak_rss_mb() -> float:
+  """The process's resident high-water mark (VmHWM) in MB, since the last reset."""
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) / 1024.0
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _time_calls(fn, n_warmup: int, n_timed: int) -> list[float]:
+  """Seconds of each of `n_timed` calls of fn() (each synced) after `n_warmup` calls."""
+  import jax
+  times = []
+  for i in range(n_warmup + n_timed):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    if i >= n_warmup:
+      times.append(time.perf_counter() - t0)
+  return times
+
+
+def measure(spec: dict) -> dict:
+  """One row: builds the method's run, compiles and times its train and eval steps."""
+  import jax
+  import numpy as np
+  from jvt import sharding, train
+
+  config = bench_config(spec)
+  b, size, classes = spec["batch"], spec["image_size"], spec["num_classes"]
+  rng = np.random.default_rng(spec["seed"])
+
+  def class_examples(k):
+    # One random image per class: the mapping only has to initialise, not to mean anything.
+    del k
+    images = rng.standard_normal((classes, size, size, 3)).astype(np.float32)
+    return images, np.arange(classes, dtype=np.int32)
+
+  s = train.setup(config, num_classes=classes, steps_per_epoch=10**9,
+                  class_examples=class_examples)
+  host = {"image": rng.standard_normal((b, size, size, 3)).astype(np.float32),
+          "label": rng.integers(0, classes, b).astype(np.int32)}
+  batch = sharding.shard_batch(host, s.mesh)
+  t0 = time.perf_counter()
+  step = s.train_step.lower(s.state, s.frozen, s.constants, batch).compile()
+  compile_s = time.perf_counter() - t0
+  flops = _flops(step)
+  memory = step.memory_analysis()
+  device = jax.devices()[0]
+  rss_reset = _reset_peak_rss()
+  state = s.state
+
+  def train_call():
+    nonlocal state
+    state, metrics = step(state, s.frozen, s.constants, batch)
+    return state, metrics
+
+  train_times = _time_calls(train_call, spec["warmup"], spec["steps"])
+  stats = device.memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    peak_mb, mem_source = stats["peak_bytes_in_use"] / 2**20, "device peak_bytes_in_use"
+  else:
+    peak_mb = _peak_rss_mb()
+    mem_source = "peak RSS during steps" if rss_reset else "peak RSS of the process"
+  eb = spec["eval_batch"]
+  eval_host = {"image": rng.standard_normal((eb, size, size, 3)).astype(np.float32),
+               "label": rng.integers(0, classes, eb).astype(np.int32),
+               "mask": np.ones((eb,), bool)}
+  eval_batch = sharding.shard_batch(eval_host, s.mesh)
+  evaluate = s.eval_step.lower(state.trainable, s.frozen, eval_batch).compile()
+  eval_times = _time_calls(lambda: evaluate(state.trainable, s.frozen, eval_batch),
+                           max(1, spec["warmup"] // 2), spec["steps"])
+  rates = [b / t for t in train_times]
+  row = {
+      "method": spec["method"],
+      "train_img_s": statistics.median(rates),
+      "train_img_s_min": min(rates),
+      "train_img_s_max": max(rates),
+      "eval_img_s": statistics.median(eb / t for t in eval_times),
+      "peak_mem_mb": peak_mb,
+      "compile_s": compile_s,
+      "trainable_params": int(s.trainable_params),
+      "backend": jax.default_backend(),
+      "device_kind": device.device_kind,
+      "variant": spec["variant"],
+      "batch": b,
+      "image_size": size,
+      "dtype": spec["dtype"],
+      "remat": spec["remat"],
+      "num_devices": len(jax.devices()),
+      "flops_per_img": flops / b,
+      "xla_temp_mb": getattr(memory, "temp_size_in_bytes", 0) / 2**20,
+      "mem_source": mem_source,
+      "peak_rss_total_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+  }
+  if spec["overrides"]:
+    row["overrides"] = dict(spec["overrides"])
+  return row
+
+
+# ------------------------------------------------------------------------------ the parent
+def probe_backend() -> tuple[str, str]:
+  """(backend, device kind) from a short child, so that this process never takes the device."""
+  code = "import jax; print(jax.default_backend()); print(jax.devices()[0].device_kind)"
+  out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                       text=True).stdout.split("\n")
+  return out[0].strip(), out[1].strip()
+
+
+def run_child(spec: dict, timeout: float | None) -> dict:
+  """Runs `measure(spec)` in a fresh interpreter and returns its row."""
+  cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+  if proc.returncode != 0 or not lines:
+    raise RuntimeError(f"benchmark of {spec['method']} (remat={spec['remat']}) failed with exit "
+                       f"code {proc.returncode}:\n{proc.stderr[-3000:]}")
+  return json.loads(lines[-1])
+
+
+def _ratio(a: float, b: float) -> float | None:
+  return a / b if a and b else None
+
+
+def _fmt(x: float | None, spec: str = ".2f", suffix: str = "") -> str:
+  return "-" if x is None else f"{x:{spec}}{suffix}"
+
+
+def _find(rows, method: str, remat: str):
+  return next((r for r in rows if r["method"] == method and r.get("remat", "none") == remat), None)
+
+
+def goals(rows: Sequence[dict]) -> list[str]:
+  """Lines saying which performance goals the rows meet, with the numbers."""
+  out = []
+  for remat in dict.fromkeys(r.get("remat", "none") for r in rows):
+    full = _find(rows, "full", remat)
+    tag = "" if remat == "none" else f" (remat {remat})"
+    if full:
+      for r in rows:
+        if r.get("remat", "none") != remat or r["method"] not in FROZEN_BACKBONE:
+          continue
+        speedup = r["train_img_s"] / full["train_img_s"]
+        ok = "met" if speedup >= FROZEN_SPEEDUP_GOAL else "MISSED"
+        out.append(f"- {r['method']}{tag}: {speedup:.2f}x full fine-tuning's images/s "
+                   f"(goal >= {FROZEN_SPEEDUP_GOAL}x): {ok}")
+    vpt, da = _find(rows, "vpt_deep", remat), _find(rows, "da_vpt", remat)
+    if vpt and da:
+      time_over = vpt["train_img_s"] / da["train_img_s"] - 1.0
+      mem_over = da["peak_mem_mb"] / vpt["peak_mem_mb"] - 1.0
+      ok = "met" if max(time_over, mem_over) <= DAVPT_OVERHEAD_GOAL else "MISSED"
+      out.append(f"- da_vpt vs vpt_deep{tag}: step time {time_over:+.1%}, peak memory "
+                 f"{mem_over:+.1%} (goal <= +{DAVPT_OVERHEAD_GOAL:.0%} each): {ok}")
+  return out
+
+
+def markdown(rows: Sequence[dict]) -> str:
+  """A table a person reads: one line per row, ratios to full fine-tuning, then the goals.
+
+  "x full" is the row's train images/s over full fine-tuning's (same remat); "GFLOP/s" is the
+  step's XLA-counted FLOPs per image times images/s: equal GFLOP/s means a method's extra time
+  is what its extra FLOPs explain.
+  """
+  if not rows:
+    return "No results.\n"
+  r0 = rows[0]
+  head = (f"ViT-{r0['variant']}, batch {r0['batch']}, {r0.get('image_size', '?')} px, "
+          f"{r0.get('dtype', '?')}, backend {r0['backend']} ({r0['device_kind']}), "
+          f"memory: {r0.get('mem_source', 'peak')}")
+  lines = [head, "",
+           "| method | remat | trainable params | train img/s (min-max) | x full | eval img/s "
+           "| peak mem MB | XLA temp MB | compile s | train GFLOP/img | GFLOP/s |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    remat = r.get("remat", "none")
+    full = _find(rows, "full", remat)
+    x_full = _ratio(r["train_img_s"], full["train_img_s"]) if full else None
+    gflop = r.get("flops_per_img", 0.0) / 1e9
+    lines.append(
+        f"| {r['method']} | {remat} | {r['trainable_params']:,} | "
+        f"{r['train_img_s']:.2f} ({r['train_img_s_min']:.2f}-{r['train_img_s_max']:.2f}) | "
+        f"{_fmt(x_full, '.2f', 'x')} | {r['eval_img_s']:.2f} | {r['peak_mem_mb']:,.0f} | "
+        f"{_fmt(r.get('xla_temp_mb'), ',.0f')} | {r['compile_s']:.1f} | "
+        f"{_fmt(gflop or None, '.1f')} | {_fmt(gflop * r['train_img_s'] or None, '.1f')} |")
+  found = goals(rows)
+  if found:
+    lines += ["", "Goals:", *found]
+  return "\n".join(lines) + "\n"
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--variant", default="S/16", help="ViT variant, e.g. S/16, B/16.")
+  p.add_argument("--batch", type=int, default=None,
+                 help="Global batch size (default: 8 on CPU, 128 on GPU/TPU).")
+  p.add_argument("--eval-batch", type=int, default=None, help="Eval batch (default: --batch).")
+  p.add_argument("--image-size", type=int, default=224)
+  p.add_argument("--methods", default=DEFAULT_METHODS, help="Comma-separated method names.")
+  p.add_argument("--dtype", choices=DTYPES, default=None,
+                 help="Compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU).")
+  p.add_argument("--remat", default="none",
+                 help=f"Per-block remat policy, or a comma list to run each: {', '.join(REMAT)}.")
+  p.add_argument("--steps", type=int, default=None,
+                 help="Timed steps (default: 5 on CPU, 20 on GPU/TPU).")
+  p.add_argument("--warmup", type=int, default=None,
+                 help="Untimed steps after compilation (default: 2 on CPU, 5 on GPU/TPU).")
+  p.add_argument("--num-prompts", type=int, default=10, help="Prompts per block (VPT, DA-VPT).")
+  p.add_argument("--num-classes", type=int, default=100)
+  p.add_argument("--overrides", default="{}",
+                 help='JSON of ViT fields, e.g. \'{"hidden_size": 32, "num_layers": 2}\'.')
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--timeout", type=float, default=None, help="Seconds per method (default none).")
+  p.add_argument("--out", required=True, help="Directory for results.json and results.md.")
+  return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if repo not in sys.path:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, repo)
+  if argv[:1] == ["--child"]:
+    print(json.dumps(measure(json.loads(argv[1]))), flush=True)
+    return 0
+  args = _parse(argv)
+  remats = [r.strip() for r in args.remat.split(",") if r.strip()]
+  bad = [r for r in remats if r not in REMAT] or ([] if remats else ["(empty)"])
+  if bad:
+    raise SystemExit(f"--remat: unknown {bad}; allowed: {', '.join(REMAT)}.")
+  methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+  try:
+    overrides = json.loads(args.overrides)
+  except json.JSONDecodeError as err:
+    raise SystemExit(f"--overrides is not valid JSON ({err}): {args.overrides!r}") from None
+  if not isinstance(overrides, dict):
+    raise SystemExit(f"--overrides must be a JSON object, got {args.overrides!r}.")
+  for m in methods:
+    try:
+      tuning_for(m, args.num_prompts)
+    except ValueError as err:
+      raise SystemExit(str(err)) from None
+  backend, kind = probe_backend()
+  cpu = backend == "cpu"
+  batch = args.batch or (8 if cpu else 128)
+  base = dict(variant=args.variant, batch=batch, eval_batch=args.eval_batch or batch,
+              image_size=args.image_size, dtype=args.dtype or ("float32" if cpu else "bfloat16"),
+              steps=args.steps or (5 if cpu else 20),
+              warmup=args.warmup if args.warmup is not None else (2 if cpu else 5),
+              num_prompts=args.num_prompts, num_classes=args.num_classes, overrides=overrides,
+              seed=args.seed)
+  os.makedirs(args.out, exist_ok=True)
+  rows, failures = [], []
+  print(f"backend {backend} ({kind}); {len(methods) * len(remats)} run(s)", file=sys.stderr)
+  for remat in remats:
+    for method in methods:
+      spec = dict(base, method=method, remat=remat)
+      try:
+        row = run_child(spec, args.timeout)
+      except (RuntimeError, subprocess.TimeoutExpired) as err:
+        failures.append(str(err))
+        print(err, file=sys.stderr)
+        continue
+      rows.append(row)
+      print(f"{method:>12} remat={remat}: train {row['train_img_s']:.2f} img/s, eval "
+            f"{row['eval_img_s']:.2f} img/s, peak {row['peak_mem_mb']:.0f} MB, compile "
+            f"{row['compile_s']:.1f} s", file=sys.stderr)
+      with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+  with open(os.path.join(args.out, "results.json"), "w") as f:
+    json.dump(rows, f, indent=1)
+  with open(os.path.join(args.out, "results.md"), "w") as f:
+    f.write(markdown(rows))
+  print(markdown(rows))
+  return 1 if failures else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
