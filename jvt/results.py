@@ -46,6 +46,11 @@ class RunRecord:
   seed: Any
   overrides: Mapping[str, Any]
   metrics: Mapping[str, Any]
+  config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  def value(self, key: str) -> Any:
+    """The run's setting `key` ('optimizer.lr'): its sweep override, else its config.json."""
+    return self.overrides[key] if key in self.overrides else _dotted(self.config, key)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,8 +127,7 @@ def _record(workdir: str, task_key: str, method_key: str, seed_key: str) -> RunR
   if os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
     config = _read_json(os.path.join(workdir, CONFIG_FILE))
 
-  def lookup(key: str) -> Any:  # the sweep's override, else the run's stored config
-    return overrides[key] if key in overrides else _dotted(config, key)
+  lookup = RunRecord(workdir, "", "", "", None, overrides, metrics, config).value
 
   name = metrics.get("task", lookup(task_key))
   if name is None:
@@ -147,7 +151,7 @@ def _record(workdir: str, task_key: str, method_key: str, seed_key: str) -> RunR
     method = "+".join(metrics.get("methods", []))
   seed = metrics.get("seed", lookup(seed_key))
   return RunRecord(workdir=workdir, task=task, protocol=protocol, method=str(method), seed=seed,
-                   overrides=overrides, metrics=metrics)
+                   overrides=overrides, metrics=metrics, config=config)
 
 
 def load_records(root: str, task_key: str = "dataset.name", method_key: str = "method",
@@ -171,7 +175,7 @@ def load_records(root: str, task_key: str = "dataset.name", method_key: str = "m
 
 
 def _accuracy(record: RunRecord, metric: str) -> float:
-  if metric not in record.metrics:
+  if record.metrics.get(metric) is None:
     raise ValueError(f"{record.workdir}/{sweep.FINAL_METRICS} has no '{metric}', which protocol "
                      f"{record.protocol} reports")
   value = float(record.metrics[metric])
@@ -180,8 +184,8 @@ def _accuracy(record: RunRecord, metric: str) -> float:
   return value
 
 
-def _hparams(record: RunRecord, ignored: set[str]) -> dict:
-  return {k: v for k, v in sorted(record.overrides.items()) if k not in ignored}
+def _hparams(record: RunRecord, keys: Sequence[str]) -> dict:
+  return {k: record.value(k) for k in sorted(keys)}
 
 
 def _canonical(value: Any) -> str:
@@ -211,14 +215,15 @@ def summarize(records: Sequence[RunRecord], group_by: Sequence[str] = (),
               ) -> list[RowSummary]:
   """Groups runs into table rows and computes the per-task and group statistics.
 
-  Within a row, every task's runs must share their hyper-parameters (the overrides other than
-  task/method/seed/protocol/splits and group_by) — except under a tuning protocol (val split, no test
+  Within a row, every task's runs must share their hyper-parameters (the settings any of them
+  overrides, other than task/method/seed/protocol/splits and group_by, read from the override or
+  else the run's config.json) — except under a tuning protocol (val split, no test
   split), where the hyper-parameters with the best mean accuracy are kept.
   """
   ignored = {task_key, method_key, seed_key, "protocol", *protocols.SPLIT_KEYS, *group_by}
   rows: dict[tuple, dict[str, list[RunRecord]]] = {}
   for r in records:
-    key = (r.protocol, r.method, tuple((k, r.overrides.get(k)) for k in group_by))
+    key = (r.protocol, r.method, tuple((k, r.value(k)) for k in group_by))
     rows.setdefault(key, {}).setdefault(r.task, []).append(r)
 
   summaries = []
@@ -235,17 +240,18 @@ def summarize(records: Sequence[RunRecord], group_by: Sequence[str] = (),
     for task in known:
       if task not in by_task:
         continue
+      # The settings any run of the cell overrides, read for every run (override or config).
+      keys = sorted(set().union(*(r.overrides for r in by_task[task])) - ignored)
       by_hparams: dict[str, list[RunRecord]] = {}
       for r in by_task[task]:
-        by_hparams.setdefault(_canonical(_hparams(r, ignored)), []).append(r)
+        by_hparams.setdefault(_canonical(_hparams(r, keys)), []).append(r)
       if len(by_hparams) > 1 and not tuning:
-        variants = [_hparams(runs[0], ignored) for runs in by_hparams.values()]
-        keys = sorted(k for k in set().union(*variants)
-                      if len({_canonical(v.get(k)) for v in variants}) > 1)
+        variants = [_hparams(runs[0], keys) for runs in by_hparams.values()]
+        differing = [k for k in keys if len({_canonical(v[k]) for v in variants}) > 1]
         raise ValueError(
-            f"{protocol_name}/{method or '(no method)'}/{task}: runs differ in {keys}; "
+            f"{protocol_name}/{method or '(no method)'}/{task}: runs differ in {differing}; "
             "pass them as group_by to make separate rows")
-      candidates = [_cell(runs, protocol.metric, _hparams(runs[0], ignored))
+      candidates = [_cell(runs, protocol.metric, _hparams(runs[0], keys))
                     for _, runs in sorted(by_hparams.items())]
       cells[task] = max(candidates, key=lambda c: c.mean)  # first of the best on ties
     if protocol.benchmark == "vtab":

@@ -111,6 +111,15 @@ def test_fgvc_json_source(cub_root):
   assert len(fgvc.make_source("cub", "val", cub_root)) == 1
 
 
+def test_fgvc_parent_dir(cub_root, tmp_path):
+  parent = os.path.join(str(tmp_path), "fgvc")
+  os.makedirs(parent)
+  os.rename(cub_root, os.path.join(parent, "cub"))
+  train = fgvc.make_source("cub", "train", parent)  # finds <parent>/cub/train.json
+  assert train.paths[0] == os.path.join(parent, "cub", "images", "012.Bird/a.jpg")
+  assert [train[i]["label"] for i in range(3)] == [1, 2, 0]
+
+
 def test_fgvc_image_dirs(tmp_path):
   for task, subdir in [("dogs", "Images"), ("flowers", ""), ("cars", ""), ("nabirds", "images")]:
     root = tmp_path / task
@@ -126,9 +135,10 @@ def test_fgvc_errors(cub_root, tmp_path):
     fgvc.make_source("birds", "train", cub_root)
   with pytest.raises(ValueError, match="unknown FGVC split 'train800'"):
     fgvc.make_source("cub", "train800", cub_root)
-  with pytest.raises(FileNotFoundError, match=f"{tmp_path}/test.json"):
+  with pytest.raises(FileNotFoundError,
+                     match=f"looked for {tmp_path}/test.json or {tmp_path}/nabirds/test.json"):
     fgvc.make_source("nabirds", "test", str(tmp_path))
-  with pytest.raises(FileNotFoundError, match=f"FGVC split file {tmp_path}/val.json"):
+  with pytest.raises(FileNotFoundError, match=f"dogs split file not found.*{tmp_path}/val.json"):
     fgvc.make_source("dogs", "val", str(tmp_path), source_format="json")
   os.remove(os.path.join(cub_root, "val.json"))
   with pytest.raises(FileNotFoundError, match="val.json.*caltech_birds2011:0"):

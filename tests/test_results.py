@@ -145,6 +145,23 @@ def test_differing_hparams_need_group_by(tmp_path):
       ("(no method) [lr=0.1]", pytest.approx(0.5)), ("(no method) [lr=1.0]", pytest.approx(0.7))]
 
 
+def test_runs_launched_without_sweep_read_config(tmp_path):
+  """A run started from a printed command has no sweep_overrides.json: its config.json says."""
+  root = str(tmp_path)
+  metrics = {"protocol": "last", "test_accuracy": 0.5, "methods": ["lora"]}
+  config = _config("vtab/dtd", "train800val200", "", "test", seed=1)
+  _write_run(root, "a", metrics, {"optimizer.lr": 0.1, "seed": 0},
+             _config("vtab/dtd", "train800val200", "", "test"))
+  _write_run(root, "b", dict(metrics, test_accuracy=0.7),
+             config=dict(config, optimizer={"lr": 0.1}))
+  [row] = results.summarize(results.load_records(root))
+  assert (row.protocol.name, row.method, row.cells["dtd"].n) == ("vtab_final", "lora", 2)
+  assert row.cells["dtd"].mean == pytest.approx(0.6)
+  _write_run(root, "c", metrics, config=dict(config, optimizer={"lr": 0.2}))
+  with pytest.raises(ValueError, match=r"runs differ in \['optimizer.lr'\]"):
+    results.summarize(results.load_records(root))
+
+
 def test_task_names():
   assert results.task_from_dataset_name("vtab/clevr_dist") == "clevr_dist"
   assert results.task_from_dataset_name("fgvc/cub") == "cub"

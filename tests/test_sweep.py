@@ -2,6 +2,8 @@
 import json
 import os
 import shlex
+import sys
+import types
 
 import pytest
 
@@ -129,7 +131,6 @@ def test_apply_overrides_and_default_run_fn(tmp_path, monkeypatch):
   with pytest.raises((KeyError, AttributeError)):
     sweep.apply_overrides(base, {"optim.w": 1.0})  # a typo fails on a locked config
 
-  import sys, types  # pylint: disable=g-import-not-at-top,multiple-imports
   seen = []
   fake_train = types.ModuleType("jvt.train")
   fake_train.train_and_evaluate = lambda cfg, workdir: seen.append((cfg.lr, cfg.arg, workdir))

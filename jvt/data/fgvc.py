@@ -2,7 +2,8 @@
 
 Primary format (VPT's; NABirds is not in TFDS): a dataset root holding `train.json`, `val.json`
 and `test.json`, each a JSON object mapping an image path (relative to the task's image folder
-below the root) to a class id. Class ids are remapped to 0..K-1 in sorted order of the ids found
+below the root) to a class id. data_dir is that root, or its parent with the root named after
+the task (<data_dir>/cub/train.json). Class ids are remapped to 0..K-1 in sorted order of the ids found
 in the split files present (so every split shares one mapping).
 
   task      root layout                          image folder
@@ -135,12 +136,20 @@ def make_tfds_source(task: str, split: str, data_dir: str | None) -> vtab.TfdsSo
       label_source=vtab.open_data_source(builder, split_string, decode_image=None))
 
 
+def json_root(task: str, split: str, data_dir: str) -> str | None:
+  """The dataset root holding <split>.json: data_dir itself or data_dir/<task>; None if neither."""
+  for root in (data_dir, os.path.join(data_dir, task)):
+    if os.path.isfile(os.path.join(root, f"{split}.json")):
+      return root
+  return None
+
+
 def make_source(task: str, split: str, data_dir: str | None, source_format: str = "auto"):
   """The FGVC `split` ('train', 'val', 'test') of `task` as a random-access source.
 
-  source_format: 'json' reads VPT's split files from the dataset root data_dir; 'tfds' reads the
-  prepared TFDS builder from the TFDS data_dir; 'auto' uses json when data_dir/<split>.json
-  exists and TFDS otherwise.
+  source_format: 'json' reads VPT's split files from the dataset root, which is data_dir or
+  data_dir/<task> (e.g. /data/fgvc/cub); 'tfds' reads the prepared TFDS builder from the TFDS
+  data_dir; 'auto' uses json when one of those split files exists and TFDS otherwise.
   """
   spec = get_task(task)
   if split not in FGVC_SPLITS:
@@ -148,21 +157,22 @@ def make_source(task: str, split: str, data_dir: str | None, source_format: str 
   if source_format not in SOURCE_FORMATS:
     raise ValueError(f"unknown source_format '{source_format}': choose one of {SOURCE_FORMATS}")
   data_dir = os.path.expanduser(data_dir) if data_dir else None
-  json_file = os.path.join(data_dir, f"{split}.json") if data_dir else None
-  if source_format == "json" or (source_format == "auto" and json_file
-                                 and os.path.isfile(json_file)):
-    if not data_dir:
-      raise ValueError(f"reading {task} from json split files needs data_dir (the dataset root)")
-    return make_json_source(task, split, data_dir)
-  if source_format == "auto" and spec.tfds_name is None:
+  root = json_root(task, split, data_dir) if data_dir else None
+  looked = (f"{os.path.join(data_dir, split + '.json')} or "
+            f"{os.path.join(data_dir, task, split + '.json')}" if data_dir
+            else f"<root>/{split}.json (no data_dir given)")
+  if root is not None and source_format != "tfds":
+    return make_json_source(task, split, root)
+  if source_format == "json" or spec.tfds_name is None:
     raise FileNotFoundError(
-        f"{task} is read from VPT's json split files, and {json_file or '<root>/' + split + '.json'}"
-        " does not exist: pass the dataset root that holds train.json, val.json and test.json")
+        f"{task} split file not found: looked for {looked}. Pass as data_dir the dataset root "
+        "holding VPT's train.json, val.json and test.json (or its parent, with the root named "
+        f"'{task}')")
   try:
     return make_tfds_source(task, split, data_dir)
   except FileNotFoundError as e:
     if source_format == "tfds":
       raise
     raise FileNotFoundError(
-        f"{task}/{split}: found neither VPT's split file {json_file} nor a prepared TFDS "
+        f"{task}/{split}: found neither VPT's split file ({looked}) nor a prepared TFDS "
         f"dataset. {e}") from e
