@@ -7,6 +7,10 @@ command line (`--config.optimizer.lr=0.1`).
 """
 from __future__ import annotations
 
+import difflib
+import importlib.util
+import os
+
 import ml_collections
 
 PROTOCOLS = ("last", "best_val", "legacy_max_test")
@@ -116,3 +120,40 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
           default, bool) else (value.lower() in ("1", "true", "yes") if isinstance(
               default, bool) else value)
   return ml_collections.ConfigDict(out)
+
+
+def check_override_path(config: ml_collections.ConfigDict, path: str) -> None:
+  """Raises ValueError naming the first unknown field of a dotted override path ("a.b.c").
+
+  The message suggests the closest existing names, so `--config.optimzer.lr=1` reads
+  "config has no field 'optimzer'; did you mean 'optimizer'?". Fields below a value that is
+  not a ConfigDict (e.g. a None tuning) are left to ml_collections to judge.
+  """
+  node, seen = config, "config"
+  for part in path.split("."):
+    if not isinstance(node, (ml_collections.ConfigDict, dict)):
+      return
+    keys = list(node.keys())
+    if part not in keys:
+      close = difflib.get_close_matches(part, keys, n=3)
+      hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
+      raise ValueError(f"--config.{path}: {seen} has no field {part!r}{hint} "
+                       f"Fields of {seen}: {', '.join(sorted(keys))}.")
+    node, seen = node[part], f"{seen}.{part}"
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """`"path/to/config.py[:arg]"` -> the file's `get_config(arg)`, as `--config=spec` loads it.
+
+  Raises FileNotFoundError for a missing file and ValueError for a file without get_config.
+  """
+  path, sep, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--config={spec}: no config file {path!r} (looked in "
+                            f"{os.path.abspath(path)}).")
+  module_spec = importlib.util.spec_from_file_location("jvt_config_file", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"--config={spec}: {path} defines no get_config(arg=None).")
+  return module.get_config(arg) if sep else module.get_config()

@@ -1,11 +1,17 @@
-"""Command line: flags -> config -> `train_and_evaluate` (or the embedded demo).
+"""Command line: flags -> config -> `train_and_evaluate` (or an embedded demo job).
 
     python -m jvt.main --config=configs/demo.py --workdir=/tmp/jvt_demo
     python -m jvt.main --config=configs/vtab/vpt_deep.py:task=cifar100 --workdir=DIR \
         --config.optimizer.lr=0.5
 
-The config is locked: a key that does not exist is an error. Multi-host: pass
---jax_distributed (or set JVT_DISTRIBUTED=1) to call `jax.distributed.initialize()` first.
+The config is locked: a key that does not exist is an error (with a suggestion). A user error
+(bad flag or config key, missing file, unfitting checkpoint, unprepared dataset, a workdir
+holding another run, a NaN loss...) prints one line `jvt: error: ...` and exits with status 2;
+set JVT_TRACEBACK=1 to see the traceback instead.
+
+Multi-host: pass --jax_distributed (or set JVT_DISTRIBUTED=1) to call
+`jax.distributed.initialize()` first; on Cloud TPU and SLURM it finds the cluster by itself,
+elsewhere pass --coordinator_address, --num_processes and --process_id (see docs/training.md).
 """
 from __future__ import annotations
 
@@ -22,17 +28,78 @@ config_flags.DEFINE_config_file("config", None, "Path to a config file (optional
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and exports.")
 flags.DEFINE_bool("jax_distributed", False,
                   "Call jax.distributed.initialize() (multi-host TPU pods, SLURM GPU clusters).")
+flags.DEFINE_string("coordinator_address", None,
+                    "host:port of process 0, for --jax_distributed outside TPU / SLURM.")
+flags.DEFINE_integer("num_processes", None, "Number of processes, for --jax_distributed.")
+flags.DEFINE_integer("process_id", None, "This process's index, for --jax_distributed.")
 
-# Errors that are the user's to fix: one clear line, exit code 2, no traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, KeyError,
-               TypeError, AttributeError, FloatingPointError)
+# Errors that are the user's to fix: one clear line, exit status 2, no traceback.
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
+EXIT_USER_ERROR = 2
+
+
+def _fail(message: str) -> None:
+  print(f"jvt: error: {message}", file=sys.stderr)
+  sys.exit(EXIT_USER_ERROR)
+
+
+def _flag_values(argv, name: str) -> list[tuple[str, str]]:
+  """(flag, value) for every `--name=V`, `--name V` and `--name.sub...` form in argv."""
+  out = []
+  for i, arg in enumerate(argv[1:], 1):
+    key, eq, value = arg.lstrip("-").partition("=")
+    if not arg.startswith("-") or not (key == name or key.startswith(name + ".") or
+                                       key.startswith("no" + name + ".")):
+      continue
+    if not eq and key == name and i + 1 < len(argv):
+      value = argv[i + 1]
+    out.append((key, value))
+  return out
+
+
+def _check_config_args(argv) -> None:
+  """Loads --config and checks every --config.<path> override names an existing field."""
+  from jvt.config_lib import check_override_path, load_config
+  given = _flag_values(argv, "config")
+  files = [v for k, v in given if k == "config"]
+  if not files:
+    return  # absl reports the missing flag
+  spec = files[-1]
+  try:
+    config = load_config(spec)
+  except (TypeError, ValueError) as err:  # e.g. get_config(arg) refusing its arg
+    raise ValueError(f"--config={spec}: {err}") from None
+  for key, _ in given:
+    if key != "config":
+      check_override_path(config, key.split(".", 1)[1])
+
+
+def _parse_flags(argv):
+  """absl's flag parsing with one-line errors for bad flags, config files and config keys."""
+  try:
+    _check_config_args(argv)
+    return FLAGS(argv)
+  except flags.Error as err:
+    _fail(str(err).splitlines()[0])
+  except USER_ERRORS as err:
+    if os.environ.get("JVT_TRACEBACK") == "1":
+      raise
+    _fail(str(err))
+
+
+def _init_distributed() -> None:
+  import jax
+  explicit = {k: getattr(FLAGS, k) for k in ("coordinator_address", "num_processes",
+                                              "process_id")}
+  if (FLAGS.jax_distributed or os.environ.get("JVT_DISTRIBUTED") == "1"
+      or explicit["coordinator_address"]):
+    jax.distributed.initialize(**{k: v for k, v in explicit.items() if v is not None})
 
 
 def run(argv) -> int:
   del argv
   import jax
-  if FLAGS.jax_distributed or os.environ.get("JVT_DISTRIBUTED") == "1":
-    jax.distributed.initialize()
+  _init_distributed()
   config = FLAGS.config
   if config is None:
     raise ValueError("--config is required, e.g. --config=configs/demo.py")
@@ -60,19 +127,14 @@ def main(argv) -> None:
   try:
     sys.exit(run(argv))
   except USER_ERRORS as err:
-    print(f"jvt: error: {err}", file=sys.stderr)
-    sys.exit(2)
+    if os.environ.get("JVT_TRACEBACK") == "1":
+      raise
+    _fail(str(err))
 
 
 def entry() -> None:
-  """Console entry point: parses flags, reporting a bad config as one line."""
-  try:
-    app.run(main)
-  except SystemExit:
-    raise
-  except USER_ERRORS as err:
-    print(f"jvt: error: {err}", file=sys.stderr)
-    sys.exit(2)
+  """Console entry point."""
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

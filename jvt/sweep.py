@@ -8,7 +8,9 @@ Rerunning a sweep therefore redoes only the unfinished runs.
   python -m jvt.sweep --config=configs/vpt.py:task=dtd --root=DIR \
       [--sweep='{"lr": [0.1, 1.0], "seed": [0, 1]}'] [--print_commands]
 
-Without --sweep, the config file's `get_sweep(arg)` provides the spec.
+Without --sweep, the config file's `get_sweep(arg)` provides the spec, else the `sweep` field of
+its `get_config(arg)` (nested fields whose leaves are lists of values, e.g.
+`config.sweep = {"optimizer": {"lr": [0.1, 1.0]}, "seed": [0, 1]}`; see `config_spec`).
 """
 from __future__ import annotations
 
@@ -185,8 +187,31 @@ def default_run_fn(config: str) -> RunFn:
   return run
 
 
+def config_spec(config) -> dict | None:
+  """The `sweep` field of a config as a spec for `expand_sweep`; None when it has none.
+
+  Nested fields become dotted keys ({"optimizer": {"lr": [...]}} -> {"optimizer.lr": [...]});
+  a list or tuple leaf is the list of values of that key, any other leaf a fixed setting.
+  """
+  field = config.get("sweep") if hasattr(config, "get") else None
+  if field is None:
+    return None
+  spec = {}
+
+  def walk(node: Mapping[str, Any], prefix: str) -> None:
+    for key, value in node.items():
+      if isinstance(value, Mapping):
+        walk(value, f"{prefix}{key}.")
+      else:
+        spec[f"{prefix}{key}"] = list(value) if isinstance(value, (list, tuple)) else value
+
+  walk(field.to_dict() if hasattr(field, "to_dict") else field, "")
+  return spec
+
+
 def load_spec(sweep: str | None, config: str):
-  """The sweep spec: --sweep JSON (or @file.json), else get_sweep(arg) of the config file."""
+  """The sweep spec: --sweep JSON (or @file.json), else get_sweep(arg) of the config file, else
+  the `sweep` field of its get_config(arg) (`config_spec`)."""
   if sweep:
     text = sweep
     if sweep.startswith("@"):
@@ -198,9 +223,15 @@ def load_spec(sweep: str | None, config: str):
       raise ValueError(f"--sweep is not valid JSON: {e}") from e
   path, arg = split_config_arg(config)
   module = load_config_module(path)
-  if not hasattr(module, "get_sweep"):
-    raise ValueError(f"no sweep given: pass --sweep=JSON or define get_sweep(arg) in {path}")
-  return module.get_sweep(arg)
+  if hasattr(module, "get_sweep"):
+    return module.get_sweep(arg)
+  spec = None
+  if hasattr(module, "get_config"):
+    spec = config_spec(module.get_config(arg) if arg is not None else module.get_config())
+  if spec is None:
+    raise ValueError(f"no sweep given: pass --sweep=JSON, define get_sweep(arg) in {path}, or "
+                     "give the config of its get_config(arg) a `sweep` field")
+  return spec
 
 
 def main(argv: Sequence[str] | None = None, run_fn: RunFn | None = None) -> int:

@@ -6,16 +6,20 @@ tree only), build the `optax.partition` optimizer, and run a jitted, donated, da
 train step over a mesh of all devices. The objective of the method (cross-entropy, DA-VPT's
 metric losses, distillation) plugs in through `jvt.objectives`. Orbax checkpoints hold the
 trainable tree, optimizer and method state, the data position and the config; running the same
-command again resumes exactly.
+command again resumes exactly (bit-identical on CPU).
+
+Inside the loop the host reads device values only at log and checkpoint steps (`_fetch`); at
+most `_MAX_IN_FLIGHT` steps are queued ahead of the device, which bounds the memory held by
+queued batches without a device-to-host transfer.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
-import functools
-import json
 import logging
 import math
 import os
+import shutil
 import time
 from typing import Any
 
@@ -35,17 +39,22 @@ from jvt.run_io import MetricWriter, RunDirectory
 PyTree = Any
 log = logging.getLogger("jvt.train")
 
+# Train steps dispatched ahead of the device before the loop waits (no transfer, a readiness
+# wait): enough to overlap input with compute, few enough to bound queued batches in memory.
+_MAX_IN_FLIGHT = 2
+
 
 class NonFiniteLossError(FloatingPointError):
-  """The training loss became NaN or inf."""
+  """The training loss (or the gradient / parameter norm) became NaN or inf."""
 
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array
+  """What a train step changes; checkpointed whole (the frozen backbone is not in it)."""
+  step: jax.Array  # [] int32, the number of finished steps
   trainable: PyTree
   opt_state: PyTree
-  method_state: PyTree
+  method_state: PyTree  # e.g. DA-VPT's class -> prompt mapping
 
 
 @dataclasses.dataclass
@@ -97,7 +106,8 @@ def _durations(config, steps_per_epoch: int) -> tuple[int, int]:
   return total, min(warmup, total)
 
 
-def _optimizer_dict(config, total_steps: int, warmup: int) -> dict:
+def _optimizer_dict(config, warmup: int) -> dict:
+  """`partition.make_optimizer`'s dict from `config.optimizer` (lr scaled by batch size)."""
   opt = config.optimizer
   lr = float(opt.lr)
   if opt.base_batch_size > 0:
@@ -112,12 +122,33 @@ def _optimizer_dict(config, total_steps: int, warmup: int) -> dict:
     out["clip_norm"] = float(opt.clip_norm)
   if opt.clip_value > 0:
     out["clip_value"] = float(opt.clip_value)
-  del total_steps
   return out
 
 
-def make_train_step(model, tx, objective, frozen_sharding, accum_steps: int, seed: int):
-  """The jitted, donated train step: (state, frozen, constants, batch) -> (state, metrics)."""
+def _microbatches(batch: dict, accum_steps: int) -> dict:
+  """[B, ...] -> [accum, B / accum, ...] with microbatch i = rows i, i + accum, ...
+
+  Strided rows keep every microbatch spread over all devices: with the batch split in
+  contiguous blocks over the "data" axis, each device holds B / (accum * n) rows of each one.
+  """
+  def split(x):
+    x = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(model, tx, objective, *, accum_steps: int = 1, seed: int = 0,
+                    mesh=None):
+  """The jitted train step `(state, frozen, constants, batch) -> (state, metrics)`.
+
+  `state` is donated. The step's rng is `fold_in(key(seed), state.step)` (one more fold per
+  microbatch), so nothing random is checkpointed and a resumed run draws the same numbers.
+  Gradients are taken of `state.trainable` only; with `accum_steps > 1` the batch is cut into
+  microbatches whose gradients are averaged before one optimizer update (the same update as
+  the whole batch at once for a per-example-mean loss). Metrics: the objective's terms, loss,
+  accuracy, grad_norm (before clipping) and param_norm. With a `mesh`, the outputs are
+  replicated over it.
+  """
   base_rng = jax.random.key(seed)
 
   def loss_fn(trainable, frozen, constants, method_state, batch, rng):
@@ -138,20 +169,17 @@ def make_train_step(model, tx, objective, frozen_sharding, accum_steps: int, see
       (loss, (metrics, method_state)), grads = grad_fn(
           state.trainable, frozen, constants, state.method_state, batch, rng)
     else:
-      micro = jax.tree.map(
-          lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch)
-
       def body(carry, inputs):
-        grads_acc, method_state = carry
+        grads_sum, method_state = carry
         i, mb = inputs
         (loss, (metrics, method_state)), g = grad_fn(
             state.trainable, frozen, constants, method_state, mb, jax.random.fold_in(rng, i))
-        grads_acc = jax.tree.map(jnp.add, grads_acc, g)
-        return (grads_acc, method_state), (loss, metrics)
+        return (jax.tree.map(jnp.add, grads_sum, g), method_state), (loss, metrics)
 
       zeros = jax.tree.map(jnp.zeros_like, state.trainable)
       (grads, method_state), (losses, metrics) = jax.lax.scan(
-          body, (zeros, state.method_state), (jnp.arange(accum_steps), micro))
+          body, (zeros, state.method_state),
+          (jnp.arange(accum_steps), _microbatches(batch, accum_steps)))
       grads = jax.tree.map(lambda g: g / accum_steps, grads)
       loss = jnp.mean(losses)
       metrics = jax.tree.map(jnp.mean, metrics)
@@ -163,8 +191,9 @@ def make_train_step(model, tx, objective, frozen_sharding, accum_steps: int, see
                            method_state=method_state)
     return new_state, metrics
 
-  del frozen_sharding
-  return jax.jit(step, donate_argnums=(0,))
+  if mesh is None:
+    return jax.jit(step, donate_argnums=(0,))
+  return jax.jit(step, donate_argnums=(0,), out_shardings=sharding.replicated(mesh))
 
 
 def make_eval_step(model):
@@ -179,9 +208,17 @@ def make_eval_step(model):
   return jax.jit(step)
 
 
+def _check_pretrained_path(path: str) -> None:
+  if path and "://" not in path and not os.path.isfile(path):
+    raise FileNotFoundError(f"pretrained.path={path!r}: no such file (looked in "
+                            f"{os.path.abspath(path)}). Pass the .npz / .safetensors checkpoint "
+                            "with --config.pretrained.path=FILE, or '' for a random backbone.")
+
+
 def _load_backbone(config, model, key) -> PyTree:
-  params = init_params(model, key, image_size=config.model.image_size)
   path = config.pretrained.path
+  _check_pretrained_path(path)
+  params = init_params(model, key, image_size=config.model.image_size)
   if not path:
     log.warning("config.pretrained.path is empty: the backbone is randomly initialised.")
     return jax.device_get(params)
@@ -190,44 +227,47 @@ def _load_backbone(config, model, key) -> PyTree:
                          posemb_interpolation=config.pretrained.posemb_interpolation)
 
 
-def _data(config):
-  from jvt.data import pipeline, sources
-  return pipeline, sources
+def _check_batch_sizes(config, mesh) -> None:
+  sharding.check_batch_size(config.batch_size, mesh)
+  try:
+    sharding.check_batch_size(config.eval_batch_size, mesh)
+  except ValueError as err:
+    raise ValueError(f"eval_{err}") from None
+  per_device = config.batch_size // mesh.devices.size
+  if config.grad_accum_steps < 1 or per_device % int(config.grad_accum_steps):
+    raise ValueError(f"grad_accum_steps={config.grad_accum_steps} must be >= 1 and divide the "
+                     f"per-device batch {per_device} (batch_size={config.batch_size} over "
+                     f"{mesh.devices.size} devices).")
 
 
 def setup(config, *, num_classes: int, steps_per_epoch: int,
           class_examples=None, workdir: str = "") -> Setup:
   """Builds model, parameters, optimizer, objective, state and jitted steps for a config."""
   mesh = sharding.make_mesh()
-  sharding.check_batch_size(config.batch_size, mesh)
-  if config.grad_accum_steps < 1 or (config.batch_size // mesh.devices.size) % int(
-      config.grad_accum_steps):
-    raise ValueError(f"grad_accum_steps={config.grad_accum_steps} must be >= 1 and divide the "
-                     f"per-device batch {config.batch_size // mesh.devices.size}.")
+  _check_batch_sizes(config, mesh)
   model = model_from_config(config, num_classes)
   params = _load_backbone(config, model, jax.random.key(config.seed))
   rules = model.partition_rules
   mask = partition.trainable_mask(params, model)
   trainable, frozen = partition.split_params(params, mask)
   total_steps, warmup = _durations(config, steps_per_epoch)
-  opt = _optimizer_dict(config, total_steps, warmup)
+  opt = _optimizer_dict(config, warmup)
   tx = partition.make_optimizer(opt, rules, total_steps=total_steps,
                                 groups=config.optimizer.groups.to_dict())
   schedule = partition.make_schedule(opt["lr"], total_steps, warmup, opt["schedule"])
   objective = objectives_lib.make_objective(model, config)
-  replicate = functools.partial(sharding.replicate_tree, mesh=mesh)
+  replicate = lambda tree: sharding.replicate_tree(tree, mesh)  # noqa: E731
   frozen_r, trainable_r = replicate(frozen), replicate(trainable)
-  apply_fn = _chunked_apply(model, mesh)
   ctx = objectives_lib.ObjectiveContext(
       model=model, params=params, config=config, num_classes=num_classes,
-      class_examples=class_examples, apply_fn=apply_fn, workdir=workdir)
+      class_examples=class_examples, apply_fn=_chunked_apply(model), workdir=workdir)
   method_state = replicate(objective.init_state(ctx))
   constants = replicate(objective.constants(ctx))
   opt_state = jax.jit(tx.init, out_shardings=sharding.replicated(mesh))(trainable_r)
   state = TrainState(step=replicate(np.zeros((), np.int32)), trainable=trainable_r,
                      opt_state=opt_state, method_state=method_state)
-  train_step = make_train_step(model, tx, objective, None, int(config.grad_accum_steps),
-                               int(config.seed))
+  train_step = make_train_step(model, tx, objective, accum_steps=int(config.grad_accum_steps),
+                               seed=int(config.seed), mesh=mesh)
   return Setup(config=config, model=model, mesh=mesh, tx=tx, rules=rules, frozen=frozen_r,
                state=state, objective=objective, constants=constants, train_step=train_step,
                eval_step=make_eval_step(model), total_steps=total_steps,
@@ -235,7 +275,7 @@ def setup(config, *, num_classes: int, steps_per_epoch: int,
                trainable_params=partition.count_params(trainable), schedule=schedule)
 
 
-def _chunked_apply(model, mesh, chunk: int = 64):
+def _chunked_apply(model, chunk: int = 64):
   """A forward over a large host batch in fixed-size chunks (for objective set-up)."""
   fwd = jax.jit(lambda params, images: model.apply({"params": params}, images, train=False))
 
@@ -246,13 +286,17 @@ def _chunked_apply(model, mesh, chunk: int = 64):
       pad = chunk - len(part)
       if pad:
         part = np.concatenate([part, np.zeros((pad, *part.shape[1:]), part.dtype)])
-      logits, aux = fwd(params, part)
+      logits, aux = jax.device_get(fwd(params, part))
       outs.append(jax.tree.map(lambda x: np.asarray(x)[:chunk - pad] if np.ndim(x) and
                                np.shape(x)[0] == chunk else np.asarray(x), (logits, aux)))
     return jax.tree.map(lambda *xs: np.concatenate(xs) if np.ndim(xs[0]) else xs[0], *outs)
 
-  del mesh
   return apply
+
+
+def _fetch(tree: PyTree) -> PyTree:
+  """Device -> host copy of a pytree: the loop's only transfer, at log / checkpoint steps."""
+  return jax.device_get(tree)
 
 
 def evaluate(s: Setup, state: TrainState, batches) -> float:
@@ -262,27 +306,37 @@ def evaluate(s: Setup, state: TrainState, batches) -> float:
   for batch in batches:
     c, n = s.eval_step(state.trainable, s.frozen, sharding.shard_batch(batch, s.mesh))
     correct, count = correct + c, count + n
-  count = float(count)
-  return float(correct) / count if count else float("nan")
+  correct, count = (float(x) for x in jax.device_get((correct, count)))
+  return correct / count if count else float("nan")
 
 
 def _check_finite(metrics_host: dict, first_step: int, last_step: int, ckpt_step) -> None:
-  loss = metrics_host.get("loss")
-  if loss is not None and not np.isfinite(loss):
-    raise NonFiniteLossError(
-        f"The training loss became {loss} between steps {first_step} and {last_step}. "
-        f"The last good checkpoint (step {ckpt_step}) is intact; lower the learning rate, enable "
-        "gradient clipping (optimizer.clip_norm) or use float32 compute, then run again.")
+  """Raises NonFiniteLossError if the loss, gradient norm or parameter norm is NaN / inf."""
+  bad = {k: metrics_host[k] for k in ("loss", "grad_norm", "param_norm")
+         if k in metrics_host and not np.isfinite(metrics_host[k])}
+  if not bad:
+    return
+  what = ", ".join(f"{k}={v}" for k, v in bad.items())
+  where = (f"The last good checkpoint (step {ckpt_step}) is intact and a rerun resumes from it"
+           if ckpt_step is not None else "No checkpoint was written before it")
+  raise NonFiniteLossError(
+      f"Training diverged: the loss or its gradients became NaN or inf between steps "
+      f"{first_step} and {last_step} ({what} at step {last_step}). {where}; lower optimizer.lr, "
+      "enable gradient clipping "
+      "(optimizer.clip_norm) or use float32 compute (model.dtype), then run again (a changed "
+      "config needs a new --workdir or --config.overwrite=True).")
 
 
-def _class_examples_fn(config, pipeline_mod, sources_mod):
+def _class_examples_fn(config):
   """(K) -> up to K preprocessed training images per class (deterministic), for objectives."""
   from jvt.data import preprocess as preprocess_mod
+  from jvt.data import sources as sources_mod
 
   def fetch(k: int):
     source = sources_mod.get_source(config.dataset, config.dataset.train_split)
-    labels = np.asarray(source.labels()) if hasattr(source, "labels") else np.asarray(
-        [source[i]["label"] for i in range(len(source))])
+    labels = sources_mod.known_labels(source)
+    if labels is None:
+      labels = np.asarray([source[i]["label"] for i in range(len(source))])
     fn = preprocess_mod.get_preprocess(config.dataset.preprocess, config.model.image_size,
                                        train=False)
     chosen = np.concatenate([np.flatnonzero(labels == c)[:k] for c in np.unique(labels)])
@@ -290,8 +344,30 @@ def _class_examples_fn(config, pipeline_mod, sources_mod):
     images = np.stack([fn(source[int(i)]["image"], rng) for i in chosen]).astype(np.float32)
     return images, labels[chosen].astype(np.int32)
 
-  del pipeline_mod
   return fetch
+
+
+def _check_label_range(ds, split: str, num_classes: int) -> None:
+  """Fails before training when a split holds labels >= the configured num_classes.
+
+  Only needed when `dataset.num_classes` is below the source's own class count (a source's
+  labels lie in its own range); uses the labels a source offers without decoding images.
+  """
+  from jvt.data import sources as sources_mod
+  source = sources_mod.get_source(ds, split)
+  if not 0 < num_classes < int(source.num_classes):
+    return
+  labels = sources_mod.known_labels(source)
+  if labels is None:
+    return  # checked per example while reading
+  bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+  if bad.size:
+    raise ValueError(
+        f"Split {split!r} of {ds.name} has labels outside [0, {num_classes}) (e.g. label "
+        f"{int(labels[bad[0]])} of example {int(bad[0])}; {bad.size} examples in all): "
+        f"dataset.num_classes={num_classes} is too small for this data, whose source has "
+        f"{source.num_classes} classes. Set --config.dataset.num_classes="
+        f"{int(labels.max()) + 1} or more (or -1 to use the source's count).")
 
 
 def _history_choice(history: list[dict], protocol: str) -> dict:
@@ -310,6 +386,8 @@ def _history_choice(history: list[dict], protocol: str) -> dict:
            "epoch": best.get("epoch"), "step": best.get("step")}
   elif protocol == "legacy_max_test":
     with_test = [h for h in history if h.get("test_accuracy") is not None]
+    if not with_test:
+      raise ValueError("protocol='legacy_max_test' needs dataset.test_split.")
     best = max(with_test, key=lambda h: h["test_accuracy"])
     out = {"val_accuracy": best.get("val_accuracy"), "test_accuracy": best["test_accuracy"],
            "epoch": best.get("epoch"), "step": best.get("step"),
@@ -317,101 +395,83 @@ def _history_choice(history: list[dict], protocol: str) -> dict:
   return out
 
 
+def _check_protocol(config) -> None:
+  if config.protocol not in PROTOCOLS:
+    raise ValueError(f"protocol={config.protocol!r}; allowed: {PROTOCOLS}.")
+  if config.protocol == "best_val" and not config.dataset.val_split:
+    raise ValueError("protocol='best_val' needs dataset.val_split (e.g. "
+                     "--config.dataset.val_split=validation).")
+  if config.protocol == "legacy_max_test" and not config.dataset.test_split:
+    raise ValueError("protocol='legacy_max_test' needs dataset.test_split.")
+
+
+def _abstract_batch(config, mesh) -> dict:
+  s = int(config.model.image_size)
+  spec = sharding.batch_sharded(mesh)
+  b = int(config.batch_size)
+  return {"image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32, sharding=spec),
+          "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=spec)}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """Trains and evaluates one run; returns (final TrainState, final metrics dict).
 
-  Resumes from the newest checkpoint in `workdir` when the config matches the one stored
-  there; refuses a workdir holding a different config unless `config.overwrite`.
+  Every check of the config, the data and the checkpoint runs before the workdir is claimed
+  (config.json written), so a bad input changes nothing there. Resumes from the newest
+  checkpoint in `workdir` when the config matches the one stored there; refuses a workdir
+  holding a run of a different config unless `config.overwrite`.
   """
-  if config.protocol not in PROTOCOLS:
-    raise ValueError(f"protocol={config.protocol!r}; allowed: {PROTOCOLS}.")
+  _check_protocol(config)
+  _check_pretrained_path(config.pretrained.path)
   run_dir = RunDirectory(workdir, config)
-  pipeline, sources_mod = _data(config)
+  from jvt.data import pipeline
   ds = config.dataset
   pi, pc = jax.process_index(), jax.process_count()
   num_classes = None if ds.num_classes <= 0 else int(ds.num_classes)
+  splits = [("train", ds.train_split)] + [(n, sp) for n, sp in (("val", ds.val_split),
+                                                                 ("test", ds.test_split)) if sp]
+  if num_classes is not None:
+    for _, split in splits:
+      _check_label_range(ds, split, num_classes)
   loader = pipeline.make_train_loader(
       ds, ds.train_split, global_batch_size=config.batch_size,
       image_size=config.model.image_size, preprocess=ds.preprocess, seed=config.seed,
       process_index=pi, process_count=pc, sampler=ds.sampler,
       images_per_class=ds.images_per_class, num_classes=num_classes)
-  num_classes = loader.num_classes
-  s = setup(config, num_classes=num_classes, steps_per_epoch=loader.steps_per_epoch,
-            class_examples=_class_examples_fn(config, pipeline, sources_mod),
-            workdir=run_dir.path)
-  eval_sets = {}
-  for name, split in (("val", ds.val_split), ("test", ds.test_split)):
-    if split:
-      eval_sets[name] = pipeline.make_eval_batches(
-          ds, split, global_batch_size=config.eval_batch_size,
-          image_size=config.model.image_size, preprocess=ds.preprocess, process_index=pi,
-          process_count=pc, num_classes=num_classes)
-  from jvt.checkpoints.runs import RunCheckpointer
-  run_dir.start()
-  ckpt = RunCheckpointer(os.path.join(run_dir.path, "checkpoints"),
-                         max_to_keep=config.max_to_keep)
-  history: list[dict] = []
-  state = s.state
-  start = ckpt.latest_step()
-  if start is not None:
-    state, meta = ckpt.restore(start, target=state)
-    loader.set_state(meta["data"])
-    history = meta.get("history", [])
-    log.info("Resumed from step %d in %s", start, run_dir.path)
-  writer = MetricWriter(run_dir.path, enabled=pi == 0)
-  writer.write_header(config=config, trainable_params=s.trainable_params,
-                      summary=partition.summary(
-                          partition.merge_params(jax.device_get(state.trainable),
-                                                 jax.device_get(s.frozen)), s.model))
-  step = int(start or 0)
-  last_ckpt = start
-  log_every = max(int(config.log_every_steps), 1)
-  ckpt_every = max(int(config.checkpoint_every_steps), 1)
-  eval_every = (int(round(config.eval_every_epochs * s.steps_per_epoch))
-                if config.eval_every_epochs > 0 else 0)
-  progress = writer.progress(s.total_steps, initial=step, enabled=config.progress_bar)
-  t_window, wait_window, steps_window, first_in_window = time.perf_counter(), 0.0, 0, step + 1
-  metrics = None
+  ckpt = None
   try:
-    while step < s.total_steps:
-      t0 = time.perf_counter()
-      batch = next(loader)
-      wait_window += time.perf_counter() - t0
-      state, metrics = s.train_step(state, s.frozen, s.constants,
-                                    sharding.shard_batch(batch, s.mesh))
-      step += 1
-      steps_window += 1
-      epoch_done = step % s.steps_per_epoch == 0
-      if epoch_done:
-        epoch = step // s.steps_per_epoch
-        state = state.replace(method_state=sharding.replicate_tree(
-            s.objective.end_of_epoch(jax.device_get(state.method_state), epoch), s.mesh))
-      if step % log_every == 0 or step == s.total_steps or step % ckpt_every == 0:
-        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        _check_finite(host, first_in_window, step, last_ckpt)
-        if step % log_every == 0 or step == s.total_steps:
-          dt = time.perf_counter() - t_window
-          host.update(lr=float(s.schedule(step - 1)),
-                      img_per_s=steps_window * config.batch_size / max(dt, 1e-9),
-                      input_wait_frac=wait_window / max(dt, 1e-9))
-          writer.write_scalars(step, {f"train/{k}": v for k, v in host.items()})
-          progress.update_metrics(host)
-          t_window, wait_window, steps_window = time.perf_counter(), 0.0, 0
-          first_in_window = step + 1
-      if eval_every and step % eval_every == 0 and step < s.total_steps:
-        history.append(_eval_all(s, state, eval_sets, step, writer))
-      if step % ckpt_every == 0 and step < s.total_steps:
-        ckpt.save(step, state, _ckpt_meta(config, loader, history))
-        last_ckpt = step
-      progress.advance(step)
-    if not history or history[-1]["step"] != step:
-      history.append(_eval_all(s, state, eval_sets, step, writer))
-    ckpt.save(step, state, _ckpt_meta(config, loader, history))
-    ckpt.wait_until_finished()
+    num_classes = loader.num_classes
+    s = setup(config, num_classes=num_classes, steps_per_epoch=loader.steps_per_epoch,
+              class_examples=_class_examples_fn(config), workdir=run_dir.path)
+    eval_sets = {name: pipeline.make_eval_batches(
+        ds, split, global_batch_size=config.eval_batch_size,
+        image_size=config.model.image_size, preprocess=ds.preprocess, process_index=pi,
+        process_count=pc, num_classes=num_classes) for name, split in splits[1:]}
+    # Trace now: an error in the objective or model surfaces before the workdir is claimed.
+    s.train_step.trace(s.state, s.frozen, s.constants, _abstract_batch(config, s.mesh))
+    run_dir.start()
+    from jvt.checkpoints.runs import RunCheckpointer
+    ckpt = RunCheckpointer(run_dir.checkpoint_dir, max_to_keep=config.max_to_keep)
+    state, history, start = s.state, [], ckpt.latest_step()
+    if start is not None:
+      state, meta = ckpt.restore(start, target=state)
+      loader.set_state(meta["data"])
+      history = meta.get("history", [])
+      log.info("Resumed from step %d in %s", start, run_dir.path)
+    writer = MetricWriter(run_dir.path, enabled=pi == 0, resume_step=start or 0)
+    writer.write_header(trainable_params=s.trainable_params, summary=partition.summary(
+        partition.merge_params(jax.device_get(state.trainable), jax.device_get(s.frozen)),
+        s.model))
+    try:
+      state, history = _loop(s, state, loader, eval_sets, ckpt, writer, history,
+                             int(start or 0))
+      ckpt.wait_until_finished()
+    finally:
+      writer.close()
   finally:
-    progress.close()
     loader.close()
-    ckpt.close()
+    if ckpt is not None:
+      ckpt.close()
   final = _history_choice(history, config.protocol)
   final.update(protocol=config.protocol, trainable_params=s.trainable_params,
                total_steps=s.total_steps, methods=list(_methods(config)),
@@ -421,8 +481,68 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     run_dir.export(s.model, jax.device_get(state.trainable), jax.device_get(s.frozen))
     if config.write_plots:
       run_dir.plot_curves()
-  writer.close()
+    if not config.keep_checkpoints:
+      shutil.rmtree(run_dir.checkpoint_dir, ignore_errors=True)
   return state, final
+
+
+def _loop(s: Setup, state, loader, eval_sets, ckpt, writer, history, step):
+  """Steps `step` .. total_steps, evaluations, checkpoints; returns (state, history)."""
+  config = s.config
+  log_every = max(int(config.log_every_steps), 1)
+  ckpt_every = max(int(config.checkpoint_every_steps), 1)
+  eval_every = (int(round(config.eval_every_epochs * s.steps_per_epoch))
+                if config.eval_every_epochs > 0 else 0)
+  last_ckpt = step if step > 0 else None
+  progress = writer.progress(s.total_steps, initial=step, enabled=config.progress_bar)
+  t_window, wait_window, steps_window, unchecked_from = time.perf_counter(), 0.0, 0, step + 1
+  in_flight = collections.deque()  # the losses of queued steps
+  metrics = None
+  try:
+    while step < s.total_steps:
+      # Input wait counts only while the device has nothing queued (it is then idle).
+      device_idle = metrics is None or metrics["loss"].is_ready()
+      t0 = time.perf_counter()
+      batch = sharding.shard_batch(next(loader), s.mesh)
+      if device_idle:
+        wait_window += time.perf_counter() - t0
+      state, metrics = s.train_step(state, s.frozen, s.constants, batch)
+      in_flight.append(metrics["loss"])
+      if len(in_flight) > _MAX_IN_FLIGHT:
+        in_flight.popleft().block_until_ready()
+      step += 1
+      steps_window += 1
+      if step % s.steps_per_epoch == 0:
+        epoch = step // s.steps_per_epoch
+        state = state.replace(method_state=sharding.replicate_tree(
+            s.objective.end_of_epoch(jax.device_get(state.method_state), epoch), s.mesh))
+      is_log = step % log_every == 0 or step == s.total_steps
+      is_ckpt = step % ckpt_every == 0 and step < s.total_steps
+      if is_log or is_ckpt:
+        host = {k: float(v) for k, v in _fetch(metrics).items()}
+        _check_finite(host, unchecked_from, step, last_ckpt)
+        unchecked_from = step + 1
+        if is_log:
+          dt = max(time.perf_counter() - t_window, 1e-9)
+          host.update(lr=float(jax.device_get(s.schedule(step - 1))),
+                      img_per_s=steps_window * config.batch_size / dt,
+                      input_wait_frac=wait_window / dt)
+          writer.write_scalars(step, {f"train/{k}": v for k, v in host.items()})
+          progress.update_metrics(host)
+          t_window, wait_window, steps_window = time.perf_counter(), 0.0, 0
+      if eval_every and step % eval_every == 0 and step < s.total_steps:
+        history.append(_eval_all(s, state, eval_sets, step, writer))
+      if is_ckpt:
+        ckpt.save(step, state, _ckpt_meta(config, loader, history))
+        last_ckpt = step
+      progress.advance(step)
+    if not history or history[-1]["step"] != step:
+      history.append(_eval_all(s, state, eval_sets, step, writer))
+    if ckpt.latest_step() != step:
+      ckpt.save(step, state, _ckpt_meta(config, loader, history))
+  finally:
+    progress.close()
+  return state, history
 
 
 def _methods(config):

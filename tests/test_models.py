@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jvt
-from jvt.models import CAPTURE_KEYS, TuningSpec
+from jvt.models import CAPTURE_KEYS, DAVPTSpec, TuningSpec
 from jvt.models.vit import Encoder1DBlock, Prompts
 
 from conftest import (IMAGE, NUM_CLASSES, SMALL, NumpyViT, flat, images, jit_apply, random_like,
@@ -137,6 +137,8 @@ def test_variant_counts_and_shapes(variant, dims):
   assert block["MultiHeadDotProductAttention_0"]["out"]["kernel"].shape == (
       heads, hidden // heads, hidden)
   assert block["MlpBlock_0"]["Dense_0"]["kernel"].shape == (hidden, mlp)
+  if layers > 12:  # tracing the forward of L/16 and H/14 adds seconds and no coverage
+    return
   apply = functools.partial(model.apply, capture=("tokens", "attention"), capture_layers=(-1,))
   logits, aux = jax.eval_shape(apply, {"params": shapes},
                                jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32))
@@ -177,22 +179,23 @@ def test_bf16_compute_fp32_params_and_logits():
   np.testing.assert_allclose(logits, want, atol=0.05 * np.abs(want).max(), rtol=0.05)
 
 
-@pytest.mark.parametrize("remat", ["full", "dots"])
-def test_remat_same_values_and_gradients(remat):
-  x = images()
-  plain = small_model(num_layers=2)
+def test_remat_policies_same_values_and_gradients():
+  # The gradient w.r.t. the images back-propagates through every (rematerialised) block.
+  plain = small_model(num_layers=1)
   params = small_params(plain)
 
-  def loss_and_grad(model):
-    def loss(p):
-      logits, _ = model.apply({"params": p}, x)
+  def value_and_grad(model):
+    def loss(x):
+      logits, _ = model.apply({"params": params}, x)
       return jnp.sum(jnp.sin(logits))
-    return jax.jit(jax.value_and_grad(loss))(params)
+    return jax.jit(jax.value_and_grad(loss))(images())
 
-  want_loss, want_grad = loss_and_grad(plain)
-  got_loss, got_grad = loss_and_grad(small_model(num_layers=2, remat=remat))
-  np.testing.assert_allclose(got_loss, want_loss, atol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), got_grad, want_grad)
+  want_loss, want_grad = value_and_grad(plain)
+  assert np.abs(want_grad).max() > 1e-3
+  for remat in ("full", "dots"):
+    got_loss, got_grad = value_and_grad(small_model(num_layers=1, remat=remat))
+    np.testing.assert_allclose(got_loss, want_loss, atol=1e-6)
+    np.testing.assert_allclose(got_grad, want_grad, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------ aux, capture
@@ -285,31 +288,46 @@ def test_vpt_deep_zero_prompts_is_the_plain_backbone():
                                 run(plain, params, x, capture=())[0])
 
 
-@pytest.mark.parametrize("init,hidden,patch,num", [("vpt", 768, 16, 50), ("vpt", 32, 8, 400),
-                                                   ("xavier8", 768, 16, 10)])
-def test_prompt_init_range(init, hidden, patch, num):
-  spec = TuningSpec(prompt_tokens=(num,), prompt_init=init)
-  tokens = Prompts(spec, hidden, patch).init(jax.random.key(0), 0, 1, True)["params"]["block_0"]
+def _uniform_bound_checks(tokens, bound):
   tokens = np.asarray(tokens)
-  if init == "vpt":
-    bound = math.sqrt(6.0 / (3 * patch * patch + hidden))
-    if hidden == 768:
-      assert bound == 0.0625  # VPT's value for 16x16 patches, D = 768
-  else:  # xavier-uniform over the [M, D] matrix, divided by 8
-    bound = math.sqrt(6.0 / (num + hidden)) / 8
-  assert tokens.shape == (num, hidden)
   assert np.abs(tokens).max() <= bound
-  assert np.abs(tokens).max() > 0.95 * bound  # uniform over the whole range
+  assert np.abs(tokens).max() > 0.9 * bound  # uniform over the whole range
   assert abs(tokens.mean()) < 0.05 * bound
-  np.testing.assert_allclose(tokens.std(), bound / math.sqrt(3), rtol=0.05)
+  np.testing.assert_allclose(tokens.std(), bound / math.sqrt(3), rtol=0.1)
+
+
+@pytest.mark.parametrize("hidden,patch,num", [(768, 16, 50), (32, 8, 400)])
+def test_vpt_prompt_init_range(hidden, patch, num):
+  spec = TuningSpec(prompt_tokens=(num, num), prompt_init="vpt")
+  params = Prompts(spec, hidden, patch).init(jax.random.key(0), 0, 1, True)["params"]
+  bound = math.sqrt(6.0 / (3 * patch * patch + hidden))
+  if hidden == 768:
+    assert bound == 0.0625  # VPT's value for 16x16 patches, D = 768
+  assert sorted(params) == ["block_0", "block_1"]
+  for tokens in params.values():
+    assert tokens.shape == (num, hidden)
+    _uniform_bound_checks(tokens, bound)
+  assert not np.array_equal(params["block_0"], params["block_1"])
+
+
+def test_xavier8_prompt_init_range():
+  # DA-VPT's released code: torch xavier_uniform_ over the stacked [depth, M, D] prompts of a
+  # group (proxy blocks / other blocks), fan_in = M * D, fan_out = depth * D, then / 8.
+  d = 256
+  spec = TuningSpec(prompt_tokens=(60, 60, 60, 90), prompt_init="xavier8",
+                    davpt=DAVPTSpec(proxy_layers=(3,)))
+  params = Prompts(spec, d, 16).init(jax.random.key(0), 0, 1, True)["params"]
+  for i in range(3):
+    _uniform_bound_checks(params[f"block_{i}"], math.sqrt(6.0 / (60 * d + 3 * d)) / 8)
+  _uniform_bound_checks(params["block_3"], math.sqrt(6.0 / (90 * d + 1 * d)) / 8)
 
 
 # ------------------------------------------------------------------- zero-initialised plug-ins
 def test_zero_initialised_plugins_keep_the_pretrained_function():
   tuning = [dict(method="lora", rank=2, targets=LORA_ALL), dict(method="ssf"),
             dict(method="adapter", dim=4), dict(method="adaptformer", dim=4)]
-  model = small_model(tuning, num_layers=2)
-  plain = small_model(num_layers=2)
+  model = small_model(tuning, num_layers=1)
+  plain = small_model(num_layers=1)
   init = flat(jvt.init_params(model, jax.random.key(0), IMAGE))
   backbone = flat(small_params(plain, seed=3))  # "pretrained" weights, head included
   plugin_leaves = sorted(set(init) - set(backbone))

@@ -51,6 +51,7 @@ SPLITS = ("train", "validation", "test")
 _MAIN_RADIUS = (0.16, 0.21)
 _EXTRA_RADIUS = (0.09, 0.12)
 _COLOR_JITTER = 20
+_NOISE_STD = (4, 16)  # range of the per-image Gaussian pixel noise
 _logger = logging.getLogger(__name__)
 
 
@@ -116,7 +117,7 @@ def render_example(rng: np.random.Generator, image_size: int) -> tuple[np.ndarra
     cx = (quadrant % 2) * half + rng.uniform(margin, half - margin)
     mask = _shape_mask(SHAPES[shape], cy, cx, r, s)
     canvas[mask] = rgb + rng.uniform(-_COLOR_JITTER, _COLOR_JITTER, size=3)
-  canvas += rng.normal(0.0, rng.uniform(4, 16), size=canvas.shape)
+  canvas += rng.normal(0.0, rng.uniform(*_NOISE_STD), size=canvas.shape)
   image = np.clip(np.round(canvas), 0, 255).astype(np.uint8)
   labels = dict(shape=shape, color=color, count=count - 1, position=int(quadrants[0]))
   return image, labels

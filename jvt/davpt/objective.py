@@ -7,44 +7,67 @@ State (checkpointed, replicated over devices):
   class_counts [C]      accumulated inside the train step over the global batch (segment_sum)
 
 The initial mapping clusters class means of the frozen pretrained model (no prompts) over
-`mapping_images_per_class` training images per class; from `refresh_from_epoch` on, each
-epoch end re-clusters the accumulated means warm-started from the previous centroids.
+`mapping_images_per_class` training images per class. After every epoch the sums restart from
+zero; at the end of the e-th epoch (e = 1, 2, ...) with e >= `refresh_from_epoch` (0: never),
+the epoch's class means are re-clustered warm-started from the previous centroids. The released
+code's `dynamic_kmeans = d` (0-based epochs, 0 = never) is `refresh_from_epoch = d + 1`.
 """
 from __future__ import annotations
 
-import dataclasses
+import functools
 import logging
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from jvt.davpt.mapping import accumulate_class_sums, class_means, compute_mapping, finalize_class_means
 from jvt.losses import da_vpt as da_vpt_loss
 from jvt.losses.proxy_anchor import l2_normalize
 from jvt.models.spec import TuningSpec
 from jvt.objectives import CrossEntropy
+from jvt.tuning.methods import BACKBONE_LEAVES, HEAD_LEAVES
 
 log = logging.getLogger("jvt.davpt")
 
 
 def pretrained_backbone_params(params: dict) -> dict:
   """The backbone + head leaves of a tuned tree (plug-ins dropped)."""
-  from flax import traverse_util
-  import re
-  from jvt.tuning.methods import BACKBONE_LEAVES, HEAD_LEAVES
   flat = traverse_util.flatten_dict(params, sep="/")
   keep = {k: v for k, v in flat.items()
           if re.fullmatch(BACKBONE_LEAVES, k) or re.fullmatch(HEAD_LEAVES, k)}
   return traverse_util.unflatten_dict(keep, sep="/")
 
 
+def check_surplus_prompts(spec, num_classes: int) -> None:
+  """More proxy prompts than classes needs an explicit `surplus_prompts` policy."""
+  if spec.num_proxy_prompts > num_classes and spec.surplus_prompts != "unused":
+    raise ValueError(
+        f"da_vpt.num_proxy_prompts={spec.num_proxy_prompts} is more than the {num_classes} "
+        "classes: set num_proxy_prompts <= num_classes (the released code shrinks it to the "
+        "class count), or surplus_prompts='unused' to map class c to prompt c and keep the "
+        "other prompts as negatives only.")
+
+
 def initial_mapping(model, params, images, labels, num_classes: int, spec, seed: int = 0,
                     chunk: int = 64):
-  """Mapping [C] and centroids [M, D] from the frozen model's class means of final [CLS]."""
-  plain = model.clone(tuning=TuningSpec(), partition_rules=())
+  """Mapping [C] and centroids [M, D] from the frozen model's class means of final [CLS].
+
+  images [N, S, S, 3] and labels [N] int in [0, num_classes) are a few training images per
+  class; the forward uses the backbone and head leaves of `params` only (no prompts).
+  """
+  labels = np.asarray(labels)
+  if labels.shape != (len(images),):
+    raise ValueError(f"DA-VPT mapping: expected one label per image; got labels of shape "
+                     f"{labels.shape} for {len(images)} images.")
+  bad = labels[(labels < 0) | (labels >= num_classes)]
+  if bad.size:
+    raise ValueError(f"DA-VPT mapping: labels {sorted(set(bad.tolist()))[:5]} are outside "
+                     f"[0, num_classes={num_classes}): check the label feature / num_classes.")
   backbone = pretrained_backbone_params(params)
-  fwd = jax.jit(lambda p, x: plain.apply({"params": p}, x, train=False)[1]["cls"])
+  fwd = _frozen_cls_fn(model.clone(tuning=TuningSpec(), partition_rules=()))
   feats = []
   for i in range(0, len(images), chunk):
     part = np.asarray(images[i:i + chunk])
@@ -58,11 +81,20 @@ def initial_mapping(model, params, images, labels, num_classes: int, spec, seed:
                          seed=seed, layer_norm=spec.kmeans_layer_norm)
 
 
+@functools.lru_cache(maxsize=8)
+def _frozen_cls_fn(plain):
+  """Jitted (backbone params, images [B, S, S, 3]) -> final normed [CLS] [B, D] of `plain`."""
+  return jax.jit(lambda p, x: plain.apply({"params": p}, x, train=False)[1]["cls"])
+
+
 class DAVPTObjective(CrossEntropy):
   """Cross-entropy plus DA-VPT's two metric terms, with the class -> prompt mapping state."""
 
   def __init__(self, spec, label_smoothing: float = 0.0):
     super().__init__(label_smoothing)
+    if spec.refresh_from_epoch < 0:
+      raise ValueError(f"da_vpt.refresh_from_epoch={spec.refresh_from_epoch}: must be >= 0 "
+                       "(0: never refresh the mapping).")
     self.spec = spec
     self.capture = da_vpt_loss.capture_keys(spec)
     self.capture_layers = tuple(spec.proxy_layers)
@@ -70,11 +102,7 @@ class DAVPTObjective(CrossEntropy):
 
   def init_state(self, ctx) -> dict:
     spec, c = self.spec, ctx.num_classes
-    if spec.num_proxy_prompts > c and spec.surplus_prompts != "unused":
-      raise ValueError(
-          f"da_vpt.num_proxy_prompts={spec.num_proxy_prompts} is more than the {c} classes: "
-          "set num_proxy_prompts <= num_classes, or surplus_prompts='unused' to map class c to "
-          "prompt c and keep the other prompts as negatives only.")
+    check_surplus_prompts(spec, c)
     self.seed = int(ctx.config.get("seed", 0))
     images, labels = ctx.class_examples(spec.mapping_images_per_class)
     mapping, centroids = initial_mapping(ctx.model, ctx.params, images, labels, c, spec,
@@ -98,14 +126,17 @@ class DAVPTObjective(CrossEntropy):
     return total, {"ce_loss": ce, "patch_loss": terms["patch"], "cls_loss": terms["cls"]}, state
 
   def end_of_epoch(self, state: dict, epoch: int) -> dict:
-    if epoch < self.spec.refresh_from_epoch or not np.any(state["class_counts"] > 0):
-      return state
+    """After the `epoch`-th epoch (1-based): maybe re-cluster, always restart the sums."""
+    spec = self.spec
+    fresh = {"class_sums": np.zeros_like(state["class_sums"]),
+             "class_counts": np.zeros_like(state["class_counts"])}
+    refresh = 0 < spec.refresh_from_epoch <= epoch
+    if not refresh or not np.any(np.asarray(state["class_counts"]) > 0):
+      return dict(state, **fresh)
     means = np.asarray(finalize_class_means(jnp.asarray(state["class_sums"]),
                                             jnp.asarray(state["class_counts"])))
     mapping, centroids = compute_mapping(
-        means, np.asarray(state["class_counts"]), self.spec.num_proxy_prompts, seed=self.seed,
-        init_centroids=np.asarray(state["centroids"]), layer_norm=self.spec.kmeans_layer_norm)
+        means, np.asarray(state["class_counts"]), spec.num_proxy_prompts, seed=self.seed,
+        init_centroids=np.asarray(state["centroids"]), layer_norm=spec.kmeans_layer_norm)
     return {"mapping": np.asarray(mapping, np.int32),
-            "centroids": np.asarray(centroids, np.float32),
-            "class_sums": np.zeros_like(state["class_sums"]),
-            "class_counts": np.zeros_like(state["class_counts"])}
+            "centroids": np.asarray(centroids, np.float32), **fresh}

@@ -12,15 +12,18 @@ Both are averaged over the proxy blocks. Pure functions of the model's `aux`.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jvt.losses.proxy_anchor import proxy_anchor_loss
 
-# What the model must capture at the proxy blocks for a DA-VPT spec.
+
 def capture_keys(spec) -> tuple[str, ...]:
+  """What the model must capture at the proxy blocks for a DA-VPT spec."""
   keys = [spec.patch_feature, "prompts"]
   keys.append("cls_query" if spec.cls_query else "tokens")
   if spec.prompt_query:
@@ -53,13 +56,39 @@ def metric_terms(aux: dict, labels: jax.Array, mapping: jax.Array, spec: Any,
 def da_vpt_terms(model, params, images, labels, mapping) -> dict[str, jax.Array]:
   """The unweighted DA-VPT terms of `model` (built with da_vpt / da_vpt_plus) on a batch.
 
-  Deterministic (no dropout). Returns {"patch": L_ML(X, P), "cls": L_ML(P, x_cls)}, each
-  averaged over the model's proxy layers. images [B, H, W, 3], labels [B], mapping [C].
+  Deterministic (no dropout), differentiable wrt `params`, jit-compiled once per model and
+  shape. Returns {"patch": L_ML(X, P), "cls": L_ML(P, x_cls)}, each averaged over the model's
+  proxy layers. images [B, H, W, 3], labels [B] int in [0, C), mapping [C] int in [0, M).
   """
   spec = model.tuning.davpt
   if spec is None:
     raise ValueError("da_vpt_terms needs a model built with tuning method 'da_vpt' or "
                      "'da_vpt_plus'.")
-  _, aux = model.apply({"params": params}, images, train=False, capture=capture_keys(spec),
-                       capture_layers=spec.proxy_layers)
-  return metric_terms(aux, jnp.asarray(labels), jnp.asarray(mapping), spec)
+  labels, mapping = np.asarray(labels), np.asarray(mapping)
+  c, m = model.num_classes, spec.num_proxy_prompts
+  if m > c and spec.surplus_prompts != "unused":
+    raise ValueError(f"da_vpt.num_proxy_prompts={m} is more than the model's {c} classes: "
+                     "lower it or set surplus_prompts='unused'.")
+  if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"labels must be int [B={len(images)}]; got {labels.dtype} {labels.shape}.")
+  if labels.size and (labels.min() < 0 or labels.max() >= c):
+    raise ValueError(f"labels must lie in [0, num_classes={c}); got values in "
+                     f"[{labels.min()}, {labels.max()}].")
+  if (mapping.shape != (c,) or not np.issubdtype(mapping.dtype, np.integer)
+      or (c and (mapping.min() < 0 or mapping.max() >= m))):
+    raise ValueError(f"mapping must be int [num_classes={c}] with values in "
+                     f"[0, num_proxy_prompts={m}); got shape {mapping.shape}.")
+  return _jitted_terms(model)(params, images, jnp.asarray(labels), jnp.asarray(mapping))
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_terms(model):
+  """model -> jitted (params, images, labels, mapping) -> terms (one compilation per shape)."""
+  spec = model.tuning.davpt
+
+  def terms(params, images, labels, mapping):
+    _, aux = model.apply({"params": params}, images, train=False, capture=capture_keys(spec),
+                         capture_layers=spec.proxy_layers)
+    return metric_terms(aux, labels, mapping, spec)
+
+  return jax.jit(terms)

@@ -324,8 +324,6 @@ def resolve_tuning(cfg, num_layers: int) -> Tuning:
     method_rules.extend((pattern, label, False) for pattern, label in rules)
     train_head = train_head and bool(f["train_head"])
     names.append(name)
-  if "davpt" in spec_fields and spec_fields.get("deep_prompts") is False:
-    raise ValueError("da_vpt needs deep prompts; it cannot be composed with shallow vpt.")
   rules = (user_rules + method_rules
            + [(HEAD_LEAVES, "head" if train_head else FROZEN, False),
               (BACKBONE_LEAVES, FROZEN, False)])

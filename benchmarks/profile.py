@@ -1,0 +1,102 @@
+"""What XLA makes of one method's train step: FLOPs, bytes, buffers, the optimised HLO, a trace.
+
+    python benchmarks/profile.py --method vpt_deep --variant S/16 --batch 8 --out DIR
+    python benchmarks/profile.py --method da_vpt --trace 3 --out DIR   # + a jax.profiler trace
+
+Builds the run exactly as `benchmarks/run.py` does (the trainer's `setup` and jitted, donated
+`train_step`), compiles the step and writes to DIR:
+  * `<method>.json`: FLOPs, transcendentals and bytes accessed per image (XLA's cost analysis),
+    and the executable's argument / output / temp buffer sizes;
+  * `<method>.hlo.txt`: the optimised HLO module (fusions, copies, what was rematerialised);
+  * with `--trace N`: a `jax.profiler` trace of N steps under `DIR/trace/` (open it with
+    TensorBoard's profile plugin or Perfetto).
+Cost analysis and buffer sizes do not depend on machine load, so they compare methods even
+when timings cannot.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def profile(spec: dict, out: str, trace_steps: int = 0) -> dict:
+  """Compiles one method's train step and writes its cost, buffers, HLO (and trace) to `out`."""
+  import jax
+  import numpy as np
+  import run
+  from jvt import sharding, train
+
+  config = run.bench_config(spec)
+  b, size, classes = spec["batch"], spec["image_size"], spec["num_classes"]
+  rng = np.random.default_rng(spec["seed"])
+  s = train.setup(config, num_classes=classes, steps_per_epoch=10**9,
+                  class_examples=lambda k: (
+                      rng.standard_normal((classes, size, size, 3)).astype(np.float32),
+                      np.arange(classes, dtype=np.int32)))
+  batch = sharding.shard_batch(
+      {"image": rng.standard_normal((b, size, size, 3)).astype(np.float32),
+       "label": rng.integers(0, classes, b).astype(np.int32)}, s.mesh)
+  t0 = time.perf_counter()
+  step = s.train_step.lower(s.state, s.frozen, s.constants, batch).compile()
+  compile_s = time.perf_counter() - t0
+  cost = step.cost_analysis()
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+  mem = step.memory_analysis()
+  name = spec["method"] if spec["remat"] == "none" else f"{spec['method']}_remat_{spec['remat']}"
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, f"{name}.hlo.txt"), "w") as f:
+    f.write(step.as_text())
+  report = {
+      "method": spec["method"], "remat": spec["remat"], "variant": spec["variant"], "batch": b,
+      "dtype": spec["dtype"], "compile_s": compile_s, "trainable_params": s.trainable_params,
+      "gflop_per_img": cost.get("flops", 0.0) / b / 1e9,
+      "transcendentals_per_img": cost.get("transcendentals", 0.0) / b,
+      "gbytes_accessed_per_img": cost.get("bytes accessed", 0.0) / b / 1e9,
+      "argument_mb": mem.argument_size_in_bytes / 2**20,
+      "output_mb": mem.output_size_in_bytes / 2**20,
+      "alias_mb": mem.alias_size_in_bytes / 2**20,
+      "temp_mb": mem.temp_size_in_bytes / 2**20,
+  }
+  if trace_steps:
+    state = s.state
+    state, _ = jax.block_until_ready(step(state, s.frozen, s.constants, batch))  # warm-up
+    with jax.profiler.trace(os.path.join(out, "trace")):
+      for _ in range(trace_steps):
+        state, metrics = step(state, s.frozen, s.constants, batch)
+        jax.block_until_ready((state, metrics))
+  with open(os.path.join(out, f"{name}.json"), "w") as f:
+    json.dump(report, f, indent=1)
+  return report
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--method", required=True)
+  p.add_argument("--variant", default="S/16")
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--image-size", type=int, default=224)
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  p.add_argument("--remat", choices=("none", "full", "dots", "nothing"), default="none")
+  p.add_argument("--num-prompts", type=int, default=10)
+  p.add_argument("--num-classes", type=int, default=100)
+  p.add_argument("--overrides", default="{}", help="JSON of ViT fields.")
+  p.add_argument("--trace", type=int, default=0, help="Steps to trace with jax.profiler (0: none).")
+  p.add_argument("--out", required=True)
+  args = p.parse_args(argv)
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for path in (repo, os.path.dirname(os.path.abspath(__file__))):
+    if path not in sys.path:
+      sys.path.insert(0, path)
+  spec = dict(method=args.method, variant=args.variant, batch=args.batch,
+              eval_batch=args.batch, image_size=args.image_size, dtype=args.dtype,
+              remat=args.remat, steps=1, warmup=0, num_prompts=args.num_prompts,
+              num_classes=args.num_classes, overrides=json.loads(args.overrides), seed=0)
+  print(json.dumps(profile(spec, args.out, args.trace), indent=1))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,140 @@
+"""DA-VPT (Ren et al., CVPR 2025) on the five FGVC tasks, with the authors' released values.
+
+    python -m jvt.main --config=configs/fgvc/da_vpt.py:task=cub \
+        --workdir=runs/da_vpt/cub --config.dataset.data_dir=/data/fgvc
+
+arg: task=cub|nabirds|flowers|dogs|cars, preset=code|paper, protocol=fgvc (train -> test at the
+best-val epoch; `fgvc_legacy_max_test` is what the released code reports), seed=0,
+pretrained=<ViT-B/16 AugReg ImageNet-21k npz> (timm's `vit_base_patch16_224.augreg_in21k`, the
+released code's backbone).
+
+Expected: the mean test top-1 over the five tasks should reach the published DA-VPT FGVC mean
+91.22 (ViT-B/16 ImageNet-21k); 100 epochs of batch 32 on one GPU take about an hour per task.
+The published numbers come from the authors' runs, which (like this config) train the released
+bias set too: `da_vpt_plus.py` holds the same values with the bias tuning (published 91.94).
+
+`RELEASED` holds, per task, the values of Noahsark/DA-VPT `configs/fgvc/vitb_*.yaml` as that
+code reads them: lr, wd (prompts), head_wd, patch_weight (`vpt_loss_weight`), cls_weight
+(`cls_loss_weight`), num_prompts (non-proxy blocks), num_proxy_prompts (`proxy_prompt_len`),
+proxy_layers (`proxy_prompt_start_idx..end_idx`), scale_ratio (`loss_vpt_scale_ratio`),
+epochs, batch, images_per_class (class-balanced sampler), refresh_from_epoch
+(`dynamic_kmeans + 1`), attention_mask (`mask`), l2norm (`vpt_norm: l2`), bias_k. Choices
+where the released files differ from what their code reads (docs/davpt.md has the full table):
+  * flowers and dogs use keys the released parser ignores (`vpt_and_cls_loss_weight`,
+    `num_last_prompts`, `prompt_depth`): read here by their evident intent (both weights =
+    `vpt_and_cls_loss_weight`, num_proxy_prompts = `num_last_prompts`, proxy block 11); the
+    released parser would run them with both weights 0 and 10 proxy prompts.
+  * nabirds' `atch_size` typo leaves the default batch 32 (the intended value too).
+Paper / released-code differences this config uses (preset=code, the default): patch feature =
+mean of the proxy block's input image tokens (paper: attention output); [CLS] feature = query of
+norm1([CLS]) (paper: prompts through the query instead); positive term / M (paper: / |P+|);
+scale_ratio; xavier/8 prompt init; k-means on layer-normed class means. Not reproduced:
+stochastic depth (`drop_path` 0.1 on cub; jvt's ViT has none), fp16 autocast, random-crop
+augmentation of the mapping images, weight decay on [CLS].
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from jvt.config_lib import base_config, parse_arg
+from jvt.data import fgvc
+from jvt.protocols import get_protocol
+
+AUGREG_B16_IN21K = "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz"
+
+
+def released(**kw) -> dict:
+  """One task's released values over the defaults every released config shares."""
+  base = dict(epochs=100, batch=32, images_per_class=2, warmup_epochs=10, proxy_layers=(11,),
+              scale_ratio=1.0, attention_mask=False, l2norm=False, bias_k=True)
+  return {**base, **kw}
+
+
+RELEASED = {
+    "cub": released(lr=5e-4, wd=0.05, head_wd=5.0, patch_weight=0.05, cls_weight=0.05,
+                    num_prompts=10, num_proxy_prompts=10, proxy_layers=(10, 11), scale_ratio=5.0,
+                    refresh_from_epoch=2, attention_mask=True, l2norm=True),
+    "nabirds": released(lr=1e-3, wd=0.05, head_wd=3.0, patch_weight=0.01, cls_weight=0.2,
+                        num_prompts=5, num_proxy_prompts=10, proxy_layers=(9, 10, 11),
+                        scale_ratio=60.0, refresh_from_epoch=11),
+    "flowers": released(lr=1e-3, wd=0.05, head_wd=3.0, patch_weight=0.05, cls_weight=0.05,
+                        num_prompts=40, num_proxy_prompts=20, refresh_from_epoch=11),
+    "dogs": released(lr=2e-4, wd=0.05, head_wd=3.0, patch_weight=0.01, cls_weight=0.01,
+                     num_prompts=20, num_proxy_prompts=5, batch=64, images_per_class=4,
+                     refresh_from_epoch=11),
+    "cars": released(lr=1e-3, wd=0.05, head_wd=3.0, patch_weight=0.05, cls_weight=0.05,
+                     num_prompts=80, num_proxy_prompts=60, scale_ratio=60.0,
+                     refresh_from_epoch=11),
+}
+NUM_CLASSES = {task: fgvc.FGVC_TASKS[task].num_classes for task in RELEASED}
+
+
+def balanced_images_per_class(batch: int, images_per_class: int, num_classes: int) -> int:
+  """The released K if batch // K classes exist, else the smallest K dividing the batch that
+  fits (the released sampler repeats classes in a batch instead; jvt's draws them distinct)."""
+  k = images_per_class
+  while batch % k or batch // k > num_classes:
+    k += 1
+  return k
+
+
+def make_config(arg, *, benchmark: str, table: dict, num_classes: dict, plus: bool,
+                default_task: str, default_protocol: str) -> ml_collections.ConfigDict:
+  """The trainer config of one task of `table` (shared by the four DA-VPT config files)."""
+  a = parse_arg(arg, task=default_task, preset="code", protocol=default_protocol, seed=0,
+                pretrained=AUGREG_B16_IN21K)
+  if a.task not in table:
+    raise ValueError(f"task={a.task!r} has no released DA-VPT values; tasks with them: "
+                     f"{sorted(table)}.")
+  hp, classes = table[a.task], num_classes[a.task]
+  c = base_config()
+  c.seed = a.seed
+  c.model.variant = "B/16"
+  c.model.image_size = 224
+  c.pretrained.path = a.pretrained
+  c.dataset.name = f"{benchmark}/{a.task}"
+  c.dataset.preprocess = benchmark
+  for key, value in get_protocol(a.protocol).config_overrides().items():
+    if key == "protocol":
+      c.protocol = value
+    else:
+      c.dataset[key.split(".")[1]] = value
+  c.dataset.sampler = "balanced"
+  c.dataset.images_per_class = balanced_images_per_class(hp["batch"], hp["images_per_class"],
+                                                         classes)
+  c.batch_size = hp["batch"]
+  c.total_epochs = float(hp["epochs"])
+  c.optimizer.name = "adamw"
+  c.optimizer.lr = hp["lr"]
+  c.optimizer.schedule = "cosine"
+  c.optimizer.warmup_epochs = float(hp["warmup_epochs"])
+  c.optimizer.clip_value = 10.0  # torch.nn.utils.clip_grad_value_(..., 10.0)
+  # AdamW decay: wd on the prompts, head_wd on the head kernel, none on biases, norms, [CLS].
+  if hp["wd"] > 0:
+    c.optimizer.weight_decay = hp["wd"]
+    c.optimizer.groups = {"head": {"wd_mult": hp["head_wd"] / hp["wd"]}}
+  else:
+    c.optimizer.weight_decay = hp["head_wd"]
+    c.optimizer.groups = {"prompt": {"wd_mult": 0.0}}
+  tuning = dict(method="da_vpt_plus" if plus else "da_vpt", preset=a.preset,
+                num_prompts=hp["num_prompts"],
+                num_proxy_prompts=min(hp["num_proxy_prompts"], classes),  # released: M <= C
+                proxy_layers=tuple(hp["proxy_layers"]), patch_weight=hp["patch_weight"],
+                cls_weight=hp["cls_weight"], scale_ratio=hp["scale_ratio"],
+                refresh_from_epoch=hp["refresh_from_epoch"], mapping_images_per_class=10)
+  if a.preset == "code":
+    tuning.update(attention_mask=hp["attention_mask"], l2norm=hp["l2norm"])
+    if plus and not hp["bias_k"]:
+      tuning["rules"] = ((r"Transformer/encoderblock_\d+/MultiHeadDotProductAttention_0/key/bias",
+                          "frozen"),)
+  c.tuning = tuning
+  c.eval_every_epochs = 1.0
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 1000
+  c.lock()
+  return c
+
+
+def get_config(arg=None):
+  return make_config(arg, benchmark="fgvc", table=RELEASED, num_classes=NUM_CLASSES, plus=False,
+                     default_task="cub", default_protocol="fgvc")

@@ -1,0 +1,31 @@
+"""DA-VPT+ (DA-VPT with bias tuning) on the five FGVC tasks, with the authors' released values.
+
+    python -m jvt.main --config=configs/fgvc/da_vpt_plus.py:task=cub \
+        --workdir=runs/da_vpt_plus/cub --config.dataset.data_dir=/data/fgvc
+
+arg: task=cub|nabirds|flowers|dogs|cars, preset=code|paper, protocol=fgvc, seed=0,
+pretrained=<ViT-B/16 AugReg ImageNet-21k npz> (see configs/fgvc/da_vpt.py, which holds the
+per-task values `RELEASED` this file shares).
+
+Expected: the mean test top-1 over the five tasks should reach the published DA-VPT+ FGVC mean
+91.94 (ViT-B/16 ImageNet-21k).
+
+Bias set: preset=code trains what the released configs switch on (`bias_k, bias_v, bias_proj,
+bias_fc2, bias_norm2, norm_norm1, train_cls`): K, V, attention-out, fc2 and norm2 biases, all
+of norm1, [CLS] and, because the released name test matches `patch_embed.proj.bias` as a
+`proj.bias`, the patch-embedding bias. preset=paper trains the K and V biases and [CLS] only.
+Every other paper / released-code difference is as in configs/fgvc/da_vpt.py.
+"""
+import importlib.util
+import os
+
+_spec = importlib.util.spec_from_file_location(
+    "jvt_configs_fgvc_da_vpt", os.path.join(os.path.dirname(os.path.abspath(__file__)), "da_vpt.py"))
+_base = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_base)
+RELEASED, NUM_CLASSES = _base.RELEASED, _base.NUM_CLASSES
+
+
+def get_config(arg=None):
+  return _base.make_config(arg, benchmark="fgvc", table=RELEASED, num_classes=NUM_CLASSES,
+                           plus=True, default_task="cub", default_protocol="fgvc")

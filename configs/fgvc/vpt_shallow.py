@@ -1,0 +1,42 @@
+"""VPT-Shallow (Jia et al., ECCV 2022) on FGVC: M prompts after [CLS] at the input + head.
+
+    python -m jvt.main --config=configs/fgvc/vpt_shallow.py:task=cub,data_dir=/data/fgvc \
+        --workdir=runs/fgvc/vpt_shallow/cub
+
+Protocol `fgvc`: train -> test at the epoch of best val accuracy, 5 seeds. The lr x wd grid
+runs with `sweep=grid` (pick the pair whose final_metrics.json has the best val_accuracy, as
+VPT's tune_fgvc did), then the seeds with that pair:
+
+    python -m jvt.sweep \
+        --config=configs/fgvc/vpt_shallow.py:task=cub,data_dir=/data/fgvc,sweep=grid \
+        --root=runs/fgvc_grid/vpt_shallow/cub
+    python -m jvt.sweep \
+        --config=configs/fgvc/vpt_shallow.py:task=cub,data_dir=/data/fgvc,lr=LR,wd=WD \
+        --root=runs/fgvc/vpt_shallow/cub
+    python -m jvt.results --root=runs/fgvc --out=out/fgvc
+
+Expected: the mean test top-1 over the five tasks (cub, nabirds, flowers, dogs, cars) should
+reach the published 84.62 (ViT-B/16 ImageNet-21k, `pretrained=ViT-B_16.npz`, VPT's json
+splits under `data_dir`).
+
+Recipe (VPT, `configs/base-prompt.yaml`): SGD momentum 0.9, cosine, 10 warm-up epochs of 100,
+batch 128, base lr x batch / 256 with base lr in {50 ... 0.05} and wd in {0.01, 0.001, 1e-4, 0}
+chosen per task (40 runs). Prompts: uniform init, no dropout. Prompt length: VPT chose it per
+task from {1, 5, 10, 50, 100, 200} (values kept outside the paper); the default 50 is the middle
+of the 10-100 range its ablation found best; set it per task with `num_prompts=N`.
+"""
+import importlib.util
+import os
+
+_spec = importlib.util.spec_from_file_location("jvt_configs_common", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "common.py"))
+common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
+
+TUNING = dict(method="vpt", deep=False, num_prompts=50, dropout=0.0)
+RECIPE = common.SGD_FGVC
+PUBLISHED = 84.62  # FGVC mean test top-1 over the five tasks (%)
+
+
+def get_config(arg=None):
+  return common.fgvc_config(arg, name="vpt_shallow", tuning=TUNING, recipe=RECIPE)

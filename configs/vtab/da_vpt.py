@@ -1,0 +1,102 @@
+"""DA-VPT (Ren et al., CVPR 2025) on VTAB-1k, with the authors' released per-task values.
+
+    python -m jvt.main --config=configs/vtab/da_vpt.py:task=cifar100 \
+        --workdir=runs/da_vpt/cifar100 --config.dataset.data_dir=~/tensorflow_datasets
+
+arg: task=<one of RELEASED>, preset=code|paper, protocol=vtab_final (train800val200 -> test,
+last epoch; `vtab_legacy_max_test` is what the released code reports, `vtab_tune` the
+train800 -> val200 stage), seed=0, pretrained=<ViT-B/16 AugReg ImageNet-21k npz> (timm's
+`vit_base_patch16_224.augreg_in21k`, the released code's backbone).
+
+Expected: over the 19 tasks the mean of the three group means should reach the published
+DA-VPT VTAB-1k 74.69 (ViT-B/16 ImageNet-21k); 100 epochs of batch 32 on 1000 images take a few
+minutes per task on one GPU. The released configs cover 16 tasks: svhn, sun397 and kitti_dist
+have none (the error lists the others). The authors' runs train the released bias set too:
+`da_vpt_plus.py` holds the same values with bias tuning (published 76.14).
+
+`RELEASED` holds, per task, the values of Noahsark/DA-VPT `configs/vtab/vitb_*.yaml` as that
+code reads them (fields as in configs/fgvc/da_vpt.py, which also holds the shared builder).
+Choices where the released files differ from what their code reads (docs/davpt.md):
+  * caltech101, dtd, pets use ignored keys (`vpt_and_cls_loss_weight`, `num_last_prompts`,
+    `prompt_depth`): read by their evident intent (both weights, num_proxy_prompts, block 11);
+  * cifar100 and resisc45 give `proxy_prompt_depth` (ignored by the parser, which then runs
+    blocks start..11): read as blocks start..start+depth-1 (cifar100 3-7, resisc45 0-4);
+  * smallnorb_ele's file is cut off after `sched_on_updates`: the parser's defaults fill the
+    rest (wd 0.01, head_wd 3, patch_weight 0, 10 proxy prompts);
+  * legacy `key_patch_emb`, `key_vpt_emb`, `query_vpt_emb` switches are ignored by the
+    released code, and here;
+  * tasks with fewer classes than proxy prompts (patch_camelyon 2, retinopathy 5, dmlab 6,
+    clevr_count 8, smallnorb_ele 9) get num_proxy_prompts = classes, as the released code does;
+  * a class-balanced batch of 32 with 2 images per class needs 16 classes: tasks with fewer
+    take more images per class (jvt's sampler draws distinct classes, the released one repeats
+    them).
+Paper / released-code differences (preset=code, the default): see configs/fgvc/da_vpt.py. Not
+reproduced: stochastic depth (`drop_path` 0.1 on caltech101, cifar100, clevr_count, clevr_dist,
+dmlab, dtd, pets, smallnorb_azi), fp16 autocast, the released VTAB resize (bicubic shorter
+side + center crop; jvt's `vtab` preprocess resizes to 224 x 224 bilinear).
+"""
+import importlib.util
+import os
+
+from jvt.data import vtab
+
+_spec = importlib.util.spec_from_file_location(
+    "jvt_configs_fgvc_da_vpt",
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fgvc", "da_vpt.py"))
+_base = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_base)
+released = _base.released
+
+RELEASED = {
+    "caltech101": released(lr=5e-3, wd=0.05, head_wd=5.0, patch_weight=0.01, cls_weight=0.01,
+                           num_prompts=60, num_proxy_prompts=20, refresh_from_epoch=11),
+    "cifar100": released(lr=5e-3, wd=1.0, head_wd=20.0, patch_weight=1.0, cls_weight=0.05,
+                         num_prompts=20, num_proxy_prompts=20, proxy_layers=(3, 4, 5, 6, 7),
+                         scale_ratio=5.0, refresh_from_epoch=2),
+    "dtd": released(lr=1e-3, wd=0.05, head_wd=5.0, patch_weight=0.02, cls_weight=0.02,
+                    num_prompts=10, num_proxy_prompts=10, scale_ratio=5.0, refresh_from_epoch=11),
+    "flowers102": released(lr=1e-3, wd=0.5, head_wd=3.0, patch_weight=0.1, cls_weight=0.1,
+                           num_prompts=40, num_proxy_prompts=10, scale_ratio=5.0,
+                           refresh_from_epoch=11),
+    "pets": released(lr=1e-3, wd=0.05, head_wd=5.0, patch_weight=0.1, cls_weight=0.1,
+                     num_prompts=5, num_proxy_prompts=10, scale_ratio=10.0, refresh_from_epoch=11),
+    "patch_camelyon": released(lr=5e-3, wd=10.0, head_wd=5.0, patch_weight=0.01, cls_weight=0.01,
+                               num_prompts=0, num_proxy_prompts=10, scale_ratio=5.0,
+                               refresh_from_epoch=2, bias_k=False),
+    "eurosat": released(lr=5e-4, wd=5.0, head_wd=5e-3, patch_weight=0.5, cls_weight=0.01,
+                        num_prompts=20, num_proxy_prompts=10, proxy_layers=(9, 10, 11),
+                        scale_ratio=5.0, refresh_from_epoch=2, bias_k=False),
+    "resisc45": released(lr=5e-3, wd=1e-4, head_wd=1.0, patch_weight=0.01, cls_weight=0.05,
+                         num_prompts=20, num_proxy_prompts=10, proxy_layers=(0, 1, 2, 3, 4),
+                         scale_ratio=5.0, refresh_from_epoch=2, bias_k=False),
+    "retinopathy": released(lr=1e-3, wd=0.1, head_wd=1.0, patch_weight=0.01, cls_weight=0.01,
+                            num_prompts=20, num_proxy_prompts=10, scale_ratio=5.0,
+                            refresh_from_epoch=2, bias_k=False),
+    "clevr_count": released(lr=1e-3, wd=0.01, head_wd=10.0, patch_weight=0.5, cls_weight=0.5,
+                            num_prompts=10, num_proxy_prompts=10, refresh_from_epoch=2,
+                            bias_k=False),
+    "clevr_dist": released(lr=5e-5, wd=1e-3, head_wd=0.5, patch_weight=0.01, cls_weight=0.01,
+                           num_prompts=10, num_proxy_prompts=5, scale_ratio=5.0,
+                           refresh_from_epoch=2, bias_k=False),
+    "dmlab": released(lr=5e-3, wd=0.0, head_wd=0.05, patch_weight=0.01, cls_weight=0.01,
+                      num_prompts=10, num_proxy_prompts=10, scale_ratio=5.0, refresh_from_epoch=2,
+                      bias_k=False),
+    "dsprites_loc": released(lr=1e-2, wd=0.5, head_wd=3.0, patch_weight=0.1, cls_weight=0.1,
+                             num_prompts=10, num_proxy_prompts=10, scale_ratio=5.0,
+                             refresh_from_epoch=11),
+    "dsprites_ori": released(lr=1e-2, wd=1e-3, head_wd=1e-4, patch_weight=0.01, cls_weight=0.01,
+                             num_prompts=20, num_proxy_prompts=10, proxy_layers=tuple(range(3, 12)),
+                             scale_ratio=5.0, refresh_from_epoch=2, bias_k=False),
+    "smallnorb_azi": released(lr=1e-3, wd=1.0, head_wd=1.0, patch_weight=0.01, cls_weight=0.01,
+                              num_prompts=20, num_proxy_prompts=10, scale_ratio=5.0,
+                              refresh_from_epoch=2, bias_k=False),
+    "smallnorb_ele": released(lr=5e-5, wd=0.01, head_wd=3.0, patch_weight=0.0, cls_weight=0.1,
+                              num_prompts=5, num_proxy_prompts=10, scale_ratio=5.0,
+                              refresh_from_epoch=11),
+}
+NUM_CLASSES = {task: vtab.VTAB_TASKS[task].num_classes for task in RELEASED}
+
+
+def get_config(arg=None):
+  return _base.make_config(arg, benchmark="vtab", table=RELEASED, num_classes=NUM_CLASSES,
+                           plus=False, default_task="cifar100", default_protocol="vtab_final")

@@ -1,0 +1,81 @@
+"""The benchmark harness (benchmarks/run.py): it runs, writes every key, and its table's ratios
+are the hand-computed ones. No timing is asserted."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "benchmarks", "run.py")
+TINY = {"hidden_size": 32, "mlp_dim": 64, "num_heads": 4, "num_layers": 2, "patch_size": 8}
+
+
+def _load_run():
+  spec = importlib.util.spec_from_file_location("benchmarks_run", SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_harness_runs_two_methods_and_writes_every_key(tmp_path):
+  out = tmp_path / "bench"
+  cmd = [sys.executable, SCRIPT, "--variant", "S/16", "--batch", "4", "--image-size", "32",
+         "--overrides", json.dumps(TINY), "--methods", "full,da_vpt", "--dtype", "float32",
+         "--remat", "none", "--steps", "2", "--warmup", "1", "--num-prompts", "4",
+         "--num-classes", "6", "--out", str(out)]
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = json.loads((out / "results.json").read_text())
+  assert [r["method"] for r in rows] == ["full", "da_vpt"]
+  run = _load_run()
+  for row in rows:
+    assert set(run.REQUIRED_KEYS) <= set(row)
+    for key in ("train_img_s", "train_img_s_min", "train_img_s_max", "eval_img_s",
+                "peak_mem_mb", "compile_s", "flops_per_img"):
+      assert row[key] > 0, (row["method"], key, row[key])
+    assert row["train_img_s_min"] <= row["train_img_s"] <= row["train_img_s_max"]
+    assert (row["variant"], row["batch"], row["backend"]) == ("S/16", 4, "cpu")
+  # Trainable parameters, counted by hand for the tiny model (D=32, 2 blocks, 6 classes):
+  # full = patch embedding 8*8*3*32+32, cls 32, posemb 17*32, 2 blocks of
+  # (2 norms 4*32, qkv+out 4*(32*32+32), mlp 32*64+64 + 64*32+32), final norm 64, head 32*6+6.
+  block = 4 * 32 + 4 * (32 * 32 + 32) + (32 * 64 + 64) + (64 * 32 + 32)
+  full = (8 * 8 * 3 * 32 + 32) + 32 + 17 * 32 + 2 * block + 64 + (32 * 6 + 6)
+  assert rows[0]["trainable_params"] == full
+  assert rows[1]["trainable_params"] == 2 * 4 * 32 + 32 * 6 + 6  # 4 prompts per block + head
+  table = (out / "results.md").read_text()
+  assert "| full | none |" in table and "| da_vpt | none |" in table
+  assert "da_vpt vs vpt_deep" not in table  # no vpt_deep row, so no such ratio
+
+
+def test_markdown_ratios_and_goals():
+  run = _load_run()
+  base = dict(backend="cpu", device_kind="cpu", variant="S/16", batch=8, eval_img_s=1.0,
+              compile_s=1.0, trainable_params=10, remat="none", flops_per_img=2e9)
+  rows = [dict(base, method="full", train_img_s=2.0, train_img_s_min=1.0, train_img_s_max=3.0,
+               peak_mem_mb=1000.0),
+          dict(base, method="vpt_deep", train_img_s=3.0, train_img_s_min=3.0,
+               train_img_s_max=3.0, peak_mem_mb=800.0),
+          dict(base, method="da_vpt", train_img_s=2.5, train_img_s_min=2.5,
+               train_img_s_max=2.5, peak_mem_mb=820.0)]
+  table = run.markdown(rows)
+  lines = {l.split("|")[1].strip(): l for l in table.splitlines() if l.startswith("| ")}
+  assert "| 1.50x |" in lines["vpt_deep"]  # 3.0 / 2.0
+  assert "| 1.25x |" in lines["da_vpt"]  # 2.5 / 2.0
+  assert "| 6.0 |" in lines["vpt_deep"]  # GFLOP/s = 2 GFLOP/img * 3 img/s
+  goals = run.goals(rows)
+  assert "- vpt_deep: 1.50x full fine-tuning's images/s (goal >= 1.4x): met" in goals
+  assert "- da_vpt: 1.25x full fine-tuning's images/s (goal >= 1.4x): MISSED" in goals
+  # step time 3.0 / 2.5 - 1 = +20.0 %, memory 820 / 800 - 1 = +2.5 %.
+  assert ("- da_vpt vs vpt_deep: step time +20.0%, peak memory +2.5% (goal <= +5% each): "
+          "MISSED") in goals
+
+
+def test_unknown_method_is_a_clear_error():
+  run = _load_run()
+  with pytest.raises(ValueError, match="unknown method 'vtp_deep'"):
+    run.tuning_for("vtp_deep", 10)
