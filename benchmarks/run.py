@@ -127,6 +127,7 @@ def measure(spec: dict) -> dict:
   import numpy as np
   from jvt import sharding, train
 
+  load_before = os.getloadavg()[0]
   config = bench_config(spec)
   b, size, classes = spec["batch"], spec["image_size"], spec["num_classes"]
   rng = np.random.default_rng(spec["seed"])
@@ -193,6 +194,9 @@ def measure(spec: dict) -> dict:
       "xla_temp_mb": getattr(memory, "temp_size_in_bytes", 0) / 2**20,
       "mem_source": mem_source,
       "peak_rss_total_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+      # 1-minute load average before this child started: timings taken on a busy machine
+      # (above the number of cores) are not comparable.
+      "load_avg_1m": load_before,
   }
   if spec["overrides"]:
     row["overrides"] = dict(spec["overrides"])

@@ -7,7 +7,9 @@ TFDS dataset (shapes / colours / counts), pretrains a 4-block ViT on `count`, sa
 vision_transformer npz and tunes it on `shape` with a linear probe, VPT-Deep and DA-VPT,
 printing a table of test accuracy, trainable parameters and time. Expected: the three tuned
 models reach well above chance (0.25) on `shape`, the prompt methods above the linear probe.
-`arg` may set `steps=<tune steps>` (default 150) and `methods=linear+vpt_deep+da_vpt`.
+`arg` may set `steps=<tune steps>` (default 150), `pretrain_steps` (300),
+`methods=linear+vpt_deep+da_vpt` and the data set's size: `num_train` (2000),
+`num_validation` (250), `num_test` (500).
 """
 import ml_collections
 
@@ -15,7 +17,8 @@ from jvt.config_lib import base_config, parse_arg
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, steps=150, pretrain_steps=300, methods="linear+vpt_deep+da_vpt")
+  a = parse_arg(arg, steps=150, pretrain_steps=300, methods="linear+vpt_deep+da_vpt",
+                num_train=2000, num_validation=250, num_test=500)
   train = base_config()
   train.model.variant = "Ti/16"
   train.model.image_size = 32
@@ -41,9 +44,9 @@ def get_config(arg=None):
   c.job = "demo"
   c.train = train
   c.demo = ml_collections.ConfigDict()
-  c.demo.num_train = 2000
-  c.demo.num_validation = 250
-  c.demo.num_test = 500
+  c.demo.num_train = a.num_train
+  c.demo.num_validation = a.num_validation
+  c.demo.num_test = a.num_test
   c.demo.data_seed = 0
   c.demo.pretrain_task = "count"
   c.demo.pretrain_steps = a.pretrain_steps

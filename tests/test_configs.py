@@ -210,14 +210,32 @@ def test_arg_overrides():
   assert "init" not in _load("fgvc", "vpt_shallow").tuning
 
 
-@pytest.mark.parametrize("arg,match", [
-    ("task=cub", "not a vtab task"),
-    ("protocol=fgvc", "not a vtab protocol"),
-    ("sweep=all", "sweep='all'"),
-    ("lists=/x,nonsense", "expected key=value"),
+@pytest.mark.parametrize("benchmark,arg,match", [
+    ("vtab", "task=cub", "not a vtab task"),
+    ("vtab", "protocol=fgvc", "not a vtab protocol"),
+    ("fgvc", "protocol=vtab_final", "not a fgvc protocol"),
+    ("vtab", "sweep=all", "sweep='all'"),
+    ("vtab", "lists=/x,nonsense", "expected key=value"),
+    ("fgvc", "lists=/x", "key 'lists' unknown"),  # list folders are a VTAB-1k format
 ])
-def test_bad_args(arg, match):
+def test_bad_args(benchmark, arg, match):
   with pytest.raises(ValueError, match=match):
-    _load("vtab", "linear", arg)
-  with pytest.raises(ValueError, match="lists"):  # list folders are a VTAB-1k format
-    _load("fgvc", "linear", "lists=/x")
+    _load(benchmark, "linear", arg)
+
+
+def test_config_spec():
+  c = ml_collections.ConfigDict(dict(sweep=dict(optimizer=dict(lr=(0.1, 1.0)), seed=[0, 1],
+                                                dataset=dict(name="vtab/dtd"))))
+  assert sweep.config_spec(c) == {"optimizer.lr": [0.1, 1.0], "seed": [0, 1],
+                                  "dataset.name": "vtab/dtd"}
+  assert len(sweep.expand_sweep(sweep.config_spec(c))) == 4
+  assert sweep.config_spec(ml_collections.ConfigDict(dict(lr=0.1))) is None
+  assert sweep.config_spec(None) is None
+
+
+def test_sweep_cli_reads_the_config_sweep(tmp_path, capsys):
+  config = _path("vtab", "vpt_deep") + ":task=dtd,protocol=vtab_tune"
+  assert sweep.main([f"--config={config}", f"--root={tmp_path}", "--print_commands"]) == 0
+  commands = capsys.readouterr().out.strip().splitlines()
+  assert len(commands) == 40
+  assert commands[0].endswith("--config.optimizer.lr=50.0 --config.optimizer.weight_decay=0.01")

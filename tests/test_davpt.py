@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.special
-from flax import traverse_util
 
 import jvt
 from jvt import config_lib, partition, sharding
@@ -28,7 +27,8 @@ from jvt.losses import da_vpt_terms
 from jvt.models.spec import DAVPTSpec, TuningSpec
 from jvt.models.vit import Prompts
 
-from conftest import IMAGE, NUM_CLASSES, SMALL, NumpyViT, flat, images, small_model, small_params, unflat
+from conftest import (IMAGE, NUM_CLASSES, SMALL, NumpyViT, flat, images, jit_apply, small_model,
+                      small_params, unflat)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 M = 3  # proxy prompts
@@ -182,12 +182,12 @@ def test_objective_total_equals_released_training_loss():
   params = small_params(model, seed=6, scale=0.3)
   x = images(BATCH, seed=7)
   objective = davpt_objective.DAVPTObjective(spec)
-  logits, aux = model.apply({"params": params}, x, capture=objective.capture,
-                            capture_layers=objective.capture_layers)
+  logits, aux = jit_apply(model)({"params": params}, x, capture=objective.capture,
+                                 capture_layers=objective.capture_layers)
   d = model.hidden_size
   state = {"mapping": jnp.asarray(MAPPING), "centroids": jnp.zeros((M, d)),
            "class_sums": jnp.ones((NUM_CLASSES, d)), "class_counts": jnp.ones((NUM_CLASSES,))}
-  total, metrics, new_state = objective.loss(logits, aux, {"image": x, "label": LABELS}, state, {})
+  total, metrics, new_state = jax.jit(objective.loss)(logits, aux, {"label": LABELS}, state, {})
 
   ref_logits, ref_aux = RecordingViT(params, prompt_mask=True)(x)
   log_p = ref_logits - scipy.special.logsumexp(ref_logits, axis=1, keepdims=True)
@@ -400,7 +400,8 @@ def _objective(refresh_from_epoch, num_classes=6, num_prompts=2):
 
 def _state(mapping, centroids, sums, counts):
   return {"mapping": np.asarray(mapping, np.int32), "centroids": np.asarray(centroids, np.float32),
-          "class_sums": np.asarray(sums, np.float32), "class_counts": np.asarray(counts, np.float32)}
+          "class_sums": np.asarray(sums, np.float32),
+          "class_counts": np.asarray(counts, np.float32)}
 
 
 def test_refresh_schedule_and_per_epoch_sums():
@@ -523,8 +524,8 @@ def _class_prompt_cosine(s, params, xs, ys, mapping):
   """Mean cosine between each image's proxy-block features and its class's prompt."""
   spec = s.model.tuning.davpt
   layer = spec.proxy_layers[0]
-  _, aux = s.model.apply({"params": params}, xs, capture=("input_patch_mean", "cls_query",
-                                                          "prompts"), capture_layers=(layer,))
+  _, aux = jit_apply(s.model)({"params": params}, xs, capture=("input_patch_mean", "cls_query",
+                                                               "prompts"), capture_layers=(layer,))
   block = aux["blocks"][layer]
   prompts = _unit(np.asarray(block["prompts"]))[mapping[ys]]  # [N, D]
   return tuple(float(np.mean(np.sum(_unit(np.asarray(block[k])) * prompts, axis=1)))
@@ -587,7 +588,7 @@ def test_config_files_load_for_every_task_and_build(benchmark):
   has the expected prompts per block, the + variant trains the released bias set."""
   base, plus = (_load_module(f"configs/{benchmark}/{m}.py") for m in ("da_vpt", "da_vpt_plus"))
   tasks = sorted(base.RELEASED)
-  assert plus.RELEASED is not None and sorted(plus.RELEASED) == tasks
+  assert sorted(plus.RELEASED) == tasks
   if benchmark == "fgvc":
     assert tasks == ["cars", "cub", "dogs", "flowers", "nabirds"]
     published = ("91.22", "91.94")
@@ -596,9 +597,14 @@ def test_config_files_load_for_every_task_and_build(benchmark):
     published = ("74.69", "76.14")
   for module, number in zip((base, plus), published):
     assert "python -m jvt.main" in module.__doc__ and number in module.__doc__
-    assert isinstance(module.get_config(None), type(config_lib.base_config()))
+    assert module.PUBLISHED == float(number)
+    c = module.get_config(None)
+    assert c.is_locked and c.method == c.tuning.method
+    assert c.pretrained.path.startswith("B_16-i21k-300ep")  # the released code's AugReg backbone
     with pytest.raises(ValueError, match="task='imagenet'.*tasks with them"):
       module.get_config("task=imagenet")
+  paper = base.get_config(f"task={tasks[0]},preset=paper,pretrained=/w.npz").tuning
+  assert paper.preset == "paper" and "attention_mask" not in paper and "l2norm" not in paper
   for task in tasks:
     hp, classes = base.RELEASED[task], base.NUM_CLASSES[task]
     c, cp = base.get_config(f"task={task}"), plus.get_config(f"task={task}")

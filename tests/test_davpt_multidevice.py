@@ -32,7 +32,7 @@ c.total_steps = 3
 # SGD: the K-bias gradient is 0 up to rounding (softmax ignores a per-query constant) and Adam
 # would blow that rounding noise up to lr-sized steps that differ between device layouts.
 c.optimizer.name = "sgd"
-c.optimizer.lr = 0.5
+c.optimizer.lr = 0.05
 c.optimizer.weight_decay = 0.05
 c.optimizer.schedule = "constant"
 c.optimizer.warmup_steps = 0
@@ -91,6 +91,7 @@ def test_eight_devices_equal_one_device(tmp_path):
   assert sorted(params[1]) == sorted(params[8])
   assert any(k.startswith("Transformer/prompts/") for k in params[1])
   for key in params[1]:
-    np.testing.assert_allclose(params[8][key], params[1][key], atol=1e-5, err_msg=key)
+    np.testing.assert_allclose(params[8][key], params[1][key], rtol=1e-5, atol=1e-5,
+                               err_msg=key)
   moved = params[1]["Transformer/prompts/block_1"] - params[1]["__init_prompts"]
   assert np.abs(moved).max() > 1e-3  # the steps changed the prompts

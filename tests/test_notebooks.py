@@ -29,7 +29,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def kernel_env(tmp_path_factory):
-  """Environment for the kernel: this interpreter's kernel spec, jvt importable, small mode."""
+  """Environment for the kernels: this interpreter's kernel spec, jvt importable, small mode."""
   jupyter_path = tmp_path_factory.mktemp("jupyter")
   spec_dir = jupyter_path / "kernels" / "python3"
   spec_dir.mkdir(parents=True)
@@ -39,6 +39,10 @@ def kernel_env(tmp_path_factory):
   mp = pytest.MonkeyPatch()
   mp.setenv("JUPYTER_PATH", str(jupyter_path))
   mp.setenv("JVT_NOTEBOOK_SMALL", "1")
+  # Both notebooks pretrain the same tiny backbone and rebuild models they trained: a compilation
+  # cache shared by the kernels compiles each of these programs once.
+  mp.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("jax_cache")))
+  mp.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   mp.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO),
                                                         os.environ.get("PYTHONPATH")])))
   yield
@@ -125,6 +129,8 @@ def test_quickstart(kernel_env, tmp_path):
 
   pred = json.loads((workdir / "predictions.json").read_text())
   config = json.loads((run_dir / "config.json").read_text())
+  assert config["pretrained"]["path"] == pred["checkpoint"]
+  assert pred["checkpoint"] == str(workdir / "pretrained" / "vit_demo.npz")
   model = jvt.build_model(config["model"]["variant"], final["num_classes"],
                           tuning=config["tuning"], **config["model"]["overrides"])
   size = config["model"]["image_size"]
@@ -142,7 +148,8 @@ def test_quickstart(kernel_env, tmp_path):
   labels, predicted = np.concatenate(labels), np.concatenate(predicted)
   np.testing.assert_array_equal(labels, pred["labels"])
   np.testing.assert_array_equal(predicted, pred["predicted"])
-  assert np.mean(predicted == labels) == pytest.approx(final["test_accuracy"], abs=2.5 / len(labels))
+  assert np.mean(predicted == labels) == pytest.approx(final["test_accuracy"],
+                                                      abs=2.5 / len(labels))
 
 
 def _markdown_table(markdown: str) -> dict[str, list[int]]:
@@ -150,6 +157,45 @@ def _markdown_table(markdown: str) -> dict[str, list[int]]:
   rows = [[c.strip() for c in line.strip().strip("|").split("|")]
           for line in markdown.splitlines() if line.startswith("|")]
   return {r[0]: [int(v) for v in r[1:]] for r in rows[2:]}
+
+
+def _check_kmeans_fixed_point(config: dict, mapping: np.ndarray, num_prompts: int) -> None:
+  """The initial mapping is a converged cosine k-means of the frozen model's class means.
+
+  Recomputed here: final [CLS] of the backbone (no prompts) on the first
+  `mapping_images_per_class` training images of each class, l2-normalised and averaged per
+  class (then layer-normed without affine if the spec says so); each prompt's centroid is the
+  normalised sum of its classes' unit means, and every class must be closest to its own.
+  """
+  import jax
+
+  import jvt
+  from jvt.data import preprocess, sources
+
+  variant, size = config["model"]["variant"], config["model"]["image_size"]
+  overrides, num_classes = config["model"]["overrides"], len(mapping)
+  spec = jvt.build_model(variant, num_classes, tuning=config["tuning"], **overrides).tuning.davpt
+  plain = jvt.build_model(variant, num_classes, tuning=None, **overrides)
+  params = jvt.load_pretrained(config["pretrained"]["path"],
+                               jvt.init_params(plain, jax.random.key(3), size), plain)
+  source = sources.get_source(config["dataset"], config["dataset"]["train_split"])
+  labels = np.asarray(source.labels())
+  to_input = preprocess.get_preprocess("vit", size, train=False)
+  means = []
+  for c in range(num_classes):
+    rows = np.flatnonzero(labels == c)[:spec.mapping_images_per_class]
+    images = np.stack([to_input(source[int(i)]["image"], np.random.default_rng(0))
+                       for i in rows])
+    _, aux = plain.apply({"params": params}, images)
+    feats = np.asarray(aux["cls"], np.float64)  # [K, D]
+    means.append((feats / np.linalg.norm(feats, axis=1, keepdims=True)).mean(axis=0))
+  means = np.stack(means)  # [C, D]
+  if spec.kmeans_layer_norm:
+    means = (means - means.mean(1, keepdims=True)) / np.sqrt(means.var(1, keepdims=True) + 1e-6)
+  unit = means / np.linalg.norm(means, axis=1, keepdims=True)
+  centroids = np.stack([unit[mapping == j].sum(0) for j in range(num_prompts)])  # [M, D]
+  centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+  np.testing.assert_array_equal(np.argmax(unit @ centroids.T, axis=1), mapping)
 
 
 def test_da_vpt_explained(kernel_env, tmp_path):
@@ -166,8 +212,11 @@ def test_da_vpt_explained(kernel_env, tmp_path):
   assert tables[0] == {c: [saved["initial"][i]] for i, c in enumerate(classes)}
   assert tables[1] == {c: [saved["initial"][i], saved["after_training"][i]]
                        for i, c in enumerate(classes)}
-  for mapping in (saved["initial"], saved["after_training"]):
-    assert sorted(set(mapping)) == list(range(m))
+  assert sorted(set(saved["initial"])) == list(range(m))
+  assert all(0 <= p < m for p in saved["after_training"])
+  config = json.loads((workdir / "run" / "config.json").read_text())
+  assert config["pretrained"]["path"] == str(workdir / "pretrained" / "vit_demo.npz")
+  _check_kmeans_fixed_point(config, np.asarray(saved["initial"]), m)
 
   # Both metric losses were logged over training, finite, and printed before/after.
   rows = [json.loads(line) for line in

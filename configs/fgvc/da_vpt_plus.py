@@ -3,9 +3,10 @@
     python -m jvt.main --config=configs/fgvc/da_vpt_plus.py:task=cub \
         --workdir=runs/da_vpt_plus/cub --config.dataset.data_dir=/data/fgvc
 
-arg: task=cub|nabirds|flowers|dogs|cars, preset=code|paper, protocol=fgvc, seed=0,
-pretrained=<ViT-B/16 AugReg ImageNet-21k npz> (see configs/fgvc/da_vpt.py, which holds the
-per-task values `RELEASED` this file shares).
+    python -m jvt.sweep --config=configs/fgvc/da_vpt_plus.py:task=cub --root=runs/da_vpt_plus/cub
+
+arg keys as in configs/fgvc/da_vpt.py, which holds the per-task values `RELEASED` this file
+shares.
 
 Expected: the mean test top-1 over the five tasks should reach the published DA-VPT+ FGVC mean
 91.94 (ViT-B/16 ImageNet-21k).
@@ -24,8 +25,9 @@ _spec = importlib.util.spec_from_file_location(
 _base = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_base)
 RELEASED, NUM_CLASSES = _base.RELEASED, _base.NUM_CLASSES
+PUBLISHED = 91.94  # FGVC mean over the five tasks (%)
 
 
 def get_config(arg=None):
   return _base.make_config(arg, benchmark="fgvc", table=RELEASED, num_classes=NUM_CLASSES,
-                           plus=True, default_task="cub", default_protocol="fgvc")
+                           plus=True, default_task="cub")

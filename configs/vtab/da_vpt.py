@@ -3,16 +3,17 @@
     python -m jvt.main --config=configs/vtab/da_vpt.py:task=cifar100 \
         --workdir=runs/da_vpt/cifar100 --config.dataset.data_dir=~/tensorflow_datasets
 
-arg: task=<one of RELEASED>, preset=code|paper, protocol=vtab_final (train800val200 -> test,
-last epoch; `vtab_legacy_max_test` is what the released code reports, `vtab_tune` the
-train800 -> val200 stage), seed=0, pretrained=<ViT-B/16 AugReg ImageNet-21k npz> (timm's
-`vit_base_patch16_224.augreg_in21k`, the released code's backbone).
+    python -m jvt.sweep --config=configs/vtab/da_vpt.py:task=cifar100 --root=runs/da_vpt/cifar100
+
+arg keys as in configs/fgvc/da_vpt.py (task=<one of RELEASED>, protocol=vtab_final:
+train800val200 -> test at the last epoch; `vtab_legacy_max_test` is what the released code
+reports; plus `lists` for NOAH-format folders).
 
 Expected: over the 19 tasks the mean of the three group means should reach the published
 DA-VPT VTAB-1k 74.69 (ViT-B/16 ImageNet-21k); 100 epochs of batch 32 on 1000 images take a few
 minutes per task on one GPU. The released configs cover 16 tasks: svhn, sun397 and kitti_dist
-have none (the error lists the others). The authors' runs train the released bias set too:
-`da_vpt_plus.py` holds the same values with bias tuning (published 76.14).
+have none (the error lists the others). Every released config also switches bias tuning on
+(DA-VPT+): this file runs their values without it, `da_vpt_plus.py` with it (published 76.14).
 
 `RELEASED` holds, per task, the values of Noahsark/DA-VPT `configs/vtab/vitb_*.yaml` as that
 code reads them (fields as in configs/fgvc/da_vpt.py, which also holds the shared builder).
@@ -95,8 +96,9 @@ RELEASED = {
                               refresh_from_epoch=11),
 }
 NUM_CLASSES = {task: vtab.VTAB_TASKS[task].num_classes for task in RELEASED}
+PUBLISHED = 74.69  # VTAB-1k mean of the three group means (%)
 
 
 def get_config(arg=None):
   return _base.make_config(arg, benchmark="vtab", table=RELEASED, num_classes=NUM_CLASSES,
-                           plus=False, default_task="cifar100", default_protocol="vtab_final")
+                           plus=False, default_task="cifar100")

@@ -3,9 +3,11 @@
     python -m jvt.main --config=configs/vtab/da_vpt_plus.py:task=cifar100 \
         --workdir=runs/da_vpt_plus/cifar100 --config.dataset.data_dir=~/tensorflow_datasets
 
-arg: task=<one of RELEASED>, preset=code|paper, protocol=vtab_final, seed=0,
-pretrained=<ViT-B/16 AugReg ImageNet-21k npz> (see configs/vtab/da_vpt.py, which holds the
-per-task values `RELEASED` this file shares).
+    python -m jvt.sweep --config=configs/vtab/da_vpt_plus.py:task=cifar100 \
+        --root=runs/da_vpt_plus/cifar100
+
+arg keys as in configs/vtab/da_vpt.py, which holds the per-task values `RELEASED` this file
+shares.
 
 Expected: over the 19 tasks the mean of the three group means should reach the published
 DA-VPT+ VTAB-1k 76.14 (ViT-B/16 ImageNet-21k); 16 tasks have released values.
@@ -25,9 +27,9 @@ _spec = importlib.util.spec_from_file_location(
 _vtab = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_vtab)
 RELEASED, NUM_CLASSES = _vtab.RELEASED, _vtab.NUM_CLASSES
+PUBLISHED = 76.14  # VTAB-1k mean of the three group means (%)
 
 
 def get_config(arg=None):
   return _vtab._base.make_config(arg, benchmark="vtab", table=RELEASED, num_classes=NUM_CLASSES,
-                                 plus=True, default_task="cifar100",
-                                 default_protocol="vtab_final")
+                                 plus=True, default_task="cifar100")

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jvt.davpt.mapping import accumulate_class_sums, class_means, compute_mapping, finalize_class_means
+from jvt.davpt.mapping import (accumulate_class_sums, class_means, compute_mapping,
+                               finalize_class_means)
 from jvt.losses import da_vpt as da_vpt_loss
 from jvt.losses.proxy_anchor import l2_normalize
 from jvt.models.spec import TuningSpec
