@@ -19,7 +19,7 @@ PROTOCOLS = ("last", "best_val", "legacy_max_test")
 def base_config() -> ml_collections.ConfigDict:
   """Every field the trainer reads, with defaults. Durations: total_steps OR total_epochs."""
   c = ml_collections.ConfigDict()
-  c.job = "train"  # "train" | "demo"
+  c.job = "train"  # "train" | "demo" | "distill_demo"
   c.seed = 0
 
   c.model = ml_collections.ConfigDict()
@@ -50,6 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.num_classes = -1  # -1 = from the data source
   c.dataset.sampler = "shuffle"  # "shuffle" | "balanced"
   c.dataset.images_per_class = 2  # balanced sampler
+  c.dataset.cache = False  # keep decoded examples in memory (small sets read many times)
 
   c.batch_size = 128
   c.eval_batch_size = 256
@@ -79,7 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
   c.max_to_keep = 2
-  c.keep_checkpoints = True  # False: remove run checkpoints after a finished run
+  c.keep_checkpoints = True  # False: delete checkpoints/ once the run has finished
   c.write_plots = True
   c.progress_bar = True
   c.overwrite = False  # allow a workdir that holds a run of a different config

@@ -36,7 +36,7 @@ from jvt.objectives import CrossEntropy, ObjectiveContext
 PyTree = Any
 log = logging.getLogger("jvt.distill")
 
-FEATURE_TOKENS = ("cls", "mean")
+FEATURE_TOKENS = ("cls", "mean", "patches")
 _FIELD = "config.distill.teacher"
 
 
@@ -212,10 +212,12 @@ def _layers(values, num_layers: int, field: str, who: str) -> tuple[int, ...]:
 
 
 def _token(tokens: jax.Array, which: str, num_patches: int) -> jax.Array:
-  """[B, T, D] block output -> [B, D]: the [CLS] token or the mean of the image tokens."""
+  """[B, T, D] block output -> the [CLS] token [B, D], the mean of the image tokens [B, D] or
+  the image tokens [B, N, D] (prompts excluded: the image tokens are the last N)."""
   if which == "cls":
     return tokens[:, 0].astype(jnp.float32)
-  return jnp.mean(tokens[:, -num_patches:].astype(jnp.float32), axis=1)  # prompts excluded
+  patches = tokens[:, -num_patches:].astype(jnp.float32)  # [B, N, D]
+  return patches if which == "patches" else jnp.mean(patches, axis=1)
 
 
 class DistillationObjective(CrossEntropy):
@@ -299,6 +301,11 @@ class DistillationObjective(CrossEntropy):
                                   "student")
     self.teacher_layers = _layers(t_layers, self.teacher.model.num_layers, "teacher_layers",
                                   "teacher")
+    if self.feature_token == "patches" and self.student.patch_size != self.teacher.model.patch_size:
+      raise ValueError(
+          f"config.distill.feature_token='patches' matches image tokens one to one, but the "
+          f"student's patch size is {self.student.patch_size} and the teacher's "
+          f"{self.teacher.model.patch_size}: use feature_token='cls' or 'mean'.")
     ds, dt, k = self.student.hidden_size, self.teacher.model.hidden_size, len(s_layers)
     hint = f"add dict(method='distill_proj', dim={dt}, num={k}) to config.tuning"
     if tuning.distill_proj_dim == 0 and ds != dt:
@@ -340,8 +347,8 @@ class DistillationObjective(CrossEntropy):
     proj = aux.get("distill_proj")
     losses = []
     for k, (ls, lt) in enumerate(zip(self.student_layers, self.teacher_layers)):
-      fs = _token(aux["blocks"][ls]["tokens"], self.feature_token, n_s)  # [B, D_s]
-      ft = _token(teacher_aux["blocks"][lt]["tokens"], self.feature_token, n_t)  # [B, D_t]
+      fs = _token(aux["blocks"][ls]["tokens"], self.feature_token, n_s)  # [B, (N,) D_s]
+      ft = _token(teacher_aux["blocks"][lt]["tokens"], self.feature_token, n_t)  # [B, (N,) D_t]
       if proj is not None:
         fs = fs @ proj["kernel"][k].astype(jnp.float32) + proj["bias"][k].astype(jnp.float32)
       losses.append(feature_distill_loss(fs, ft, kind=self.feature_kind))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import collections
 import re
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -170,6 +170,8 @@ def make_optimizer(opt: Mapping[str, Any], rules: Sequence[Rule], *, total_steps
   name = opt.pop("name", "sgd")
   if name not in OPTIMIZERS:
     raise ValueError(f"optimizer.name={name!r}; allowed: {OPTIMIZERS}.")
+  if "lr" not in opt:
+    raise ValueError("optimizer.lr is required (the peak learning rate of the schedule).")
   lr, wd = float(opt.pop("lr")), float(opt.pop("weight_decay", 0.0))
   warmup = int(opt.pop("warmup_steps", 0))
   kind = opt.pop("schedule", "cosine")
@@ -178,7 +180,12 @@ def make_optimizer(opt: Mapping[str, Any], rules: Sequence[Rule], *, total_steps
   b1, b2, eps = opt.pop("b1", 0.9), opt.pop("b2", 0.999), opt.pop("eps", 1e-8)
   nesterov = opt.pop("nesterov", False)
   if opt:
-    raise ValueError(f"optimizer: unknown field(s) {sorted(opt)}.")
+    raise ValueError(f"optimizer: unknown field(s) {sorted(opt)}; allowed: name, lr, "
+                     "weight_decay, momentum, nesterov, b1, b2, eps, schedule, warmup_steps, "
+                     "clip_norm, clip_value.")
+  if name == "adam" and wd:
+    raise ValueError(f"optimizer.name='adam' has no weight decay (weight_decay={wd}): use "
+                     "name='adamw' or weight_decay=0.")
   # The optimizer may see a subtree: drop the "must match" flags of users' rules here.
   rules = tuple((r[0], r[1]) for r in rules)
   names = {r[1] for r in rules}

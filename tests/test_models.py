@@ -12,8 +12,8 @@ import jvt
 from jvt.models import CAPTURE_KEYS, DAVPTSpec, TuningSpec
 from jvt.models.vit import Encoder1DBlock, Prompts
 
-from conftest import (IMAGE, NUM_CLASSES, SMALL, NumpyViT, flat, images, jit_apply, random_like,
-                      small_model, small_params, unflat)
+from conftest import (IMAGE, NUM_CLASSES, SMALL, NumpyViT, flat, images, jit_apply, small_model,
+                      small_params, unflat)
 
 ATOL = 1e-5
 
@@ -286,6 +286,21 @@ def test_vpt_deep_zero_prompts_is_the_plain_backbone():
   x = images()
   np.testing.assert_array_equal(run(vpt, params, x, capture=())[0],
                                 run(plain, params, x, capture=())[0])
+
+
+def test_prompt_dropout_per_image_and_deterministic_backbone():
+  x = np.repeat(images(1), 2, axis=0)  # two identical images
+  rngs = {"dropout": jax.random.key(1)}
+  drop = small_model(dict(method="vpt", num_prompts=4, dropout=0.5), num_layers=1)
+  params = small_params(drop)
+  train, _ = jit_apply(drop)({"params": params}, x, train=True, rngs=rngs)
+  evaluated, _ = jit_apply(drop)({"params": params}, x)
+  assert not np.allclose(train[0], train[1], atol=1e-4)  # a dropout mask per image
+  np.testing.assert_array_equal(evaluated[0], evaluated[1])
+  # Without prompt dropout, train mode changes nothing: the backbone runs deterministically.
+  keep = small_model(dict(method="vpt", num_prompts=4), num_layers=1)
+  train, _ = jit_apply(keep)({"params": params}, x, train=True, rngs=rngs)
+  np.testing.assert_allclose(train, evaluated, atol=1e-6)
 
 
 def _uniform_bound_checks(tokens, bound):

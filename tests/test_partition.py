@@ -10,6 +10,7 @@ import pytest
 
 import jvt
 from jvt import partition
+from jvt.tuning import resolve_tuning
 
 from conftest import IMAGE, NUM_CLASSES, flat, images, random_like, small_model, unflat
 
@@ -228,6 +229,24 @@ def test_trainer_style_subtree_gradients_adamw():
   _check_moved_and_frozen(params, partition.merge_params(new, frozen), mask)
 
 
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_weight_decay_masks_and_group_multipliers(name):
+  """Zero gradients at step 0: the update is the decoupled weight decay alone, -lr * wd * p
+  (sgd adds wd * p to the gradient, then -lr * that), for matrices only."""
+  tree = {"cls": np.ones((1, 1, 4), np.float32), "prompt": np.ones((2, 4), np.float32),
+          "head": {"kernel": np.ones((4, 3), np.float32), "bias": np.ones(3, np.float32)},
+          "embedding": {"kernel": np.ones((2, 2, 3, 4), np.float32)}}
+  rules = (("head/.*", "head"), ("cls", "cls"), ("prompt", "prompt"), (".*", "frozen"))
+  tx = partition.make_optimizer(dict(name=name, lr=0.1, weight_decay=0.5, momentum=0.0), rules,
+                                total_steps=10, groups={"head": dict(lr_mult=2.0, wd_mult=3.0)})
+  zeros = jax.tree.map(np.zeros_like, tree)
+  updates, _ = tx.update(zeros, tx.init(tree), tree)
+  np.testing.assert_allclose(updates["head"]["kernel"], -(0.1 * 2.0) * (0.5 * 3.0), rtol=1e-6)
+  np.testing.assert_allclose(updates["prompt"], -0.1 * 0.5, rtol=1e-6)
+  for leaf in (updates["head"]["bias"], updates["cls"], updates["embedding"]["kernel"]):
+    np.testing.assert_array_equal(leaf, 0.0)  # no decay for biases / [CLS]; frozen
+
+
 def test_schedule_warmup_then_cosine():
   sched = partition.make_schedule(1.0, total_steps=12, warmup_steps=2, kind="cosine")
   np.testing.assert_allclose(sched(0), 0.0)
@@ -242,7 +261,10 @@ def test_schedule_warmup_then_cosine():
 
 @pytest.mark.parametrize("opt,kwargs,match", [
     (dict(name="rmsprop", lr=0.1), {}, r"optimizer.name='rmsprop'; allowed: \('sgd', 'adamw'"),
-    (dict(name="sgd", lr=0.1, beta=0.9), {}, r"optimizer: unknown field\(s\) \['beta'\]"),
+    (dict(name="sgd", lr=0.1, beta=0.9), {},
+     r"optimizer: unknown field\(s\) \['beta'\]; allowed: name, lr"),
+    (dict(name="adam", lr=0.1, weight_decay=0.1), {}, r"'adam' has no weight decay.*adamw"),
+    (dict(name="sgd"), {}, r"optimizer.lr is required"),
     (dict(name="sgd", lr=0.1), dict(groups={"prompts": {}}),
      r"groups \['prompts'\] are no label of this tuning; labels: \['head', 'prompt'\]"),
     (dict(name="sgd", lr=0.1), dict(groups={"head": dict(lr=2.0)}),
@@ -250,7 +272,7 @@ def test_schedule_warmup_then_cosine():
     (dict(name="sgd", lr=0.1, schedule="step"), {}, r"schedule='step'; allowed"),
 ])
 def test_make_optimizer_bad_input(opt, kwargs, match):
-  rules = jvt.tuning.resolve_tuning(dict(method="vpt"), 12).rules
+  rules = resolve_tuning(dict(method="vpt"), 12).rules
   with pytest.raises(ValueError, match=match):
     partition.make_optimizer(opt, rules, total_steps=10, **kwargs)
 

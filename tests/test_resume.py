@@ -126,3 +126,20 @@ def test_overwrite_deletes_a_run_of_another_config(train_data_dir, reference_run
   run_dir.start()
   assert sorted(os.listdir(workdir)) == ["config.json"]
   assert '"lr": 0.01' in (workdir / "config.json").read_text()
+
+
+def test_finished_run_without_checkpoints_is_not_retrained(train_data_dir, reference_run,
+                                                           tmp_path):
+  """keep_checkpoints=False deleted the checkpoints: rerunning is refused (not retrained over
+  the results); a workdir with only a config.json (stopped before any checkpoint) is reused."""
+  workdir = tmp_path / "done"
+  shutil.copytree(reference_run, workdir)
+  shutil.rmtree(workdir / "checkpoints")
+  config = tiny_config(train_data_dir, **REFERENCE)
+  with pytest.raises(FileExistsError, match="finished run of this config.*keep_checkpoints"):
+    RunDirectory(str(workdir), config)
+  for name in ("final_metrics.json", "export", "tb", "metrics.jsonl"):
+    path = workdir / name
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+  RunDirectory(str(workdir), tiny_config(train_data_dir, lr=0.01)).start()
+  assert '"lr": 0.01' in (workdir / "config.json").read_text()

@@ -107,14 +107,14 @@ def test_build_is_idempotent_and_rebuilds_on_new_settings(tiny_dir):
   stamp = os.stat(info).st_mtime_ns
   synthetic.build_synthetic(tiny_dir, **TINY)
   assert os.stat(info).st_mtime_ns == stamp
-  rebuilt = synthetic.build_synthetic(tiny_dir, **{**TINY, "image_size": 16, "num_train": 8})
+  rebuilt = synthetic.build_synthetic(tiny_dir, **{**TINY, "image_size": 24, "num_train": 8})
   assert rebuilt.info.splits["train"].num_examples == 8
-  assert rebuilt.as_data_source("test")[0]["image"].shape == (16, 16, 3)
+  assert rebuilt.as_data_source("test")[0]["image"].shape == (24, 24, 3)
   synthetic.build_synthetic(tiny_dir, **TINY)  # restore for the other tests
 
 
 def test_cli(tmp_path, capsys):
   synthetic.main([f"--data_dir={tmp_path}", "--num_train=4", "--num_validation=2",
-                  "--num_test=2", "--image_size=16"])
+                  "--num_test=2", "--image_size=24"])
   assert "'train': 4" in capsys.readouterr().out
   assert len(tfds.builder("jvt_synthetic", data_dir=str(tmp_path)).as_data_source("test")) == 2

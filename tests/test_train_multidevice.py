@@ -12,7 +12,6 @@ import socket
 import subprocess
 
 import numpy as np
-import pytest
 
 from helpers_train import (REFERENCE, REPO, cli_args, cli_env, load_trainable, read_jsonl,  # noqa: F401
                            reference_run, run_cli, train_data_dir)

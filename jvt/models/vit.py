@@ -177,14 +177,15 @@ class Prompts(nn.Module):
     self.dropout = nn.Dropout(s.prompt_dropout)
 
   def __call__(self, layer: int, batch: int, deterministic: bool):
-    """Prompts for block `layer`, broadcast to [batch, M, D]."""
+    """Prompts for block `layer`, broadcast to [batch, M, D]; dropout draws a mask per image
+    (as VPT drops out the expanded prompts)."""
     p = self.tokens[f"block_{layer}"]
     if self.spec.prompt_l2norm:
       p = p / jnp.linalg.norm(p, axis=-1, keepdims=True)
     if self.spec.prompt_proj_dim:
       p = self.proj(p)
-    p = self.dropout(p, deterministic=deterministic)
-    return jnp.broadcast_to(p.astype(self.dtype)[None], (batch, *p.shape))
+    p = jnp.broadcast_to(p.astype(self.dtype)[None], (batch, *p.shape))
+    return self.dropout(p, deterministic=deterministic)
 
 
 def prompt_attention_mask(num_tokens: int, num_prompts: int):
