@@ -32,13 +32,15 @@ def _near_palette(image):
   return diff.max(-1) <= 45
 
 
-def test_rendered_labels_match_the_pixels():
+@pytest.mark.parametrize("size", [32, 64])
+def test_rendered_labels_match_the_pixels(size):
   for i in range(40):
-    image, labels = synthetic.render_example(np.random.default_rng(i), 32)
-    assert image.shape == (32, 32, 3) and image.dtype == np.uint8
-    near = _near_palette(image)  # [6, 32, 32]
+    image, labels = synthetic.render_example(np.random.default_rng(i), size)
+    assert image.shape == (size, size, 3) and image.dtype == np.uint8
+    near = _near_palette(image)  # [6, S, S]
     assert np.argmax(near.sum((1, 2))) == labels["color"]
-    obj = near[labels["color"]].reshape(2, 16, 2, 16).sum((1, 3)).ravel()  # per quadrant
+    half = size // 2
+    obj = near[labels["color"]].reshape(2, half, 2, half).sum((1, 3)).ravel()  # per quadrant
     assert np.sum(obj >= 5) == labels["count"] + 1
     assert np.argmax(obj) == labels["position"]
     assert 0 <= labels["shape"] < 4
