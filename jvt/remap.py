@@ -32,6 +32,7 @@ initialisation to train (with or without distillation), not a compressed copy.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 from typing import Any, Sequence
@@ -217,6 +218,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument("--teacher_workdir", default="", help="a finished jvt run")
   parser.add_argument("--teacher", default="", help="or a checkpoint file (.npz/.safetensors)")
   parser.add_argument("--variant", default="B/16", help="--teacher's variant")
+  parser.add_argument("--overrides", default="{}",
+                      help='--teacher\'s other ViT fields as JSON, e.g. \'{"num_layers": 6}\'')
   parser.add_argument("--image_size", type=int, default=224)
   parser.add_argument("--blocks", default="", help="e.g. 0,2,4 (default: evenly spaced)")
   parser.add_argument("--num_layers", type=int, default=0)
@@ -226,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument("--out", required=True, help="the student's .npz")
   a = parser.parse_args(argv)
   cfg = ml_collections.ConfigDict(dict(workdir=a.teacher_workdir, path=a.teacher, format="",
-                                       variant=a.variant, overrides={}))
+                                       variant=a.variant, overrides=json.loads(a.overrides)))
   teacher = load_teacher(cfg, image_size=a.image_size, default_variant=a.variant,
                          default_num_classes=1)
   blocks = tuple(int(b) for b in a.blocks.split(",")) if a.blocks else None

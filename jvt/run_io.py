@@ -194,7 +194,7 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 class _Progress:
-  """A tqdm bar (step, loss, img/s, ETA), or nothing."""
+  """A tqdm bar (step, loss, img/s, share of time waiting for input, ETA), or nothing."""
 
   def __init__(self, total, initial, enabled):
     self.bar = None
@@ -212,7 +212,8 @@ class _Progress:
   def update_metrics(self, host: dict):
     if self.bar is not None:
       self.bar.set_postfix(loss=f"{host.get('loss', float('nan')):.4f}",
-                           img_s=f"{host.get('img_per_s', 0.0):.1f}", refresh=False)
+                           img_s=f"{host.get('img_per_s', 0.0):.1f}",
+                           input_wait=f"{host.get('input_wait_frac', 0.0):.0%}", refresh=False)
 
   def close(self):
     if self.bar is not None:

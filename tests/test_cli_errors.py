@@ -151,12 +151,13 @@ def test_nan_loss_stops_with_step_range_and_keeps_last_checkpoint(train_data_dir
 
 
 def test_demo_job_quick_run(env, tmp_path):
-  """The embedded demo, shrunk: pretrain 2 steps, tune a linear probe 2 steps."""
+  """The embedded demo, shrunk: a 1-block ViT pretrained 2 steps, a linear probe tuned 2."""
   workdir = tmp_path / "demo"
   argv = [sys.executable, "-m", "jvt.main",
           f"--config={REPO}/configs/demo.py:steps=2,pretrain_steps=2,methods=linear,"
           "num_train=64,num_validation=16,num_test=16",
           "--config.train.write_plots=False", "--config.train.eval_batch_size=16",
+          "--config.train.batch_size=16", "--config.train.model.overrides.num_layers=1",
           f"--workdir={workdir}"]
   proc = run_cli(argv, env)
   assert "| linear |" in proc.stdout

@@ -294,13 +294,11 @@ def test_prompt_dropout_per_image_and_deterministic_backbone():
   drop = small_model(dict(method="vpt", num_prompts=4, dropout=0.5), num_layers=1)
   params = small_params(drop)
   train, _ = jit_apply(drop)({"params": params}, x, train=True, rngs=rngs)
-  evaluated, _ = jit_apply(drop)({"params": params}, x)
   assert not np.allclose(train[0], train[1], atol=1e-4)  # a dropout mask per image
-  np.testing.assert_array_equal(evaluated[0], evaluated[1])
   # Without prompt dropout, train mode changes nothing: the backbone runs deterministically.
   keep = small_model(dict(method="vpt", num_prompts=4), num_layers=1)
   train, _ = jit_apply(keep)({"params": params}, x, train=True, rngs=rngs)
-  np.testing.assert_allclose(train, evaluated, atol=1e-6)
+  np.testing.assert_allclose(train, NumpyViT(params)(x)[0], atol=ATOL, rtol=0)
 
 
 def _uniform_bound_checks(tokens, bound):

@@ -67,8 +67,8 @@ class SyntheticSettings:
   seed: int = 0
 
   def __post_init__(self):
-    if self.image_size < 24:  # smaller objects would be a few pixels
-      raise ValueError(f"image_size must be >= 24, got {self.image_size}.")
+    if self.image_size < 16:  # below 24 px the small objects are only a few pixels
+      raise ValueError(f"image_size must be >= 16, got {self.image_size}.")
     for split in SPLITS:
       if getattr(self, f"num_{split}") < 1:
         raise ValueError(f"num_{split} must be >= 1.")
