@@ -8,12 +8,14 @@ tasks on the same pixels:
   count     4 classes: 1..4 objects (label = count - 1)
   position  4 classes: quadrant of the largest object (top_left, top_right, bottom_left,
             bottom_right)
+  shape_color  24 classes: the joint (shape, colour) label, a fine-grained "upstream" task
+            (the demo pretrains on it, as ImageNet-21k pretraining precedes VTAB tasks)
 Each task is learnable by a tiny ViT in minutes on a CPU. The four factors are drawn
 independently, so a backbone pretrained on one task becomes invariant to the others; tuning it
 for another task then depends on what its frozen features still hold (docs/data.md gives
 measured numbers).
 
-The builder writes array_record files under `<data_dir>/jvt_synthetic/1.0.0/` and needs no
+The builder writes array_record files under `<data_dir>/jvt_synthetic/1.1.0/` and needs no
 download and no TensorFlow; read it back with `tfds.builder("jvt_synthetic", data_dir=...)`
 or `jvt.data.sources.get_source`. Build it with `build_synthetic(data_dir)` or
 `python -m jvt.data.synthetic --data_dir=DIR`.
@@ -34,7 +36,7 @@ import PIL.Image
 import tensorflow_datasets as tfds
 
 NAME = "jvt_synthetic"
-_VERSION = "1.0.0"
+_VERSION = "1.1.0"
 SHAPES = ("square", "disc", "triangle", "cross")
 COLORS = {  # name -> RGB
     "red": (220, 40, 40),
@@ -46,7 +48,9 @@ COLORS = {  # name -> RGB
 }
 POSITIONS = ("top_left", "top_right", "bottom_left", "bottom_right")
 COUNTS = ("1", "2", "3", "4")
-TASKS = {"shape": SHAPES, "color": tuple(COLORS), "count": COUNTS, "position": POSITIONS}
+SHAPE_COLORS = tuple(f"{shape}_{color}" for shape in SHAPES for color in COLORS)
+TASKS = {"shape": SHAPES, "color": tuple(COLORS), "count": COUNTS, "position": POSITIONS,
+         "shape_color": SHAPE_COLORS}
 SPLITS = ("train", "validation", "test")
 
 # Object radii as fractions of the image side: the first object is larger than the others.
@@ -98,7 +102,7 @@ def _shape_mask(shape: str, cy: float, cx: float, r: float, size: int) -> np.nda
 
 
 def render_example(rng: np.random.Generator, image_size: int) -> tuple[np.ndarray, dict]:
-  """Draws one image uint8 [S, S, 3] and its labels {shape, color, count, position}."""
+  """Draws one image uint8 [S, S, 3] and its labels {shape, color, count, position, shape_color}."""
   s = image_size
   shape = int(rng.integers(len(SHAPES)))
   color = int(rng.integers(len(COLORS)))
@@ -120,7 +124,8 @@ def render_example(rng: np.random.Generator, image_size: int) -> tuple[np.ndarra
     canvas[mask] = rgb + rng.uniform(-_COLOR_JITTER, _COLOR_JITTER, size=3)
   canvas += rng.normal(0.0, rng.uniform(*_NOISE_STD), size=canvas.shape)
   image = np.clip(np.round(canvas), 0, 255).astype(np.uint8)
-  labels = dict(shape=shape, color=color, count=count - 1, position=int(quadrants[0]))
+  labels = dict(shape=shape, color=color, count=count - 1, position=int(quadrants[0]),
+                shape_color=shape * len(COLORS) + color)
   return image, labels
 
 
@@ -135,7 +140,7 @@ class JvtSynthetic(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   name = NAME
   VERSION = tfds.core.Version(_VERSION)
-  RELEASE_NOTES = {_VERSION: "Shapes, colours, counts and positions on noise."}
+  RELEASE_NOTES = {_VERSION: "Shapes, colours, counts and positions on noise; joint shape_color label."}
   # Nothing is downloaded, so there is no checksums file next to the code. TFDS 4.9 looks
   # for one through `code_path`, which for a builder inside a package needs the
   # `importlib_resources` backport; None skips that look-up.
@@ -181,7 +186,7 @@ def _built_settings(version_dir) -> Optional[dict]:
 def build_synthetic(data_dir: str, *, num_train: int = 2000, num_validation: int = 500,
                     num_test: int = 500, image_size: int = 32,
                     seed: int = 0) -> tfds.core.DatasetBuilder:
-  """Writes `jvt_synthetic` to `<data_dir>/jvt_synthetic/1.0.0/` and returns its builder.
+  """Writes `jvt_synthetic` to `<data_dir>/jvt_synthetic/1.1.0/` and returns its builder.
 
   Idempotent: files built with the same settings are reused. Files built with other
   settings are replaced (logged), since this set is cheap to regenerate. Build once before
