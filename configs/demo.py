@@ -17,8 +17,8 @@ from jvt.config_lib import base_config, parse_arg
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, steps=150, pretrain_steps=300, methods="linear+vpt_deep+da_vpt",
-                num_train=2000, num_validation=250, num_test=500)
+  a = parse_arg(arg, task="shape", steps=150, pretrain_steps=300,
+                methods="linear+vpt_deep+da_vpt", num_train=2000, num_validation=250, num_test=500)
   train = base_config()
   train.model.variant = "Ti/16"
   train.model.image_size = 32
@@ -51,7 +51,7 @@ def get_config(arg=None):
   c.demo.pretrain_task = "shape_color"
   c.demo.pretrain_steps = a.pretrain_steps
   c.demo.pretrain_lr = 1e-3
-  c.demo.task = "shape"
+  c.demo.task = a.task
   c.demo.tune_steps = a.steps
   c.demo.methods = tuple(a.methods.split("+"))
   c.demo.method_configs = dict(

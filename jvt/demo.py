@@ -64,11 +64,26 @@ def _train(config, workdir: str) -> tuple[dict, float]:
   return final, wall
 
 
+def export_backbone(run_workdir: str, npz_path: str) -> str:
+  """Saves a fully trained run's weights, head dropped, as a vision_transformer npz backbone.
+
+  run_workdir: the workdir of a `method="full"` run (its `export/trainable.npz` holds every
+  weight). The written file loads with `jvt.load_pretrained` like `ViT-B_16.npz`.
+  """
+  import numpy as np
+  from flax import traverse_util
+  from jvt.checkpoints import save_npz
+  with np.load(os.path.join(run_workdir, "export", "trainable.npz")) as exported:
+    params = traverse_util.unflatten_dict(dict(exported), sep="/")
+  params.pop("head")  # the pretraining task's head is not part of a backbone checkpoint
+  save_npz(npz_path, params)
+  return npz_path
+
+
 def run_demo(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """Runs the demo described in the module docstring; returns the table rows."""
   import jax
   from jvt import viz
-  from jvt.checkpoints import save_npz
   from jvt.data.synthetic import build_synthetic
 
   demo = config.demo
@@ -89,13 +104,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
                         total_steps=demo.pretrain_steps, lr=demo.pretrain_lr, pretrained="")
   pre, _ = _train(pre_cfg, pretrain_dir)
   if not os.path.exists(npz) and jax.process_index() == 0:
-    import numpy as np
-    from jvt.partition import merge_params
-    from flax import traverse_util
-    exported = np.load(os.path.join(pretrain_dir, "export", "trainable.npz"))
-    params = traverse_util.unflatten_dict(dict(exported), sep="/")
-    params.pop("head")  # the pretraining head is not part of a backbone checkpoint
-    save_npz(npz, merge_params(params, {}))
+    export_backbone(pretrain_dir, npz)
   print(f"      pretrained: test accuracy {pre['test_accuracy']:.3f} on "
         f"{demo.pretrain_task!r}; saved {npz}", flush=True)
 

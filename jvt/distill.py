@@ -83,10 +83,21 @@ def _build(variant: str, num_classes: int, tuning, dtype, overrides: dict):
   return build_model(variant, num_classes, tuning=tuning, dtype=dtype, remat="none", **overrides)
 
 
+def _initial(model, key: jax.Array, image_size: int, covered: set[str]) -> PyTree:
+  """The model's initial parameters, or zeros of their shapes when every leaf is in `covered`
+  (about to be replaced by file values): XLA compiles `model.init` in seconds, not for free."""
+  from jvt.models import init_params, param_shapes
+  shapes = traverse_util.flatten_dict(param_shapes(model, image_size), sep="/")
+  if set(shapes) <= covered:
+    return traverse_util.unflatten_dict(
+        {k: np.zeros(v.shape, v.dtype) for k, v in shapes.items()}, sep="/")
+  return init_params(model, key, image_size)
+
+
 def _from_workdir(workdir: str, image_size: int, dtype) -> Teacher:
   """The model a finished jvt run trained: its config.json, backbone file and trained leaves."""
-  from jvt.checkpoints import load_pretrained
-  from jvt.models import init_params
+  from jvt.checkpoints import formats, load_pretrained
+  from jvt.models import param_shapes
   workdir = os.path.abspath(workdir)
   config_path = os.path.join(workdir, "config.json")
   export = os.path.join(workdir, "export", "trainable.npz")
@@ -119,8 +130,12 @@ def _from_workdir(workdir: str, image_size: int, dtype) -> Teacher:
   model = _build(model_cfg["variant"], num_classes, cfg.get("tuning"), dtype,
                  dict(model_cfg.get("overrides") or {}))
   own_size = int(model_cfg["image_size"])
-  params = init_params(model, jax.random.key(int(cfg.get("seed", 0))), own_size)
   backbone = pre.get("path") or ""
+  shapes = traverse_util.flatten_dict(param_shapes(model, own_size), sep="/")
+  from_file = {k for k in shapes if backbone and formats.is_backbone_leaf(k)
+               and not k.startswith(("head/", "pre_logits/", "fc_norm/"))}
+  params = _initial(model, jax.random.key(int(cfg.get("seed", 0))), own_size,
+                    from_file | set(trained))
   if backbone:
     if not os.path.exists(backbone):
       raise FileNotFoundError(
@@ -155,7 +170,6 @@ def _from_path(path: str, fmt: str, variant: str, overrides: dict, image_size: i
                default_num_classes: int, dtype, posemb_interpolation: str) -> Teacher:
   """A plain ViT from one checkpoint file; its head (when present) gives the logits."""
   from jvt.checkpoints import formats, load_pretrained
-  from jvt.models import init_params
   if not os.path.exists(path):
     raise FileNotFoundError(f"{_FIELD}.path={path!r}: no such file. Give an existing checkpoint "
                             f"(.npz / .safetensors) or a finished run with {_FIELD}.workdir.")
@@ -165,7 +179,7 @@ def _from_path(path: str, fmt: str, variant: str, overrides: dict, image_size: i
   has_head = head is not None
   num_classes = int(np.shape(head)[-1]) if has_head else default_num_classes
   model = probe.clone(num_classes=num_classes)
-  params = init_params(model, jax.random.key(0), image_size)
+  params = _initial(model, jax.random.key(0), image_size, set(arrays))
   params = load_pretrained(path, params, model, format=fmt or None,
                            posemb_interpolation=posemb_interpolation, keep_head=has_head,
                            log=log.debug)

@@ -272,7 +272,8 @@ def test_test_accuracy_is_exact(finished_run, official_npz):
   fn = get_preprocess(config.dataset.preprocess, DATA["image_size"], train=False)
   images = np.stack([fn(source[i]["image"], None) for i in range(len(source))])
   labels = np.asarray([source[i]["label"] for i in range(len(source))])
-  logits, _ = model.apply({"params": params}, images, train=False)
+  logits, _ = jax.jit(model.apply, static_argnames="train")({"params": params}, images,
+                                                            train=False)
   expected = float(np.mean(np.argmax(np.asarray(logits), -1) == labels))
   assert len(source) == 32
   assert finished_run["final"]["test_accuracy"] == pytest.approx(expected, abs=1e-9)
