@@ -170,6 +170,12 @@ def _synthetic_source(ds_cfg: Any, split: str) -> TfdsSource:
   return TfdsSource(builder, split, label_key=task)
 
 
+def _declared_classes(ds_cfg: Any) -> Optional[int]:
+  """config's dataset.num_classes when set (> 0); None (from the data) for the -1 default."""
+  value = _get(ds_cfg, "num_classes")
+  return int(value) if value is not None and int(value) > 0 else None
+
+
 def _generic_tfds_source(builder_name: str, ds_cfg: Any, split: str) -> TfdsSource:
   data_dir = _get(ds_cfg, "data_dir")
   how = (f"Prepare it as array_record, e.g. `tfds build {builder_name.split(':')[0]} "
@@ -178,7 +184,7 @@ def _generic_tfds_source(builder_name: str, ds_cfg: Any, split: str) -> TfdsSour
   builder = _tfds_builder(builder_name, data_dir, how)
   return TfdsSource(builder, split, label_key=_get(ds_cfg, "label_key", "label"),
                     image_key=_get(ds_cfg, "image_key", "image"),
-                    num_classes=_get(ds_cfg, "num_classes"))
+                    num_classes=_declared_classes(ds_cfg))
 
 
 def get_source(ds_cfg: Any, split: str) -> Source:
