@@ -73,10 +73,8 @@ def _param_count(variant: str, num_classes: int, overrides: dict) -> int:
 def run_distill_demo(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """Runs the demo described in the module docstring; returns the table rows."""
   import jax
-  import numpy as np
-  from flax import traverse_util
-  from jvt.checkpoints import save_npz
   from jvt.data.synthetic import build_synthetic
+  from jvt.demo import export_backbone
   from jvt.distill import load_teacher
   from jvt.remap import remap_teacher
 
@@ -99,10 +97,7 @@ def run_distill_demo(config: ml_collections.ConfigDict, workdir: str) -> list[di
   pre_dir = os.path.join(workdir, "runs", "pretrain")
   _train(pre_cfg, pre_dir)
   if not os.path.exists(backbone) and jax.process_index() == 0:
-    with np.load(os.path.join(pre_dir, "export", "trainable.npz")) as f:
-      params = traverse_util.unflatten_dict({k: f[k] for k in f.files}, sep="/")
-    params.pop("head")  # the pretraining task's head is not part of a backbone checkpoint
-    save_npz(backbone, params)
+    export_backbone(pre_dir, backbone)
 
   print(f"[2/4] tuning the teacher on {demo.task!r} with {demo.teacher_tuning.to_dict()}",
         flush=True)

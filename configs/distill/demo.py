@@ -17,8 +17,9 @@ from jvt.config_lib import base_config, parse_arg
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, steps=300, teacher_steps=200, pretrain_steps=300, weight=0.7,
-                temperature=2.0)
+  a = parse_arg(arg, task="shape", pretrain_task="shape_color", steps=300, lr=3e-3,
+                teacher="full", teacher_steps=600, teacher_lr=1e-3, pretrain_steps=300,
+                weight=0.7, temperature=2.0)
   train = base_config()
   train.model.variant = "Ti/16"
   train.model.image_size = 32
@@ -48,17 +49,19 @@ def get_config(arg=None):
   c.demo.num_validation = 250
   c.demo.num_test = 500
   c.demo.data_seed = 0
-  c.demo.pretrain_task = "count"
+  c.demo.pretrain_task = a.pretrain_task
   c.demo.pretrain_steps = a.pretrain_steps
   c.demo.pretrain_lr = 1e-3
-  c.demo.task = "shape"
-  c.demo.teacher_tuning = dict(method="lora", rank=4, alpha=4.0,
-                               targets=("query", "value", "mlp_in", "mlp_out"))
+  c.demo.task = a.task
+  c.demo.teacher_tuning = dict(
+      full=dict(method="full"),
+      lora=dict(method="lora", rank=4, alpha=4.0, targets=("query", "value", "mlp_in", "mlp_out")),
+  )[a.teacher]
   c.demo.teacher_steps = a.teacher_steps
-  c.demo.teacher_lr = 1e-2
+  c.demo.teacher_lr = a.teacher_lr
   c.demo.student_overrides = dict(hidden_size=48, mlp_dim=96, num_heads=2, num_layers=2,
                                   patch_size=8)
   c.demo.student_steps = a.steps
-  c.demo.student_lr = 1e-3
+  c.demo.student_lr = a.lr
   c.demo.distill = dict(weight=a.weight, temperature=a.temperature)
   return c
