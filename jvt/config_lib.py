@@ -46,7 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.train_split = "train"
   c.dataset.val_split = ""  # "" = no validation
   c.dataset.test_split = "test"  # "" = no test
-  c.dataset.preprocess = "vtab"  # "vtab" | "fgvc" | "vit" | "vit_aug"
+  c.dataset.preprocess = "vtab"  # a jvt.data.preprocess preset: "vtab" | "fgvc" | "da_vpt_fgvc" | ...
   c.dataset.num_classes = -1  # -1 = from the data source
   c.dataset.sampler = "shuffle"  # "shuffle" | "balanced"
   c.dataset.images_per_class = 2  # balanced sampler
