@@ -67,9 +67,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.momentum = 0.9
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.999
+  # "cosine" | "linear" | "constant": warm-up, then decay over the rest; "cosine_timm": timm's
+  # per-update cosine over all steps with the warm-up laid over its start (DA-VPT's released
+  # code). See jvt.partition.make_schedule.
   c.optimizer.schedule = "cosine"
   c.optimizer.warmup_epochs = 0.0
   c.optimizer.warmup_steps = -1  # >= 0 overrides warmup_epochs
+  c.optimizer.warmup_init_lr = 0.0  # the warm-up starts here (timm's warmup_lr), absolute
+  c.optimizer.min_lr = 0.0  # the decay ends here (timm's min_lr), absolute
+  c.optimizer.decay_cls = False  # weight decay on [CLS] when it trains (DA-VPT+'s release: True)
   c.optimizer.clip_norm = -1.0  # <= 0: off
   c.optimizer.clip_value = -1.0  # <= 0: off
   # Per-group multipliers, e.g. {"head": {"lr_mult": 1.0, "wd_mult": 5.0}}.

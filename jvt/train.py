@@ -114,6 +114,10 @@ def _optimizer_dict(config, warmup: int) -> dict:
     lr *= config.batch_size / opt.base_batch_size
   out = dict(name=opt.name, lr=lr, weight_decay=float(opt.weight_decay),
              schedule=opt.schedule, warmup_steps=warmup)
+  for key, default in (("warmup_init_lr", 0.0), ("min_lr", 0.0), ("decay_cls", False)):
+    value = opt.get(key, default)  # configs written before these fields existed lack them
+    if value != default:
+      out[key] = type(default)(value)
   if opt.name == "sgd":
     out["momentum"] = float(opt.momentum)
   else:
@@ -270,7 +274,7 @@ def setup(config, *, num_classes: int, steps_per_epoch: int,
   opt = _optimizer_dict(config, warmup)
   tx = partition.make_optimizer(opt, rules, total_steps=total_steps,
                                 groups=config.optimizer.groups.to_dict())
-  schedule = partition.make_schedule(opt["lr"], total_steps, warmup, opt["schedule"])
+  schedule = partition.optimizer_schedule(opt, total_steps)
   objective = objectives_lib.make_objective(model, config)
   replicate = lambda tree: sharding.replicate_tree(tree, mesh)  # noqa: E731
   frozen_r, trainable_r = replicate(frozen), replicate(trainable)
