@@ -6,20 +6,24 @@ patches, 197 tokens), independently of jvt's partition rules.
 """
 import functools
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import jax
 import ml_collections
 import pytest
 
 import jvt
-from jvt import partition, sweep
+from jvt import config_lib, partition, sweep
 from jvt.config_lib import load_config
 from jvt.train import model_from_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BENCHMARKS = ("vtab", "fgvc")
-FILES = [(b, p.stem) for b in BENCHMARKS for p in sorted((REPO / "configs" / b).glob("*.py"))]
+FILES = [(b, p.stem) for b in BENCHMARKS for p in sorted((REPO / "configs" / b).glob("*.py"))
+         if not p.stem.startswith("_")]
 OURS = ("vpt_shallow", "vpt_deep", "lora", "adapter", "adaptformer", "bitfit", "ssf", "linear",
         "full")
 # Tasks every file serves (the DA-VPT files cover only the tasks with released values). The
@@ -239,3 +243,71 @@ def test_sweep_cli_reads_the_config_sweep(tmp_path, capsys):
   commands = capsys.readouterr().out.strip().splitlines()
   assert len(commands) == 40
   assert commands[0].endswith("--config.optimizer.lr=50.0 --config.optimizer.weight_decay=0.01")
+
+
+# ----------------------------------------------------------------------------- the config loader
+def test_config_files_import_common_as_a_package():
+  """No config file loads another by file path; `configs` is a package."""
+  for path in (REPO / "configs").rglob("*.py"):
+    text = path.read_text()
+    assert "spec_from_file_location" not in text and "exec_module" not in text, path
+  for folder in ("configs", "configs/vtab", "configs/fgvc", "configs/distill"):
+    assert (REPO / folder / "__init__.py").is_file()
+
+
+def test_split_spec():
+  assert config_lib.split_spec("configs/vtab/vpt_deep.py:task=dtd,lr=0.5") == (
+      "configs/vtab/vpt_deep.py", "task=dtd,lr=0.5")
+  assert config_lib.split_spec("configs/demo.py") == ("configs/demo.py", None)
+  assert config_lib.split_spec("/a:b/c.py:x=1") == ("/a:b/c.py", "x=1")
+  assert config_lib.split_spec("c.py:") == ("c.py", "")
+  assert sweep.split_config_arg("c.py:x") == ("c.py", "x")
+
+
+def test_loader_from_another_directory_in_a_fresh_interpreter(tmp_path):
+  """A config given by path loads from any working directory (its package is taken from the
+  file's folders), with or without an arg; main's --config flag uses the same loader."""
+  script = (
+      "import sys\n"
+      "from jvt.config_lib import load_config\n"
+      f"c = load_config({str(REPO / 'configs/vtab/vpt_deep.py')!r} + ':task=dtd')\n"
+      "assert c.dataset.name == 'vtab/dtd', c.dataset.name\n"
+      f"d = load_config({str(REPO / 'configs/fgvc/da_vpt_plus.py')!r})\n"
+      "assert d.method == 'da_vpt_plus'\n"
+      "import configs\n"
+      f"assert configs.__path__[0] == {str(REPO / 'configs')!r}, configs.__path__\n"
+      "from jvt import main\n"
+      f"argv = ['jvt', '--config={REPO}/configs/vtab/lora.py:task=dtd,rank=2', '--workdir=w',\n"
+      "        '--config.optimizer.lr=0.5']\n"
+      "sys.argv = argv  # absl reads the overrides from sys.argv, as on a command line\n"
+      "main._parse_flags(argv)\n"
+      "assert (main.FLAGS.config.tuning.rank, main.FLAGS.config.optimizer.lr) == (2, 0.5)\n"
+      "assert main.FLAGS.config.is_locked\n"
+      "print('ok')\n")
+  env = {**os.environ, "PYTHONPATH": str(REPO)}
+  out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_loader_lone_file_and_errors(tmp_path):
+  lone = tmp_path / "cfg.py"
+  lone.write_text("import ml_collections\n"
+                  "def get_config(arg=None):\n  return ml_collections.ConfigDict({'arg': arg})\n")
+  assert config_lib.load_config(f"{lone}:x=1").arg == "x=1"
+  assert config_lib.load_config(str(lone)).arg is None
+  with pytest.raises(FileNotFoundError, match="no config file"):
+    config_lib.load_config(str(tmp_path / "missing.py") + ":a=1")
+  empty = tmp_path / "empty.py"
+  empty.write_text("X = 1\n")
+  with pytest.raises(ValueError, match="defines no get_config"):
+    config_lib.load_config(str(empty))
+  # A second, different `configs` package in the same process is refused by name.
+  other = tmp_path / "configs"
+  (other / "vtab").mkdir(parents=True)
+  (other / "__init__.py").write_text("")
+  (other / "vtab" / "__init__.py").write_text("")
+  (other / "vtab" / "x.py").write_text("def get_config(arg=None):\n  return None\n")
+  config_lib.load_config_module(str(REPO / "configs" / "vtab" / "linear.py"))
+  with pytest.raises(ValueError, match="different package 'configs'"):
+    config_lib.load_config_module(str(other / "vtab" / "x.py"))

@@ -38,17 +38,10 @@ scale_ratio; xavier/8 prompt init; k-means on layer-normed class means. Not repr
 stochastic depth (`drop_path` 0.1 on cub; jvt's ViT has none), fp16 autocast, random-crop
 augmentation of the mapping images, weight decay on [CLS].
 """
-import importlib.util
-import os
-
 import ml_collections
 
+from configs import common
 from jvt.data import fgvc
-
-_spec = importlib.util.spec_from_file_location("jvt_configs_common", os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
 
 AUGREG_B16_IN21K = "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz"
 PUBLISHED = 91.22  # FGVC mean over the five tasks (%)

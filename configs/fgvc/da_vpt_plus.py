@@ -17,13 +17,7 @@ of norm1, [CLS] and, because the released name test matches `patch_embed.proj.bi
 `proj.bias`, the patch-embedding bias. preset=paper trains the K and V biases and [CLS] only.
 Every other paper / released-code difference is as in configs/fgvc/da_vpt.py.
 """
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location(
-    "jvt_configs_fgvc_da_vpt", os.path.join(os.path.dirname(os.path.abspath(__file__)), "da_vpt.py"))
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+from configs.fgvc import da_vpt as _base
 RELEASED, NUM_CLASSES = _base.RELEASED, _base.NUM_CLASSES
 PUBLISHED = 91.94  # FGVC mean over the five tasks (%)
 

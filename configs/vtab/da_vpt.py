@@ -36,16 +36,8 @@ reproduced: stochastic depth (`drop_path` 0.1 on caltech101, cifar100, clevr_cou
 dmlab, dtd, pets, smallnorb_azi), fp16 autocast, the released VTAB resize (bicubic shorter
 side + center crop; jvt's `vtab` preprocess resizes to 224 x 224 bilinear).
 """
-import importlib.util
-import os
-
+from configs.fgvc import da_vpt as _base
 from jvt.data import vtab
-
-_spec = importlib.util.spec_from_file_location(
-    "jvt_configs_fgvc_da_vpt",
-    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fgvc", "da_vpt.py"))
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
 released = _base.released
 
 RELEASED = {

@@ -19,13 +19,7 @@ patch_camelyon, eurosat, resisc45, retinopathy, clevr_count, clevr_dist, dmlab, 
 smallnorb_azi through a `rules` entry). preset=paper trains the K and V biases and [CLS].
 Every other paper / released-code difference is as in configs/vtab/da_vpt.py.
 """
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location(
-    "jvt_configs_vtab_da_vpt", os.path.join(os.path.dirname(os.path.abspath(__file__)), "da_vpt.py"))
-_vtab = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_vtab)
+from configs.vtab import da_vpt as _vtab
 RELEASED, NUM_CLASSES = _vtab.RELEASED, _vtab.NUM_CLASSES
 PUBLISHED = 76.14  # VTAB-1k mean of the three group means (%)
 

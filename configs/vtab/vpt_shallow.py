@@ -23,13 +23,7 @@ dropout. Prompt length: VPT chose it per task from {1, 5, 10, 50, 100, 200} (val
 outside the paper); the default 50 is the middle of the 10-100 range its ablation found best;
 set it per task with `num_prompts=N`.
 """
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("jvt_configs_common", os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from configs import common
 
 TUNING = dict(method="vpt", deep=False, num_prompts=50, dropout=0.0)
 RECIPE = common.SGD_VTAB
