@@ -19,7 +19,7 @@ import types
 
 import ml_collections
 
-PROTOCOLS = ("last", "best_val", "legacy_max_test")
+from jvt.protocols import SELECTIONS as PROTOCOLS  # the values of `config.protocol`
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -52,7 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.train_split = "train"
   c.dataset.val_split = ""  # "" = no validation
   c.dataset.test_split = "test"  # "" = no test
-  c.dataset.preprocess = "vtab"  # a jvt.data.preprocess preset: "vtab" | "fgvc" | "da_vpt_fgvc" | ...
+  c.dataset.preprocess = "vtab"  # a jvt.data.preprocess.PRESETS name: "vtab", "fgvc", ...
   c.dataset.num_classes = -1  # -1 = from the data source
   c.dataset.sampler = "shuffle"  # "shuffle" | "balanced"
   c.dataset.images_per_class = 2  # balanced sampler
@@ -87,7 +87,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Per-group multipliers, e.g. {"head": {"lr_mult": 1.0, "wd_mult": 5.0}}.
   c.optimizer.groups = ml_collections.ConfigDict()
 
-  c.protocol = "last"  # "last" | "best_val" | "legacy_max_test"
+  # The epoch whose metrics the run reports: "last_epoch" | "best_val_epoch" |
+  # "legacy_max_test_epoch" (jvt.protocols.SELECTIONS; the former names "last", "best_val",
+  # "legacy_max_test" still work). Not a benchmark protocol: those (vtab_tune, fgvc, ...) are
+  # the `protocol=` arg of configs/{vtab,fgvc}/*.py, which sets this field and the splits.
+  c.protocol = "last_epoch"
   c.eval_every_epochs = 1.0  # <= 0: only at the end
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500

@@ -15,6 +15,8 @@ Bias set: preset=code trains what the released configs switch on (`bias_k, bias_
 bias_fc2, bias_norm2, norm_norm1, train_cls`): K, V, attention-out, fc2 and norm2 biases, all
 of norm1, [CLS] and, because the released name test matches `patch_embed.proj.bias` as a
 `proj.bias`, the patch-embedding bias. preset=paper trains the K and V biases and [CLS] only.
+As in the released code (`utils.param_groups_weight_decay`: `cls_token` is neither 1-D nor a
+bias), the trained [CLS] gets the prompts' weight decay (`optimizer.decay_cls`).
 Every other paper / released-code difference is as in configs/fgvc/da_vpt.py.
 """
 from configs.fgvc import da_vpt as _base
