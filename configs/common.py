@@ -8,15 +8,17 @@ its `TUNING` dict, its `RECIPE` (one of the presets below) and `PUBLISHED`, and 
               vision_transformer ImageNet-21k file; pass `pretrained=PATH` or
               `--config.pretrained.path=PATH`)
   data        `vtab/<task>` with the `vtab` preprocess (224 x 224 resize, ImageNet mean/std) or
-              `fgvc/<task>` with the `fgvc` preprocess (resize 256, crop 224, flip in training);
+              `fgvc/<task>` with the `fgvc` preprocess (shorter side 256, crop 224, flip in
+              training);
               the class count comes from the data (`dataset.num_classes = -1`)
-  protocol    the splits and reported epoch of `jvt.protocols` (VTAB default `vtab_final`,
-              FGVC `fgvc`)
+  protocol    the benchmark protocol of `jvt.protocols`: splits and the trainer's epoch
+              selection `config.protocol` (VTAB default `vtab_final`, FGVC `fgvc`)
   optimizer   the recipe: SGD / AdamW, cosine schedule with linear warm-up, epochs, batch,
               `optimizer.base_batch_size` (> 0: the trainer uses lr * batch / base_batch_size)
   method      `config.method`, the row name jvt.results prints ("vpt_deep")
   sweep       `config.sweep`, the runs of the protocol, read by `python -m jvt.sweep` when no
-              --sweep is given: nested fields whose leaves are lists of values
+              --sweep is given: nested fields whose leaves are lists of values (the grid:
+              lr x wd, plus the file's `tune_grid`, e.g. VPT's prompt lengths)
 
 `arg` keys (e.g. "task=dtd,protocol=vtab_tune"): task, protocol, seed, pretrained, data_dir
 (TFDS data directory, or the FGVC json root; "" = TFDS's default), lists (VTAB only: a folder
