@@ -7,7 +7,7 @@ setuptools.setup(
     description="Visual tuning (VPT, DA-VPT, adapters, LoRA, BitFit, SSF, distillation) of ViTs in JAX/Flax.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=setuptools.find_packages(include=["jvt", "jvt.*"]),
+    packages=setuptools.find_packages(include=["jvt", "jvt.*", "configs", "configs.*"]),
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10.0",

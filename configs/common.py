@@ -8,15 +8,17 @@ its `TUNING` dict, its `RECIPE` (one of the presets below) and `PUBLISHED`, and 
               vision_transformer ImageNet-21k file; pass `pretrained=PATH` or
               `--config.pretrained.path=PATH`)
   data        `vtab/<task>` with the `vtab` preprocess (224 x 224 resize, ImageNet mean/std) or
-              `fgvc/<task>` with the `fgvc` preprocess (resize 256, crop 224, flip in training);
+              `fgvc/<task>` with the `fgvc` preprocess (shorter side 256, crop 224, flip in
+              training);
               the class count comes from the data (`dataset.num_classes = -1`)
-  protocol    the splits and reported epoch of `jvt.protocols` (VTAB default `vtab_final`,
-              FGVC `fgvc`)
+  protocol    the benchmark protocol of `jvt.protocols`: splits and the trainer's epoch
+              selection `config.protocol` (VTAB default `vtab_final`, FGVC `fgvc`)
   optimizer   the recipe: SGD / AdamW, cosine schedule with linear warm-up, epochs, batch,
               `optimizer.base_batch_size` (> 0: the trainer uses lr * batch / base_batch_size)
   method      `config.method`, the row name jvt.results prints ("vpt_deep")
   sweep       `config.sweep`, the runs of the protocol, read by `python -m jvt.sweep` when no
-              --sweep is given: nested fields whose leaves are lists of values
+              --sweep is given: nested fields whose leaves are lists of values (the grid:
+              lr x wd, plus the file's `tune_grid`, e.g. VPT's prompt lengths)
 
 `arg` keys (e.g. "task=dtd,protocol=vtab_tune"): task, protocol, seed, pretrained, data_dir
 (TFDS data directory, or the FGVC json root; "" = TFDS's default), lists (VTAB only: a folder
@@ -28,7 +30,7 @@ everything a sweep needs besides its own overrides is an arg key.
 """
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import ml_collections
 
@@ -71,6 +73,9 @@ class Recipe:
 # placeholders); wd 1e-4 is `base-prompt.yaml`'s.
 VPT_LRS = (50.0, 25.0, 10.0, 5.0, 2.5, 1.0, 0.5, 0.25, 0.1, 0.05)
 VPT_WDS = (0.01, 0.001, 0.0001, 0.0)
+# VPT searched the prompt length per task too (paper, Sec. 4 and its supplement): the VPT
+# files add it to their tuning grid, `tune_grid={"tuning.num_prompts": VPT_PROMPT_LENGTHS}`.
+VPT_PROMPT_LENGTHS = (1, 5, 10, 50, 100, 200)
 SGD_FGVC = Recipe(optimizer="sgd", lr=1.0, weight_decay=1e-4, batch_size=128,
                   tune_lr=VPT_LRS, tune_wd=VPT_WDS, base_batch_size=256)
 # VTAB-1k: batch 64 (1000 training images: 16 steps per epoch instead of 8; the lr rule keeps
@@ -109,15 +114,27 @@ def _tuning_args(tuning: Mapping[str, Any]) -> dict[str, Any]:
   return {k: v for k, v in fields.items() if type(v) in (bool, int, float, str)}
 
 
-def _sweep_spec(kind: str, recipe: Recipe, protocol) -> dict:
-  if kind == "grid":
-    return {"optimizer": {"lr": list(recipe.tune_lr), "weight_decay": list(recipe.tune_wd)}}
-  return {"seed": list(protocol.seeds)}
+def _sweep_spec(kind: str, recipe: Recipe, protocol,
+                tune_grid: Mapping[str, Sequence[Any]] | None) -> dict:
+  """The `sweep` field: nested config fields whose leaves are lists of values. grid: lr x wd
+  (an empty tuple of the recipe leaves the field out) x `tune_grid` (dotted field -> values)."""
+  if kind != "grid":
+    return {"seed": list(protocol.seeds)}
+  grid = {}
+  for dotted, values in (("optimizer.lr", recipe.tune_lr),
+                         ("optimizer.weight_decay", recipe.tune_wd), *(tune_grid or {}).items()):
+    if values:
+      *parents, leaf = dotted.split(".")
+      node = grid
+      for part in parents:
+        node = node.setdefault(part, {})
+      node[leaf] = list(values)
+  return grid
 
 
 def _make(arg: str | None, *, benchmark: str, tasks: Mapping[str, Any], default_task: str,
-          default_protocol: str, name: str, tuning: Mapping[str, Any],
-          recipe: Recipe) -> ml_collections.ConfigDict:
+          default_protocol: str, name: str, tuning: Mapping[str, Any], recipe: Recipe,
+          tune_grid: Mapping[str, Sequence[Any]] | None = None) -> ml_collections.ConfigDict:
   tuning_args = _tuning_args(tuning)
   common = dict(task=default_task, protocol=default_protocol, seed=0, pretrained=PRETRAINED,
                 data_dir="", lr=float(recipe.lr), wd=float(recipe.weight_decay), sweep="")
@@ -155,7 +172,7 @@ def _make(arg: str | None, *, benchmark: str, tasks: Mapping[str, Any], default_
   for key, value in protocol.config_overrides().items():
     _set(c, key, value)
   c.eval_every_epochs = _EVAL_EVERY_EPOCHS[
-      "tune" if tuning_stage else "last" if protocol.selection == "last" else "curve"]
+      "tune" if tuning_stage else "last" if protocol.selection == "last_epoch" else "curve"]
 
   c.batch_size = recipe.batch_size
   c.total_epochs = float(recipe.epochs)
@@ -168,22 +185,27 @@ def _make(arg: str | None, *, benchmark: str, tasks: Mapping[str, Any], default_
   c.optimizer.warmup_epochs = float(recipe.warmup_epochs)
 
   kind = a.sweep or ("grid" if tuning_stage else "seeds")
-  c.sweep = _sweep_spec(kind, recipe, protocol)
+  c.sweep = _sweep_spec(kind, recipe, protocol, tune_grid)
   c.lock()
   return c
 
 
-def vtab_config(arg: str | None, *, name: str, tuning: Mapping[str, Any],
-                recipe: Recipe) -> ml_collections.ConfigDict:
+def vtab_config(arg: str | None, *, name: str, tuning: Mapping[str, Any], recipe: Recipe,
+                tune_grid: Mapping[str, Sequence[Any]] | None = None
+                ) -> ml_collections.ConfigDict:
   """The locked trainer config of method `name` on one VTAB-1k task (default cifar100,
-  protocol vtab_final: train800val200 -> test at the last epoch)."""
+  protocol vtab_final: train800val200 -> test at the last epoch). `tune_grid` adds fields to
+  the tuning grid (e.g. {"tuning.num_prompts": (1, 5, 10)})."""
   return _make(arg, benchmark="vtab", tasks=vtab.VTAB_TASKS, default_task="cifar100",
-               default_protocol="vtab_final", name=name, tuning=tuning, recipe=recipe)
+               default_protocol="vtab_final", name=name, tuning=tuning, recipe=recipe,
+               tune_grid=tune_grid)
 
 
-def fgvc_config(arg: str | None, *, name: str, tuning: Mapping[str, Any],
-                recipe: Recipe) -> ml_collections.ConfigDict:
+def fgvc_config(arg: str | None, *, name: str, tuning: Mapping[str, Any], recipe: Recipe,
+                tune_grid: Mapping[str, Sequence[Any]] | None = None
+                ) -> ml_collections.ConfigDict:
   """The locked trainer config of method `name` on one FGVC task (default cub, protocol fgvc:
-  train -> test at the best-val epoch)."""
+  train -> test at the best-val epoch). `tune_grid` as in `vtab_config`."""
   return _make(arg, benchmark="fgvc", tasks=fgvc.FGVC_TASKS, default_task="cub",
-               default_protocol="fgvc", name=name, tuning=tuning, recipe=recipe)
+               default_protocol="fgvc", name=name, tuning=tuning, recipe=recipe,
+               tune_grid=tune_grid)

@@ -1,19 +1,25 @@
-"""The base training config every `configs/*.py` file starts from, and its argument parser.
+"""The base training config every `configs/*.py` file starts from, its argument parser, and
+the one loader of config files (`load_config("path/to/config.py:arg")`).
 
 A config file's `get_config(arg=None)` calls `base_config()`, sets what it needs and returns
 it; `arg` is a short string of sweepable choices ("method=vpt_deep,seed=1") parsed by
 `parse_arg`. The config is locked, so a typo'd key is an error both in files and on the
-command line (`--config.optimizer.lr=0.1`).
+command line (`--config.optimizer.lr=0.1`). `jvt.main`, `jvt.sweep` and the tests load config
+files through `load_config` / `load_config_module` only.
 """
 from __future__ import annotations
 
 import difflib
+import hashlib
+import importlib
 import importlib.util
 import os
+import sys
+import types
 
 import ml_collections
 
-PROTOCOLS = ("last", "best_val", "legacy_max_test")
+from jvt.protocols import SELECTIONS as PROTOCOLS  # the values of `config.protocol`
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -46,7 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.train_split = "train"
   c.dataset.val_split = ""  # "" = no validation
   c.dataset.test_split = "test"  # "" = no test
-  c.dataset.preprocess = "vtab"  # "vtab" | "fgvc" | "vit" | "vit_aug"
+  c.dataset.preprocess = "vtab"  # a jvt.data.preprocess.PRESETS name: "vtab", "fgvc", ...
   c.dataset.num_classes = -1  # -1 = from the data source
   c.dataset.sampler = "shuffle"  # "shuffle" | "balanced"
   c.dataset.images_per_class = 2  # balanced sampler
@@ -67,15 +73,25 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.momentum = 0.9
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.999
+  # "cosine" | "linear" | "constant": warm-up, then decay over the rest; "cosine_timm": timm's
+  # per-update cosine over all steps with the warm-up laid over its start (DA-VPT's released
+  # code). See jvt.partition.make_schedule.
   c.optimizer.schedule = "cosine"
   c.optimizer.warmup_epochs = 0.0
   c.optimizer.warmup_steps = -1  # >= 0 overrides warmup_epochs
+  c.optimizer.warmup_init_lr = 0.0  # the warm-up starts here (timm's warmup_lr), absolute
+  c.optimizer.min_lr = 0.0  # the decay ends here (timm's min_lr), absolute
+  c.optimizer.decay_cls = False  # weight decay on [CLS] when it trains (DA-VPT+'s release: True)
   c.optimizer.clip_norm = -1.0  # <= 0: off
   c.optimizer.clip_value = -1.0  # <= 0: off
   # Per-group multipliers, e.g. {"head": {"lr_mult": 1.0, "wd_mult": 5.0}}.
   c.optimizer.groups = ml_collections.ConfigDict()
 
-  c.protocol = "last"  # "last" | "best_val" | "legacy_max_test"
+  # The epoch whose metrics the run reports: "last_epoch" | "best_val_epoch" |
+  # "legacy_max_test_epoch" (jvt.protocols.SELECTIONS; the former names "last", "best_val",
+  # "legacy_max_test" still work). Not a benchmark protocol: those (vtab_tune, fgvc, ...) are
+  # the `protocol=` arg of configs/{vtab,fgvc}/*.py, which sets this field and the splits.
+  c.protocol = "last_epoch"
   c.eval_every_epochs = 1.0  # <= 0: only at the end
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
@@ -143,18 +159,83 @@ def check_override_path(config: ml_collections.ConfigDict, path: str) -> None:
     node, seen = node[part], f"{seen}.{part}"
 
 
+def split_spec(spec: str) -> tuple[str, str | None]:
+  """"path/to/config.py:arg" -> ("path/to/config.py", "arg"); no ":" after ".py" -> (spec, None).
+
+  Only a ":" right after ".py" starts the arg, so paths holding ":" elsewhere stay whole.
+  """
+  path, sep, arg = spec.partition(".py:")
+  if sep:
+    return path + ".py", arg
+  return spec, None
+
+
+def _package_of(path: str) -> tuple[str, str | None]:
+  """(root folder, dotted module name) of a .py file inside a package (folders holding
+  __init__.py up to root); (folder, None) for a file outside any package."""
+  folder, stem = os.path.split(path)
+  parts = [os.path.splitext(stem)[0]]
+  while os.path.isfile(os.path.join(folder, "__init__.py")):
+    folder, name = os.path.split(folder)
+    parts.insert(0, name)
+  return folder, (".".join(parts) if len(parts) > 1 else None)
+
+
+def _import_package(name: str, directory: str) -> None:
+  """Imports package `name` from `directory` (not from sys.path), unless imported already from
+  there; another package of that name already imported is an error."""
+  loaded = sys.modules.get(name)
+  if loaded is not None:
+    where = [os.path.realpath(p) for p in getattr(loaded, "__path__", [])]
+    if os.path.realpath(directory) not in where:
+      raise ValueError(f"cannot load configs from {directory}: a different package {name!r} "
+                       f"is imported already (from {', '.join(where) or loaded!r}). Load "
+                       "config files of one checkout (or installation) per process.")
+    return
+  spec = importlib.util.spec_from_file_location(
+      name, os.path.join(directory, "__init__.py"), submodule_search_locations=[directory])
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module
+  try:
+    spec.loader.exec_module(module)
+  except BaseException:
+    del sys.modules[name]
+    raise
+
+
+def load_config_module(path: str) -> types.ModuleType:
+  """Imports the config file at `path` (the one loader of config files in jvt).
+
+  A file inside a package (e.g. `configs/vtab/vpt_deep.py`, `configs/` holding __init__.py) is
+  imported as that package's module (`configs.vtab.vpt_deep`) with the packages taken from the
+  file's own folders, so `from configs import common` inside it works from any working
+  directory, whether jvt is installed or not. A file outside any package is executed on its
+  own. Raises FileNotFoundError for a missing file.
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no config file {path!r} (looked in {os.path.abspath(path)}).")
+  path = os.path.abspath(path)
+  root, dotted = _package_of(path)
+  if dotted is None:
+    name = "jvt_config_" + hashlib.sha1(path.encode()).hexdigest()[:12]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+  packages = dotted.split(".")[:-1]
+  for i in range(len(packages)):
+    _import_package(".".join(packages[:i + 1]), os.path.join(root, *packages[:i + 1]))
+  return importlib.import_module(dotted)
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
-  """`"path/to/config.py[:arg]"` -> the file's `get_config(arg)`, as `--config=spec` loads it.
+  """`"path/to/config.py[:arg]"` -> the file's `get_config(arg)` (`get_config()` without arg),
+  as `--config=spec` loads it in `jvt.main` and `jvt.sweep`.
 
   Raises FileNotFoundError for a missing file and ValueError for a file without get_config.
   """
-  path, sep, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"--config={spec}: no config file {path!r} (looked in "
-                            f"{os.path.abspath(path)}).")
-  module_spec = importlib.util.spec_from_file_location("jvt_config_file", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  path, arg = split_spec(spec)
+  module = load_config_module(path)
   if not hasattr(module, "get_config"):
     raise ValueError(f"--config={spec}: {path} defines no get_config(arg=None).")
-  return module.get_config(arg) if sep else module.get_config()
+  return module.get_config(arg) if arg is not None else module.get_config()

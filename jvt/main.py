@@ -23,8 +23,24 @@ from absl import app, flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
+
+
+class _ConfigFileParser(flags.ArgumentParser):
+  """`--config=path.py[:arg]` read by jvt's one config loader (`jvt.config_lib.load_config`)."""
+
+  def parse(self, argument):
+    from jvt.config_lib import load_config
+    config = load_config(argument)
+    config.lock()
+    return config
+
+  def flag_type(self):
+    return "config object"
+
+
 config_flags.DEFINE_config_file("config", None, "Path to a config file (optionally :arg).",
                                 lock_config=True)
+FLAGS["config"].parser = _ConfigFileParser()
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and exports.")
 flags.DEFINE_bool("jax_distributed", False,
                   "Call jax.distributed.initialize() (multi-host TPU pods, SLURM GPU clusters).")

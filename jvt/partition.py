@@ -12,10 +12,12 @@ branch is `optax.set_to_zero()` (no state), valid over the full tree and the tra
 from __future__ import annotations
 
 import collections
+import functools
 import re
 from typing import Any, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import traverse_util
@@ -126,29 +128,69 @@ def _is_backbone(path: str) -> bool:
   return re.fullmatch(BACKBONE_LEAVES, path) is not None
 
 
-def _decay_mask(tree: PyTree) -> PyTree:
-  """Weight decay applies to matrices/tensors only: not to biases, norms, 1-D leaves."""
+def _decay_mask(tree: PyTree, decay_cls: bool = False) -> PyTree:
+  """Weight decay applies to matrices/tensors only: not to biases, norms, 1-D leaves; the
+  [CLS] token ([1, 1, D]) only with `decay_cls` (DA-VPT+'s released code decays it)."""
   flat = _flat(tree)
   return traverse_util.unflatten_dict(
       {k: (np.ndim(v) > 1 and not k.endswith(("/bias", "/scale", "ssf_shift", "ssf_scale"))
-           and k != "cls") for k, v in flat.items()}, sep="/")
+           and (decay_cls or k != "cls")) for k, v in flat.items()}, sep="/")
+
+
+SCHEDULES = ("cosine", "cosine_timm", "linear", "constant")
 
 
 def make_schedule(lr: float, total_steps: int, warmup_steps: int = 0,
-                  kind: str = "cosine", end_factor: float = 0.0) -> optax.Schedule:
-  """Linear warm-up then cosine / linear decay to `end_factor * lr`, or a constant."""
+                  kind: str = "cosine", end_factor: float = 0.0, *,
+                  warmup_init_lr: float = 0.0, min_lr: float = 0.0) -> optax.Schedule:
+  """The learning rate at step t (the t-th update, from 0) of one schedule form.
+
+  cosine, linear: linear warm-up from `warmup_init_lr` to `lr` over `warmup_steps`, THEN a
+    cosine / linear decay over the remaining `total_steps - warmup_steps` to the end value.
+  cosine_timm: timm's `CosineLRScheduler` stepped per update (`sched_on_updates`, no
+    `warmup_prefix`), as DA-VPT's released code runs it: the cosine spans all `total_steps`
+    and the warm-up is laid over its start,
+      lr(t) = warmup_init_lr + t (lr - warmup_init_lr) / warmup_steps    t < warmup_steps
+            = min_lr + (lr - min_lr) (1 + cos(pi t / total_steps)) / 2   t < total_steps
+            = min_lr                                                      afterwards.
+  constant: `lr` after the warm-up.
+  The end value is `min_lr` (absolute, as timm's) or `end_factor * lr`; give one of the two.
+  """
+  if kind not in SCHEDULES:
+    raise ValueError(f"schedule={kind!r}; allowed: {', '.join(repr(k) for k in SCHEDULES)}.")
+  if min_lr and end_factor:
+    raise ValueError(f"make_schedule: give min_lr ({min_lr}) or end_factor ({end_factor}), "
+                     "not both.")
+  end = float(min_lr) if min_lr else lr * end_factor
+  if kind == "cosine_timm":
+    total, warmup = max(int(total_steps), 1), int(warmup_steps)
+
+    def schedule(step):
+      t = jnp.asarray(step, jnp.float32)
+      warm = warmup_init_lr + t * (lr - warmup_init_lr) / max(warmup, 1)
+      cosine = end + 0.5 * (lr - end) * (1.0 + jnp.cos(jnp.pi * t / total))
+      return jnp.where(t < warmup, warm, jnp.where(t < total, cosine, end))
+
+    return schedule
+  decay_steps = max(total_steps - warmup_steps, 1)
   if kind == "constant":
     main = optax.constant_schedule(lr)
   elif kind == "cosine":
-    main = optax.cosine_decay_schedule(lr, max(total_steps - warmup_steps, 1), alpha=end_factor)
-  elif kind == "linear":
-    main = optax.linear_schedule(lr, lr * end_factor, max(total_steps - warmup_steps, 1))
+    main = optax.cosine_decay_schedule(lr, decay_steps, alpha=end / lr if lr else 0.0)
   else:
-    raise ValueError(f"schedule={kind!r}; allowed: 'cosine', 'linear', 'constant'.")
+    main = optax.linear_schedule(lr, end, decay_steps)
   if warmup_steps <= 0:
     return main
-  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), main],
+  return optax.join_schedules([optax.linear_schedule(warmup_init_lr, lr, warmup_steps), main],
                               [warmup_steps])
+
+
+def optimizer_schedule(opt: Mapping[str, Any], total_steps: int) -> optax.Schedule:
+  """The schedule `make_optimizer(opt, ...)` gives a group without an lr multiplier."""
+  return make_schedule(float(opt["lr"]), total_steps, int(opt.get("warmup_steps", 0)),
+                       opt.get("schedule", "cosine"),
+                       warmup_init_lr=float(opt.get("warmup_init_lr", 0.0)),
+                       min_lr=float(opt.get("min_lr", 0.0)))
 
 
 OPTIMIZERS = ("sgd", "adamw", "adam", "lamb")
@@ -160,11 +202,15 @@ def make_optimizer(opt: Mapping[str, Any], rules: Sequence[Rule], *, total_steps
   """optax.partition: each trainable group gets the configured optimizer, "frozen" set_to_zero.
 
   opt: dict(name="sgd"|"adamw"|"adam"|"lamb", lr, weight_decay, momentum=0.9, b1, b2,
-    schedule="cosine"|"linear"|"constant", warmup_steps=0, clip_norm=None, clip_value=None).
+    schedule="cosine"|"cosine_timm"|"linear"|"constant" (see `make_schedule`), warmup_steps=0,
+    warmup_init_lr=0, min_lr=0, decay_cls=False, clip_norm=None, clip_value=None).
   rules: the partition rules (`model.partition_rules`).
   groups: per-group multipliers, e.g. {"head": dict(lr_mult=1.0, wd_mult=5.0)}.
   The labels are computed from each tree's paths, so the optimizer applies to the full tree and
-  to the trainable subtree alike. Weight decay skips biases, norms and other 1-D leaves.
+  to the trainable subtree alike. Weight decay skips biases, norms and other 1-D leaves, and
+  the [CLS] token unless `decay_cls` (its group's weight decay then applies to it). The lr
+  multiplier of a group scales its peak lr only: `warmup_init_lr` and `min_lr` are absolute,
+  as in timm.
   """
   opt = dict(opt)
   name = opt.pop("name", "sgd")
@@ -175,6 +221,8 @@ def make_optimizer(opt: Mapping[str, Any], rules: Sequence[Rule], *, total_steps
   lr, wd = float(opt.pop("lr")), float(opt.pop("weight_decay", 0.0))
   warmup = int(opt.pop("warmup_steps", 0))
   kind = opt.pop("schedule", "cosine")
+  warmup_init_lr, min_lr = float(opt.pop("warmup_init_lr", 0.0)), float(opt.pop("min_lr", 0.0))
+  decay_cls = bool(opt.pop("decay_cls", False))
   clip_norm, clip_value = opt.pop("clip_norm", None), opt.pop("clip_value", None)
   momentum = opt.pop("momentum", 0.9)
   b1, b2, eps = opt.pop("b1", 0.9), opt.pop("b2", 0.999), opt.pop("eps", 1e-8)
@@ -182,7 +230,9 @@ def make_optimizer(opt: Mapping[str, Any], rules: Sequence[Rule], *, total_steps
   if opt:
     raise ValueError(f"optimizer: unknown field(s) {sorted(opt)}; allowed: name, lr, "
                      "weight_decay, momentum, nesterov, b1, b2, eps, schedule, warmup_steps, "
-                     "clip_norm, clip_value.")
+                     "warmup_init_lr, min_lr, decay_cls, clip_norm, clip_value.")
+  if kind not in SCHEDULES:
+    raise ValueError(f"optimizer.schedule={kind!r}; allowed: {', '.join(SCHEDULES)}.")
   if name == "adam" and wd:
     raise ValueError(f"optimizer.name='adam' has no weight decay (weight_decay={wd}): use "
                      "name='adamw' or weight_decay=0.")
@@ -201,19 +251,21 @@ def make_optimizer(opt: Mapping[str, Any], rules: Sequence[Rule], *, total_steps
     if bad:
       raise ValueError(f"optimizer groups[{label!r}]: unknown field(s) {sorted(bad)}; allowed: "
                        "lr_mult, wd_mult.")
-    sched = make_schedule(lr * mult.get("lr_mult", 1.0), total_steps, warmup, kind)
+    sched = make_schedule(lr * mult.get("lr_mult", 1.0), total_steps, warmup, kind,
+                          warmup_init_lr=warmup_init_lr, min_lr=min_lr)
+    decay_mask = functools.partial(_decay_mask, decay_cls=decay_cls)
     group_wd = wd * mult.get("wd_mult", 1.0)
     if name == "sgd":
       parts = []
       if group_wd:
-        parts.append(optax.add_decayed_weights(group_wd, mask=_decay_mask))
+        parts.append(optax.add_decayed_weights(group_wd, mask=decay_mask))
       parts.append(optax.sgd(sched, momentum=momentum or None, nesterov=nesterov))
       return optax.chain(*parts)
     if name == "adamw":
-      return optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=group_wd, mask=_decay_mask)
+      return optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=group_wd, mask=decay_mask)
     if name == "adam":
       return optax.adam(sched, b1=b1, b2=b2, eps=eps)
-    return optax.lamb(sched, b1=b1, b2=b2, eps=eps, weight_decay=group_wd, mask=_decay_mask)
+    return optax.lamb(sched, b1=b1, b2=b2, eps=eps, weight_decay=group_wd, mask=decay_mask)
 
   transforms = {label: group_tx(label) for label in names if label != FROZEN}
   transforms[FROZEN] = optax.set_to_zero()

@@ -135,7 +135,8 @@ def _record(workdir: str, task_key: str, method_key: str, seed_key: str) -> RunR
                      f"{sweep.OVERRIDES_FILE} or {CONFIG_FILE} ('{task_key}'); pass --task_key")
   task = task_from_dataset_name(str(name))
   protocol = metrics.get("protocol")
-  if protocol in protocols.SELECTIONS:  # the trainer's selection name: add benchmark and splits
+  if protocol in protocols.SELECTIONS or protocol in protocols.SELECTION_ALIASES:
+    # the trainer's epoch selection: add benchmark and splits
     try:
       protocol = protocols.infer_protocol(protocol, benchmark_of(task),
                                           lookup("dataset.train_split"),
@@ -253,7 +254,8 @@ def summarize(records: Sequence[RunRecord], group_by: Sequence[str] = (),
             "pass them as group_by to make separate rows")
       candidates = [_cell(runs, protocol.metric, _hparams(runs[0], keys))
                     for _, runs in sorted(by_hparams.items())]
-      cells[task] = max(candidates, key=lambda c: c.mean)  # first of the best on ties
+      # Ties: the smaller lr, then the first (VPT's tune_vtab.py rule).
+      cells[task] = candidates[protocols.pick_best([(c.mean, c.hparams) for c in candidates])]
     if protocol.benchmark == "vtab":
       group_means = {g: _mean_if_complete(cells, tasks) for g, tasks in vtab.VTAB_GROUPS.items()}
       mean_groups = (float(np.mean(list(group_means.values())))

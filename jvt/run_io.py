@@ -27,6 +27,8 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from jvt import protocols
+
 # Fields that may differ between a run and its resumption (they do not change the result).
 _RESUMABLE_FIELDS = ("progress_bar", "overwrite", "write_plots", "log_every_steps",
                      "keep_checkpoints", "checkpoint_every_steps", "max_to_keep",
@@ -40,6 +42,8 @@ def _comparable(config_json: str) -> dict:
   d = json.loads(config_json)
   for key in _RESUMABLE_FIELDS:
     d.pop(key, None)
+  if isinstance(d.get("protocol"), str):  # the epoch selection under its former name
+    d["protocol"] = protocols.SELECTION_ALIASES.get(d["protocol"], d["protocol"])
   return d
 
 

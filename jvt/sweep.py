@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import itertools
 import json
 import os
@@ -24,6 +23,8 @@ import re
 import shlex
 import sys
 from typing import Any, Callable, Mapping, Sequence
+
+from jvt import config_lib
 
 FINAL_METRICS = "final_metrics.json"
 OVERRIDES_FILE = "sweep_overrides.json"
@@ -145,21 +146,12 @@ def sweep_commands(runs: Sequence[Mapping[str, Any]], root: str, config: str) ->
 
 def split_config_arg(config: str) -> tuple[str, str | None]:
   """'configs/x.py:arg' -> ('configs/x.py', 'arg'); no ':' -> (path, None)."""
-  path, sep, arg = config.partition(".py:")
-  if sep:
-    return path + ".py", arg
-  return config, None
+  return config_lib.split_spec(config)
 
 
 def load_config_module(path: str):
-  """Imports a config file by path."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"config file {path} does not exist")
-  spec = importlib.util.spec_from_file_location(
-      "jvt_sweep_config_" + hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:8], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  """Imports a config file by path (`jvt.config_lib.load_config_module`)."""
+  return config_lib.load_config_module(path)
 
 
 def apply_overrides(config, overrides: Mapping[str, Any]):
@@ -175,14 +167,11 @@ def apply_overrides(config, overrides: Mapping[str, Any]):
 
 def default_run_fn(config: str) -> RunFn:
   """run_fn that builds the config from its file, applies the overrides and trains."""
-  path, arg = split_config_arg(config)
 
   def run(overrides: dict, workdir: str) -> None:
     from jvt import train  # pylint: disable=g-import-not-at-top  # heavy; only when training
 
-    module = load_config_module(path)
-    cfg = module.get_config(arg) if arg is not None else module.get_config()
-    train.train_and_evaluate(apply_overrides(cfg, overrides), workdir)
+    train.train_and_evaluate(apply_overrides(config_lib.load_config(config), overrides), workdir)
 
   return run
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from jvt import objectives as objectives_lib
 from jvt import partition, sharding
-from jvt.config_lib import PROTOCOLS
+from jvt import protocols
 from jvt.losses import classification
 from jvt.models import build_model, init_params
 from jvt.run_io import MetricWriter, RunDirectory
@@ -114,6 +114,10 @@ def _optimizer_dict(config, warmup: int) -> dict:
     lr *= config.batch_size / opt.base_batch_size
   out = dict(name=opt.name, lr=lr, weight_decay=float(opt.weight_decay),
              schedule=opt.schedule, warmup_steps=warmup)
+  for key, default in (("warmup_init_lr", 0.0), ("min_lr", 0.0), ("decay_cls", False)):
+    value = opt.get(key, default)  # configs written before these fields existed lack them
+    if value != default:
+      out[key] = type(default)(value)
   if opt.name == "sgd":
     out["momentum"] = float(opt.momentum)
   else:
@@ -270,7 +274,7 @@ def setup(config, *, num_classes: int, steps_per_epoch: int,
   opt = _optimizer_dict(config, warmup)
   tx = partition.make_optimizer(opt, rules, total_steps=total_steps,
                                 groups=config.optimizer.groups.to_dict())
-  schedule = partition.make_schedule(opt["lr"], total_steps, warmup, opt["schedule"])
+  schedule = partition.optimizer_schedule(opt, total_steps)
   objective = objectives_lib.make_objective(model, config)
   replicate = lambda tree: sharding.replicate_tree(tree, mesh)  # noqa: E731
   frozen_r, trainable_r = replicate(frozen), replicate(trainable)
@@ -386,41 +390,6 @@ def _check_label_range(ds, split: str, num_classes: int) -> None:
         f"{int(labels.max()) + 1} or more (or -1 to use the source's count).")
 
 
-def _history_choice(history: list[dict], protocol: str) -> dict:
-  """Final metrics from the eval history under the protocol."""
-  if not history:
-    return {}
-  last = history[-1]
-  out = {"val_accuracy": last.get("val_accuracy"), "test_accuracy": last.get("test_accuracy"),
-         "epoch": last.get("epoch"), "step": last.get("step")}
-  if protocol == "best_val":
-    with_val = [h for h in history if h.get("val_accuracy") is not None]
-    if not with_val:
-      raise ValueError("protocol='best_val' needs dataset.val_split.")
-    best = max(with_val, key=lambda h: h["val_accuracy"])
-    out = {"val_accuracy": best["val_accuracy"], "test_accuracy": best.get("test_accuracy"),
-           "epoch": best.get("epoch"), "step": best.get("step")}
-  elif protocol == "legacy_max_test":
-    with_test = [h for h in history if h.get("test_accuracy") is not None]
-    if not with_test:
-      raise ValueError("protocol='legacy_max_test' needs dataset.test_split.")
-    best = max(with_test, key=lambda h: h["test_accuracy"])
-    out = {"val_accuracy": best.get("val_accuracy"), "test_accuracy": best["test_accuracy"],
-           "epoch": best.get("epoch"), "step": best.get("step"),
-           "note": "legacy (max test accuracy over epochs)"}
-  return out
-
-
-def _check_protocol(config) -> None:
-  if config.protocol not in PROTOCOLS:
-    raise ValueError(f"protocol={config.protocol!r}; allowed: {PROTOCOLS}.")
-  if config.protocol == "best_val" and not config.dataset.val_split:
-    raise ValueError("protocol='best_val' needs dataset.val_split (e.g. "
-                     "--config.dataset.val_split=validation).")
-  if config.protocol == "legacy_max_test" and not config.dataset.test_split:
-    raise ValueError("protocol='legacy_max_test' needs dataset.test_split.")
-
-
 def _abstract_batch(config, mesh) -> dict:
   s = int(config.model.image_size)
   spec = sharding.batch_sharded(mesh)
@@ -437,7 +406,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   checkpoint in `workdir` when the config matches the one stored there; refuses a workdir
   holding a run of a different config unless `config.overwrite`.
   """
-  _check_protocol(config)
+  selection = protocols.check_selection(config.protocol, config.dataset.val_split,
+                                        config.dataset.test_split)
   _check_pretrained_path(config.pretrained.path)
   run_dir = RunDirectory(workdir, config)
   from jvt.data import pipeline
@@ -488,8 +458,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     loader.close()
     if ckpt is not None:
       ckpt.close()
-  final = _history_choice(history, config.protocol)
-  final.update(protocol=config.protocol, trainable_params=s.trainable_params,
+  final = protocols.final_metrics(history, selection)
+  final.update(protocol=selection, trainable_params=s.trainable_params,
                total_steps=s.total_steps, methods=list(_methods(config)),
                num_classes=num_classes)
   if pi == 0:

@@ -8,7 +8,6 @@ the losses are recomputed here in numpy loops.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import os
 import re
@@ -573,10 +572,7 @@ def test_short_run_pulls_class_features_toward_their_prompts(tiny_run):
 
 # ------------------------------------------------------------------------------ config files
 def _load_module(path):
-  spec = importlib.util.spec_from_file_location(f"cfg_{abs(hash(path))}", os.path.join(ROOT, path))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return config_lib.load_config_module(os.path.join(ROOT, path))
 
 
 KEY_BIAS = r"Transformer/encoderblock_\d+/MultiHeadDotProductAttention_0/key/bias"

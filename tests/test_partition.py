@@ -259,6 +259,73 @@ def test_schedule_warmup_then_cosine():
   np.testing.assert_allclose(partition.make_schedule(0.3, 10, kind="constant")(7), 0.3)
 
 
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+@pytest.mark.parametrize("decay_cls", [False, True])
+def test_cls_weight_decay_is_a_choice(name, decay_cls):
+  """Zero gradients: with decay_cls the [CLS] update is the weight decay of its group,
+  -lr * wd * cls (DA-VPT+'s released code: `cls_token` [1, 1, D] is in its decayed group);
+  without, [CLS] does not move. Its group's wd multiplier applies."""
+  cls = np.linspace(-1.0, 1.0, 4, dtype=np.float32).reshape(1, 1, 4)
+  tree = {"cls": cls, "prompt": np.ones((2, 4), np.float32)}
+  rules = (("cls", "cls"), ("prompt", "prompt"))
+  lr, wd = 0.1, 0.5
+  for wd_mult in (1.0, 0.0, 2.0):
+    tx = partition.make_optimizer(
+        dict(name=name, lr=lr, weight_decay=wd, momentum=0.0, schedule="constant",
+             decay_cls=decay_cls), rules, total_steps=10, groups={"cls": dict(wd_mult=wd_mult)})
+    updates, _ = tx.update(jax.tree.map(np.zeros_like, tree), tx.init(tree), tree)
+    want = -lr * wd * wd_mult * cls if decay_cls else np.zeros_like(cls)
+    np.testing.assert_allclose(updates["cls"], want, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(updates["prompt"], -lr * wd, rtol=1e-6)
+
+
+def _timm_cosine_lr(t, base_lr, t_initial, warmup_t, warmup_lr_init, lr_min):
+  """timm `CosineLRScheduler._get_lr` (timm/scheduler/cosine_lr.py) with its defaults
+  cycle_mul=1, cycle_decay (unused in cycle 0), cycle_limit=1, k_decay=1, warmup_prefix=False,
+  as `create_scheduler_v2` builds it with `sched_on_updates` (t_initial = epochs * updates,
+  warmup_t = warmup_epochs * updates); the update with index t (from 0) runs at lr(t), as
+  DA-VPT's `train.py` calls `step_update(num_updates)` after each update."""
+  if t < warmup_t:
+    return warmup_lr_init + t * (base_lr - warmup_lr_init) / warmup_t
+  i = t // t_initial  # cycle index
+  t_curr = t - t_initial * i
+  if i < 1:
+    return lr_min + 0.5 * (base_lr - lr_min) * (1 + math.cos(math.pi * t_curr / t_initial))
+  return lr_min
+
+
+def test_cosine_timm_schedule_is_timms_per_update_cosine():
+  """DA-VPT's released schedule (CUB: lr 5e-4, warmup_lr 1e-8, min_lr 1e-9, 10 warm-up epochs
+  of 100), here with 7 updates per epoch: warm-up laid over the start of a cosine that spans
+  all 700 updates."""
+  steps_per_epoch = 7
+  total, warmup = 100 * steps_per_epoch, 10 * steps_per_epoch
+  sched = partition.make_schedule(5e-4, total, warmup, "cosine_timm", warmup_init_lr=1e-8,
+                                  min_lr=1e-9)
+  ts = np.arange(0, total + 20)
+  got = np.asarray(jax.vmap(sched)(jnp.asarray(ts)))
+  want = np.array([_timm_cosine_lr(int(t), 5e-4, total, warmup, 1e-8, 1e-9) for t in ts])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=5e-4 * 1e-6)  # float32 of the peak
+  # Not jvt's "cosine", whose decay starts after the warm-up.
+  plain = partition.make_schedule(5e-4, total, warmup, "cosine", warmup_init_lr=1e-8,
+                                  min_lr=1e-9)
+  assert abs(float(plain(warmup + 50)) - want[warmup + 50]) > 1e-6
+  np.testing.assert_allclose(float(plain(0)), 1e-8, atol=1e-10)
+  # Through make_optimizer: the first update's step size is warmup_lr_init.
+  tree = {"w": np.ones((2, 2), np.float32)}
+  tx = partition.make_optimizer(
+      dict(name="sgd", lr=5e-4, momentum=0.0, schedule="cosine_timm", warmup_steps=warmup,
+           warmup_init_lr=1e-8, min_lr=1e-9), (("w", "w"),), total_steps=total)
+  state = tx.init(tree)
+  for t in range(3):
+    updates, state = tx.update(jax.tree.map(np.ones_like, tree), state, tree)
+    np.testing.assert_allclose(updates["w"], -want[t], rtol=1e-5)
+  np.testing.assert_allclose(
+      float(partition.optimizer_schedule(dict(lr=5e-4, schedule="cosine_timm",
+                                              warmup_steps=warmup, warmup_init_lr=1e-8,
+                                              min_lr=1e-9), total)(123)), want[123], rtol=1e-5)
+
+
 @pytest.mark.parametrize("opt,kwargs,match", [
     (dict(name="rmsprop", lr=0.1), {}, r"optimizer.name='rmsprop'; allowed: \('sgd', 'adamw'"),
     (dict(name="sgd", lr=0.1, beta=0.9), {},
@@ -270,6 +337,7 @@ def test_schedule_warmup_then_cosine():
     (dict(name="sgd", lr=0.1), dict(groups={"head": dict(lr=2.0)}),
      r"groups\['head'\]: unknown field\(s\) \['lr'\]; allowed: lr_mult, wd_mult"),
     (dict(name="sgd", lr=0.1, schedule="step"), {}, r"schedule='step'; allowed"),
+    (dict(name="sgd", lr=0.1, decay=True), {}, r"unknown field\(s\) \['decay'\].*decay_cls"),
 ])
 def test_make_optimizer_bad_input(opt, kwargs, match):
   rules = resolve_tuning(dict(method="vpt"), 12).rules

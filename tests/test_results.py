@@ -191,7 +191,7 @@ def test_bad_records(tmp_path):
   _write_run(str(tmp_path / "f"), "r", {"protocol": "best_val", "test_accuracy": 0.5},
              config=_config("vtab/dtd", "train800", "val200", "test", protocol="best_val"))
   with pytest.raises(ValueError, match="no vtab protocol trains on 'train800' with "
-                                       "protocol='best_val'"):
+                                       "protocol='best_val_epoch'"):
     results.load_records(str(tmp_path / "f"))
 
 
@@ -224,23 +224,23 @@ def test_protocol_table():
   assert (p["vtab_tune"].train_split, p["vtab_tune"].val_split) == ("train800", "val200")
   assert (p["vtab_final"].train_split, p["vtab_final"].test_split) == ("train800val200", "test")
   assert p["vtab_final"].seeds == (0, 1, 2, 3, 4)
-  assert p["fgvc"].selection == "best_val"
+  assert p["fgvc"].selection == "best_val_epoch"
   for name, protocol in p.items():
     assert protocol.legacy == ("legacy" in name)
     assert ("legacy (max test accuracy over epochs)" in protocol.label) == protocol.legacy
-    assert protocol.selection in ("last", "best_val", "legacy_max_test")  # jvt.config_lib's
+    assert protocol.selection in ("last_epoch", "best_val_epoch", "legacy_max_test_epoch")
     o = protocol.config_overrides()
     inferred = protocols.infer_protocol(o["protocol"], protocol.benchmark,
                                         o["dataset.train_split"], o["dataset.test_split"])
     assert inferred == protocol
   assert p["vtab_tune"].config_overrides() == {
-      "protocol": "last", "dataset.train_split": "train800", "dataset.val_split": "val200",
+      "protocol": "last_epoch", "dataset.train_split": "train800", "dataset.val_split": "val200",
       "dataset.test_split": ""}
 
 
 def test_two_stage_sweeps():
   tune = protocols.tune_sweep(["dtd", "svhn"], {"optimizer.lr": [0.1, 1.0], "wd": [0.0]})
-  splits = {"protocol": "last", "dataset.train_split": "train800",
+  splits = {"protocol": "last_epoch", "dataset.train_split": "train800",
             "dataset.val_split": "val200", "dataset.test_split": ""}
   assert tune == [
       {"dataset.name": "vtab/dtd", "seed": 0, **splits, "optimizer.lr": 0.1, "wd": 0.0},
@@ -250,9 +250,9 @@ def test_two_stage_sweeps():
   final = protocols.final_sweep({"dtd": {"optimizer.lr": 1.0}}, seeds=[3, 4],
                                 task_format="list:/d/{task}")
   assert final == [
-      {"dataset.name": "list:/d/dtd", "seed": s, "protocol": "last", **FINAL_SPLITS,
+      {"dataset.name": "list:/d/dtd", "seed": s, "protocol": "last_epoch", **FINAL_SPLITS,
        "optimizer.lr": 1.0} for s in (3, 4)]
   assert len(protocols.final_sweep({"dtd": {}, "svhn": {}})) == 10
   assert protocols.final_sweep({"cub": {}}, protocol="fgvc", seeds=[0]) == [
-      {"dataset.name": "fgvc/cub", "seed": 0, "protocol": "best_val",
+      {"dataset.name": "fgvc/cub", "seed": 0, "protocol": "best_val_epoch",
        "dataset.train_split": "train", "dataset.val_split": "val", "dataset.test_split": "test"}]

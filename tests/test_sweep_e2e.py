@@ -104,7 +104,7 @@ def test_sweep_runs_resumes_and_aggregates(train_data_dir, tmp_path):  # noqa: F
                                                           overrides["optimizer.lr"])
     assert (config["method"], config["dataset"]["name"]) == ("vpt_deep", f"list:{lists}/{TASK}")
     final = _final(workdir)
-    assert final["protocol"] == "last" and final["methods"] == ["vpt"]
+    assert final["protocol"] == "last_epoch" and final["methods"] == ["vpt"]
     assert 0.0 <= final["test_accuracy"] <= 1.0
 
   records = results.load_records(root)

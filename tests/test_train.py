@@ -253,7 +253,7 @@ def test_tensorboard_curves_and_final_metrics(finished_run):
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   with open(workdir / "final_metrics.json") as f:
     final = json.load(f)
-  assert final["protocol"] == "last"
+  assert final["protocol"] == "last_epoch"
   # Trainable: 2 prompts of width 32 in each of 2 blocks, and a 32 -> 4 head with bias.
   assert final["trainable_params"] == 2 * 2 * 32 + 32 * 4 + 4
   assert 0 <= final["val_accuracy"] <= 1 and 0 <= final["test_accuracy"] <= 1

@@ -22,15 +22,8 @@ teacher instead: `student_pretrained=<remapped.npz>,student_variant=` with the
 teacher, student_variant, student_pretrained, student_method, weight, temperature, features,
 feature_weight.
 """
-import importlib.util
-import os
-
+from configs import common
 from jvt.config_lib import parse_arg
-
-_spec = importlib.util.spec_from_file_location("jvt_configs_common", os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
 
 STUDENT_METHODS = {
     "full": (dict(method="full"), common.FULL_VTAB),

@@ -23,13 +23,7 @@ warm-up epochs, cosine; grid lr in {1e-2 ... 1e-4} x wd in {1e-2, 1e-3, 1e-4, 0}
 Adapters after the attention and after the MLP of every block, Up zero-initialised;
 `dim=N` changes the bottleneck.
 """
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("jvt_configs_common", os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from configs import common
 
 TUNING = dict(method="adapter", dim=8, positions=("attn", "mlp"))
 RECIPE = common.ADAMW

@@ -22,13 +22,7 @@ Recipe (as on VTAB-1k, NOAH's practice): AdamW lr 1e-3, wd 1e-4, batch 64, 100 e
 warm-up epochs, cosine; grid lr in {1e-2 ... 1e-4} x wd in {1e-2, 1e-3, 1e-4, 0} (20 runs).
 `--config.tuning.subset` picks a subset of the biases, e.g. ('key', 'value').
 """
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("jvt_configs_common", os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from configs import common
 
 TUNING = dict(method="bitfit")
 RECIPE = common.ADAMW

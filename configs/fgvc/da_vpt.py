@@ -34,21 +34,21 @@ where the released files differ from what their code reads (docs/davpt.md has th
 Paper / released-code differences this config uses (preset=code, the default): patch feature =
 mean of the proxy block's input image tokens (paper: attention output); [CLS] feature = query of
 norm1([CLS]) (paper: prompts through the query instead); positive term / M (paper: / |P+|);
-scale_ratio; xavier/8 prompt init; k-means on layer-normed class means. Not reproduced:
-stochastic depth (`drop_path` 0.1 on cub; jvt's ViT has none), fp16 autocast, random-crop
-augmentation of the mapping images, weight decay on [CLS].
-"""
-import importlib.util
-import os
+scale_ratio; xavier/8 prompt init; k-means on layer-normed class means. preset=paper sets
+scale_ratio 1 (the paper has no extra scale; `scale_ratio=` still overrides it).
 
+The released training recipe, for both presets: the `da_vpt_fgvc` preprocess (train
+RandomResizedCrop(224, bicubic) + flip; eval bicubic Resize(256) + CenterCrop(224)); AdamW with
+timm's CosineLRScheduler stepped per update (`optimizer.schedule = "cosine_timm"`: warm-up from
+warmup_lr 1e-8 laid over the start of a cosine that spans all 100 epochs down to min_lr 1e-9);
+gradient clipping by value 10; in da_vpt_plus.py weight decay on the trained [CLS]
+(`optimizer.decay_cls`). Not reproduced: stochastic depth (`drop_path` 0.1 on cub; jvt's ViT
+has none), fp16 autocast, random-crop augmentation of the mapping images.
+"""
 import ml_collections
 
+from configs import common
 from jvt.data import fgvc
-
-_spec = importlib.util.spec_from_file_location("jvt_configs_common", os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
 
 AUGREG_B16_IN21K = "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz"
 PUBLISHED = 91.22  # FGVC mean over the five tasks (%)
@@ -56,8 +56,9 @@ PUBLISHED = 91.22  # FGVC mean over the five tasks (%)
 
 def released(**kw) -> dict:
   """One task's released values over the defaults every released config shares."""
-  base = dict(epochs=100, batch=32, images_per_class=2, warmup_epochs=10, proxy_layers=(11,),
-              scale_ratio=1.0, attention_mask=False, l2norm=False, bias_k=True)
+  base = dict(epochs=100, batch=32, images_per_class=2, warmup_epochs=10, warmup_lr=1e-8,
+              min_lr=1e-9, proxy_layers=(11,), scale_ratio=1.0, attention_mask=False,
+              l2norm=False, bias_k=True)
   return {**base, **kw}
 
 
@@ -107,40 +108,56 @@ def make_config(arg, *, benchmark: str, table: dict, num_classes: dict, plus: bo
   """
   task = _arg_value(arg, "task", default_task)
   if task not in table:
-    raise ValueError(f"task={task!r} has no released DA-VPT values; tasks with them: "
-                     f"{sorted(table)}.")
+    raise ValueError(f"task={task!r} has no DA-VPT values (released, or borrowed for the VTAB "
+                     f"tasks without them); tasks with them: {sorted(table)}.")
   hp, classes = table[task], num_classes[task]
   preset = _arg_value(arg, "preset", "code")
   tuning = dict(method="da_vpt_plus" if plus else "da_vpt", preset="code",
                 num_prompts=hp["num_prompts"],
                 num_proxy_prompts=min(hp["num_proxy_prompts"], classes),  # released: M <= C
                 proxy_layers=tuple(hp["proxy_layers"]), patch_weight=hp["patch_weight"],
-                cls_weight=hp["cls_weight"], scale_ratio=hp["scale_ratio"],
+                cls_weight=hp["cls_weight"],
+                # The paper has no extra similarity scale: preset=paper does not inherit it.
+                scale_ratio=hp["scale_ratio"] if preset == "code" else 1.0,
                 refresh_from_epoch=hp["refresh_from_epoch"])
   if preset == "code":  # released-code options; the paper preset leaves them off
     tuning.update({k: True for k in ("attention_mask", "l2norm") if hp[k]})
     if plus and not hp["bias_k"]:
       tuning["rules"] = ((r"Transformer/encoderblock_\d+/MultiHeadDotProductAttention_0/key/bias",
                           "frozen"),)
+  # The tuning grid: the task's own values (one run), or the `tune` grid of a borrowed task. The
+  # weight decay stays out of it: the head's decay is set relative to it below.
   recipe = common.Recipe(optimizer="adamw", lr=hp["lr"], weight_decay=hp["wd"],
-                         batch_size=hp["batch"], tune_lr=(hp["lr"],), tune_wd=(hp["wd"],),
+                         batch_size=hp["batch"], tune_lr=(), tune_wd=(),
                          epochs=float(hp["epochs"]), warmup_epochs=float(hp["warmup_epochs"]))
   build = common.vtab_config if benchmark == "vtab" else common.fgvc_config
   name = tuning["method"]
   c = build(arg if "pretrained=" in (arg or "") else ",".join(
       filter(None, [arg, f"pretrained={AUGREG_B16_IN21K}"])), name=name, tuning=tuning,
-            recipe=recipe)
+            recipe=recipe, tune_grid=hp.get("tune", {"optimizer.lr": (hp["lr"],)}))
+  # The released transforms (Dataset/transforms.py): FGVC random-resized crop + flip / bicubic
+  # resize 256 + center crop; VTAB bicubic shorter-side resize + center crop.
+  c.dataset.preprocess = f"da_vpt_{benchmark}"
+  # timm's CosineLRScheduler stepped per update (sched_on_updates), warm-up from warmup_lr over
+  # the start of a cosine spanning all epochs down to min_lr.
+  c.optimizer.schedule = "cosine_timm"
+  c.optimizer.warmup_init_lr = float(hp["warmup_lr"])
+  c.optimizer.min_lr = float(hp["min_lr"])
   c.dataset.sampler = "balanced"
   c.dataset.images_per_class = balanced_images_per_class(hp["batch"], hp["images_per_class"],
                                                          classes)
   c.optimizer.clip_value = 10.0  # torch.nn.utils.clip_grad_value_(..., 10.0)
-  # AdamW decay: wd on the prompts, head_wd on the head kernel, none on biases, norms, [CLS].
+  # AdamW decay (utils.param_groups_weight_decay): wd on the prompts and, where it trains
+  # (DA-VPT+: `train_cls`), on [CLS] ([1, 1, D], not 1-D); head_wd on the head kernel; none on
+  # biases and norms.
+  c.optimizer.decay_cls = plus
   wd = c.optimizer.weight_decay
   if wd > 0:
     c.optimizer.groups = {"head": {"wd_mult": hp["head_wd"] / wd}}
   else:
     c.optimizer.weight_decay = hp["head_wd"]
-    c.optimizer.groups = {"prompt": {"wd_mult": 0.0}}
+    no_decay = ("prompt", "cls") if plus else ("prompt",)
+    c.optimizer.groups = {label: {"wd_mult": 0.0} for label in no_decay}
   return c
 
 

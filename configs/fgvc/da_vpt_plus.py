@@ -15,15 +15,11 @@ Bias set: preset=code trains what the released configs switch on (`bias_k, bias_
 bias_fc2, bias_norm2, norm_norm1, train_cls`): K, V, attention-out, fc2 and norm2 biases, all
 of norm1, [CLS] and, because the released name test matches `patch_embed.proj.bias` as a
 `proj.bias`, the patch-embedding bias. preset=paper trains the K and V biases and [CLS] only.
+As in the released code (`utils.param_groups_weight_decay`: `cls_token` is neither 1-D nor a
+bias), the trained [CLS] gets the prompts' weight decay (`optimizer.decay_cls`).
 Every other paper / released-code difference is as in configs/fgvc/da_vpt.py.
 """
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location(
-    "jvt_configs_fgvc_da_vpt", os.path.join(os.path.dirname(os.path.abspath(__file__)), "da_vpt.py"))
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+from configs.fgvc import da_vpt as _base
 RELEASED, NUM_CLASSES = _base.RELEASED, _base.NUM_CLASSES
 PUBLISHED = 91.94  # FGVC mean over the five tasks (%)
 

@@ -24,13 +24,7 @@ of 100, base lr x batch / 256 with base lr in {0.005, 0.001, 5e-4, 1e-4} and wd 
 {0.01, 0.001, 1e-4, 0} chosen per task (16 runs); batch 128 (VPT used 384). Each run stores a
 full model (about 340 MB export; `--config.keep_checkpoints=False` drops the checkpoints).
 """
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("jvt_configs_common", os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from configs import common
 
 TUNING = dict(method="full")
 RECIPE = common.FULL_FGVC

@@ -24,13 +24,7 @@ warm-up epochs, cosine; grid lr in {1e-2 ... 1e-4} x wd in {1e-2, 1e-3, 1e-4, 0}
 Mergeable: the run's export/merged_vit.npz is a plain ViT-B/16. Not reproduced: SSF's mixup /
 label smoothing / drop-path training options.
 """
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("jvt_configs_common", os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from configs import common
 
 TUNING = dict(method="ssf")
 RECIPE = common.ADAMW

@@ -3,15 +3,16 @@
     python -m jvt.main --config=configs/fgvc/vpt_deep.py:task=cub,data_dir=/data/fgvc \
         --workdir=runs/fgvc/vpt_deep/cub
 
-Protocol `fgvc`: train -> test at the epoch of best val accuracy, 5 seeds. The lr x wd grid
-runs with `sweep=grid` (pick the pair whose final_metrics.json has the best val_accuracy, as
-VPT's tune_fgvc did), then the seeds with that pair:
+Protocol `fgvc`: train -> test at the epoch of best val accuracy, 5 seeds. The lr x wd x
+prompt-length grid runs with `sweep=grid` (pick the triple whose final_metrics.json has the best
+val_accuracy; `jvt.protocols.pick_best` breaks ties as VPT's tune_vtab.py: the smaller lr),
+then the seeds with that triple:
 
     python -m jvt.sweep \
         --config=configs/fgvc/vpt_deep.py:task=cub,data_dir=/data/fgvc,sweep=grid \
         --root=runs/fgvc_grid/vpt_deep/cub
     python -m jvt.sweep \
-        --config=configs/fgvc/vpt_deep.py:task=cub,data_dir=/data/fgvc,lr=LR,wd=WD \
+        --config=configs/fgvc/vpt_deep.py:task=cub,data_dir=/data/fgvc,lr=LR,wd=WD,num_prompts=N \
         --root=runs/fgvc/vpt_deep/cub
     python -m jvt.results --root=runs/fgvc --out=out/fgvc
 
@@ -21,17 +22,13 @@ splits under `data_dir`).
 
 Recipe (VPT, `configs/base-prompt.yaml`): SGD momentum 0.9, cosine, 10 warm-up epochs of 100,
 batch 128, base lr x batch / 256 with base lr in {50 ... 0.05} and wd in {0.01, 0.001, 1e-4, 0}
-chosen per task (40 runs). Prompts: uniform init, dropout 0.1. Prompt length: VPT chose it per
-task from {1, 5, 10, 50, 100, 200} (values kept outside the paper); the default 50 is the middle
-of the 10-100 range its ablation found best; set it per task with `num_prompts=N`.
+chosen per task. Prompts: uniform init, dropout 0.1.
+Prompt length: VPT chose it per task from {1, 5, 10, 50, 100, 200}; the tuning grid searches
+it with lr and wd (`tuning.num_prompts`: 10 x 4 x 6 = 240 runs per task; ties broken as VPT's
+tune_vtab.py does, see docs/benchmark_configs.md); a single run uses 50 (the middle of the
+10-100 range VPT's ablation found best) unless given `num_prompts=N`.
 """
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("jvt_configs_common", os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from configs import common
 
 TUNING = dict(method="vpt", deep=True, num_prompts=50, dropout=0.1)
 RECIPE = common.SGD_FGVC
@@ -39,4 +36,5 @@ PUBLISHED = 89.11  # FGVC mean test top-1 over the five tasks (%)
 
 
 def get_config(arg=None):
-  return common.fgvc_config(arg, name="vpt_deep", tuning=TUNING, recipe=RECIPE)
+  return common.fgvc_config(arg, name="vpt_deep", tuning=TUNING, recipe=RECIPE,
+                            tune_grid={"tuning.num_prompts": common.VPT_PROMPT_LENGTHS})

@@ -21,13 +21,7 @@ epochs, cosine; the tuning stage searches lr in {1e-2 ... 1e-4} x wd in {1e-2, 1
 (20 runs). x + MLP(LN x) + 0.1 * Up(ReLU(Down(LN x))), Up zero-initialised; bottleneck 8 (the
 small end of AdaptFormer's 8-64; `dim=64`, `scale=X` change them).
 """
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("jvt_configs_common", os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from configs import common
 
 TUNING = dict(method="adaptformer", dim=8, scale=0.1)
 RECIPE = common.ADAMW

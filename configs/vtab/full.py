@@ -22,13 +22,7 @@ with base lr in {0.005, 0.001, 5e-4, 1e-4} and wd in {0.01, 0.001, 1e-4, 0} chos
 about 340 MB and the orbax checkpoints hold Adam state too (`--config.keep_checkpoints=False`
 removes them after the run).
 """
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("jvt_configs_common", os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from configs import common
 
 TUNING = dict(method="full")
 RECIPE = common.FULL_VTAB

@@ -21,13 +21,7 @@ batch / 256 with base lr in {50 ... 0.05} and wd in {0.01, 0.001, 1e-4, 0} chose
 (40 runs); batch 64 (VPT used 1024, more than VTAB-1k's 1000 images; the lr rule scales the
 rate).
 """
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("jvt_configs_common", os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from configs import common
 
 TUNING = dict(method="linear")
 RECIPE = common.SGD_VTAB

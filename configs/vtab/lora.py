@@ -22,13 +22,7 @@ epochs, cosine; the tuning stage searches lr in {1e-2 ... 1e-4} x wd in {1e-2, 1
 them. The update merges into the frozen kernels: the run's export/merged_vit.npz is a plain
 ViT-B/16.
 """
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("jvt_configs_common", os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from configs import common
 
 TUNING = dict(method="lora", rank=8, alpha=8.0, targets=("query", "value"))
 RECIPE = common.ADAMW

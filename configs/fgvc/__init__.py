@@ -1,0 +1,1 @@
+"""FGVC configs: one file per method (see configs/common.py)."""

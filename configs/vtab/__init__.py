@@ -1,0 +1,1 @@
+"""VTAB-1k configs: one file per method (see configs/common.py)."""
