@@ -414,6 +414,9 @@ class RunDirectory:
   def _check_config(self, overwrite: bool) -> bool:
     """Whether `start` must delete a previous run (raises if it is refused)."""
     config_path = os.path.join(self.path, "config.json")
+    metrics_path = os.path.join(self.path, "metrics.jsonl")
+    if os.path.exists(metrics_path) and not overwrite:
+      _parse_metrics(metrics_path)  # a damaged line (other than a half-written last one) fails
     has_checkpoint = bool(finished_steps(self.checkpoint_dir))
     finished = os.path.exists(os.path.join(self.path, "final_metrics.json"))
     if not (has_checkpoint or finished):

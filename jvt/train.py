@@ -668,7 +668,13 @@ def _loop(s: Setup, state, loader, eval_sets, ckpt, writer, history, step, stop=
           host.update(lr=float(jax.device_get(s.schedule(step - 1))),
                       img_per_s=steps_window * config.batch_size / dt,
                       input_wait_frac=wait_window / dt)
-          writer.write_scalars(step, {f"train/{k}": v for k, v in host.items()})
+          error = None
+          try:  # a failed background save, or this write, stops the run here
+            ckpt.check_for_errors()
+            writer.write_scalars(step, {f"train/{k}": v for k, v in host.items()})
+          except RunWriteError as err:
+            error = err
+          _raise_on_every_process(error)
           progress.update_metrics(host)
           t_window, wait_window, steps_window = time.perf_counter(), 0.0, 0
       if eval_every and step % eval_every == 0 and step < s.total_steps:
@@ -688,6 +694,19 @@ def _loop(s: Setup, state, loader, eval_sets, ckpt, writer, history, step, stop=
   finally:
     progress.close()
   return state, history
+
+
+def _raise_on_every_process(error: RunWriteError | None) -> None:
+  """Raises `error`; with several processes, every process raises when one failed (process 0
+  alone writes the logs), so none waits forever in the next collective."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    failed = np.ravel(multihost_utils.process_allgather(np.int32(error is not None)))
+    if error is None and failed.any():
+      raise RunWriteError(f"process {int(np.argmax(failed))} could not write the run's files "
+                          "(its message names the file and the cause).")
+  if error is not None:
+    raise error
 
 
 def _stop_with_checkpoint(s: Setup, state, metrics, loader, ckpt, history, step, last_ckpt,

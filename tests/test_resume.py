@@ -123,6 +123,8 @@ def test_overwrite_deletes_a_run_of_another_config(train_data_dir, reference_run
   run_dir = RunDirectory(str(workdir), other)
   assert (workdir / "checkpoints" / "40").exists()  # nothing deleted before start()
   run_dir.start()
+  assert sorted(os.listdir(workdir)) == ["config.json", "jvt.lock"]
+  run_dir.close()  # releases the workdir lock
   assert sorted(os.listdir(workdir)) == ["config.json"]
   assert '"lr": 0.01' in (workdir / "config.json").read_text()
 
@@ -140,5 +142,6 @@ def test_finished_run_without_checkpoints_is_not_retrained(train_data_dir, refer
   for name in ("final_metrics.json", "export", "tb", "metrics.jsonl"):
     path = workdir / name
     shutil.rmtree(path) if path.is_dir() else path.unlink()
-  RunDirectory(str(workdir), tiny_config(train_data_dir, lr=0.01)).start()
+  with RunDirectory(str(workdir), tiny_config(train_data_dir, lr=0.01)) as run_dir:
+    run_dir.start()
   assert '"lr": 0.01' in (workdir / "config.json").read_text()

@@ -66,7 +66,8 @@ def _errno_of(err: BaseException) -> int | None:
 
 def _short(err: BaseException, limit: int = 200) -> str:
   """The first line of an error, at most `limit` characters."""
-  text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+  text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+  text = (text.strip().splitlines() or [type(err).__name__])[0]
   text = f"{type(err).__name__}: {text}" if not isinstance(err, (ValueError, OSError)) else text
   return text if len(text) <= limit else text[:limit] + "..."
 
@@ -219,6 +220,11 @@ class RunCheckpointer:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("jvt.checkpoints.runs.move_aside")
     self._manager.reload()
+
+  def check_for_errors(self) -> None:
+    """Raises the error of a finished background save, if any (does not wait)."""
+    with self._writing(self._pending):
+      self._manager.check_for_errors()
 
   def wait_until_finished(self) -> None:
     """Blocks until the pending asynchronous save (if any) is on disk."""
