@@ -620,7 +620,8 @@ def _with_resume_hint(err: RunWriteError, run_dir: RunDirectory) -> RunWriteErro
   where = (f"The newest intact checkpoint is {os.path.join(run_dir.checkpoint_dir, str(steps[-1]))}"
            "; once that is fixed, run the same command again to resume from it."
            if steps else "No checkpoint was written yet; run again once that is fixed.")
-  return RunWriteError(f"{err} {where}", err.errno)
+  text = str(err).rstrip(".")
+  return RunWriteError(f"{text}. {where}", err.errno)
 
 
 def _loop(s: Setup, state, loader, eval_sets, ckpt, writer, history, step, stop=None):
