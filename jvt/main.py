@@ -159,23 +159,30 @@ def run(argv) -> int:
   return 0
 
 
-def main(argv) -> None:
+def outcome(err: BaseException) -> tuple[int, str] | None:
+  """The exit status and the one line the CLI ends with for `err`; None for a bug (which
+  keeps its traceback)."""
   from jvt.train import RunPreempted
+  if isinstance(err, RunPreempted):
+    return EXIT_PREEMPTED, f"jvt: {err}"
+  if isinstance(err, KeyboardInterrupt):
+    return EXIT_INTERRUPTED, ("jvt: interrupted; the newest finished checkpoint in the workdir "
+                              "(if any) is intact and the same command resumes from it.")
+  if isinstance(err, USER_ERRORS):
+    return EXIT_USER_ERROR, f"jvt: error: {err}"
+  return None
+
+
+def main(argv) -> None:
   try:
     sys.exit(run(argv))
-  except RunPreempted as err:
-    print(f"jvt: {err}", file=sys.stderr)
-    sys.exit(EXIT_PREEMPTED)
-  except KeyboardInterrupt:
-    if os.environ.get("JVT_TRACEBACK") == "1":
+  except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 -- mapped or re-raised
+    result = outcome(err)
+    if result is None or (os.environ.get("JVT_TRACEBACK") == "1" and
+                          result[0] != EXIT_PREEMPTED):
       raise
-    print("jvt: interrupted; the newest finished checkpoint in the workdir (if any) is intact "
-          "and the same command resumes from it.", file=sys.stderr)
-    sys.exit(EXIT_INTERRUPTED)
-  except USER_ERRORS as err:
-    if os.environ.get("JVT_TRACEBACK") == "1":
-      raise
-    _fail(str(err))
+    print(result[1], file=sys.stderr)
+    sys.exit(result[0])
 
 
 def entry() -> None:

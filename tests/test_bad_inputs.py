@@ -88,9 +88,12 @@ def _snapshot(root) -> dict:
 
 
 def _user_error(fn, *needles) -> str:
-  """Runs fn; it must raise a user error (one line at the CLI) holding every needle."""
-  with pytest.raises(jvt_main.USER_ERRORS) as info:
+  """Runs fn; it must raise an error that the CLI ends with exit status 2 and one
+  `jvt: error:` line (no traceback) holding every needle. Returns the message."""
+  with pytest.raises(Exception) as info:
     fn()
+  status, line = jvt_main.outcome(info.value) or (None, repr(info.value))
+  assert status == 2 and line.startswith("jvt: error: "), line
   message = str(info.value)
   assert "Traceback" not in message
   for needle in needles:
@@ -399,6 +402,7 @@ def test_sigterm_checkpoints_the_step_and_the_rerun_is_bit_identical(
     preempted, uninterrupted, train_data_dir, tmp_path):
   workdir, err = preempted
   assert err.step == 10
+  assert jvt_main.outcome(err)[0] == 75
   assert str(err) == (f"stopped by SIGTERM at step 10 of 12; checkpoint saved in "
                       f"{workdir / 'checkpoints' / '10'}. Run the same command again to resume.")
   assert sorted(os.listdir(workdir / "checkpoints")) == ["10", "8"]

@@ -120,12 +120,13 @@ def test_overwrite_deletes_a_run_of_another_config(train_data_dir, reference_run
   other.unlock()
   other.overwrite = True
   other.lock()
+  (workdir / "notes.txt").write_text("not the run's")
   run_dir = RunDirectory(str(workdir), other)
   assert (workdir / "checkpoints" / "40").exists()  # nothing deleted before start()
-  run_dir.start()
-  assert sorted(os.listdir(workdir)) == ["config.json", "jvt.lock"]
+  run_dir.start()  # deletes exactly the run's own files
+  assert sorted(os.listdir(workdir)) == ["config.json", "jvt.lock", "notes.txt"]
   run_dir.close()  # releases the workdir lock
-  assert sorted(os.listdir(workdir)) == ["config.json"]
+  assert sorted(os.listdir(workdir)) == ["config.json", "notes.txt"]
   assert '"lr": 0.01' in (workdir / "config.json").read_text()
 
 
