@@ -49,11 +49,11 @@ RUN_DIRS = ("checkpoints", "tb", "export", "checkpoints_damaged")
 LOCK_FILE = "jvt.lock"
 # What the errno of a failed write means for the user.
 _CAUSES = {errno.ENOSPC: "the disk is full; free space",
-           errno.EDQUOT: "the disk quota is exceeded; free space or raise the quota",
-           errno.EACCES: "permission denied; fix the directory's permissions",
-           errno.EPERM: "operation not permitted; fix the directory's permissions",
-           errno.EROFS: "the file system is read-only; use a writable --workdir",
-           errno.EIO: "an I/O error of the file system or disk"}
+           errno.EDQUOT: "free space or raise the quota",
+           errno.EACCES: "check the permissions of the directory, or use another --workdir",
+           errno.EPERM: "check the permissions of the directory, or use another --workdir",
+           errno.EROFS: "use a writable --workdir",
+           errno.EIO: "the disk or the file system failed"}
 
 
 class RunWriteError(OSError):

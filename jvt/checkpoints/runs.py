@@ -82,6 +82,9 @@ class _QuietOrbax(logging.Filter):
 
 
 _QUIET = _QuietOrbax()
+# The status codes that start tensorstore's storage errors ("DATA_LOSS: Error writing ...").
+_STORAGE_ERROR = re.compile(r"(RESOURCE_EXHAUSTED|DATA_LOSS|UNKNOWN|INTERNAL|PERMISSION_DENIED|"
+                            r"FAILED_PRECONDITION|UNAVAILABLE|ABORTED|OUT_OF_RANGE): ")
 
 
 class RunCheckpointer:
@@ -113,8 +116,10 @@ class RunCheckpointer:
     except CheckpointWriteError:
       raise
     except Exception as err:  # orbax / tensorstore raise ValueError, OSError, RuntimeError
-      self._failed = True
       number = _errno_of(err)
+      if number is None and not isinstance(err, OSError) and not _STORAGE_ERROR.match(str(err)):
+        raise  # not a storage error: a bug keeps its traceback
+      self._failed = True
       path = os.path.join(self.directory, str(step if step is not None else "?"))
       cause = describe_cause(number, _short(err)) if number else _short(err)
       raise CheckpointWriteError(f"cannot write checkpoint {path}: {cause}", number) from None
