@@ -351,6 +351,46 @@ def test_second_run_on_a_locked_workdir_is_refused(train_data_dir, tmp_path):
     assert _snapshot(workdir) == before
 
 
+_CONTENDER = """
+import sys, time
+from helpers_train import tiny_config
+from jvt.run_io import RunDirectory, WorkdirLockedError
+workdir, start_at, lr = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+config = tiny_config(lr=lr)
+time.sleep(max(0.0, start_at - time.time()))
+try:
+  with RunDirectory(workdir, config) as run_dir:
+    run_dir.start()
+    print("HELD", flush=True)
+    time.sleep(3)
+except WorkdirLockedError as err:
+  print("REFUSED", err, flush=True)
+"""
+
+
+def test_two_processes_started_together_one_gets_the_workdir(tmp_path, tmp_path_factory):
+  """Two configs started at the same instant on one workdir: exactly one holds it, the other
+  is refused naming the holder's pid, and config.json is the holder's."""
+  script = tmp_path / "contender.py"
+  script.write_text(_CONTENDER)
+  env = cli_env(tmp_path_factory.getbasetemp())
+  env["PYTHONPATH"] = f"{REPO}{os.pathsep}{REPO / 'tests'}"
+  workdir = tmp_path / "run"
+  start_at = time.time() + 8  # both have imported jax by then
+  procs = [subprocess.Popen([sys.executable, str(script), str(workdir), str(start_at), lr],
+                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for lr in ("0.1", "0.3")]
+  outs = [p.communicate(timeout=120) for p in procs]
+  assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+  held = [i for i, (out, _) in enumerate(outs) if out.startswith("HELD")]
+  refused = [i for i, (out, _) in enumerate(outs) if out.startswith("REFUSED")]
+  assert len(held) == 1 and len(refused) == 1, outs
+  assert f"pid {procs[held[0]].pid} on host" in outs[refused[0]][0]
+  lr = ("0.1", "0.3")[held[0]]
+  assert json.loads((workdir / "config.json").read_text())["optimizer"]["lr"] == float(lr)
+  assert sorted(os.listdir(workdir)) == ["config.json"]
+
+
 # ----------------------------------------------------------------------------- file modes
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_atomically_written_files_get_the_umask_mode(umask, tmp_path):
