@@ -174,9 +174,10 @@ def outcome(err: BaseException) -> tuple[int, str] | None:
 
 
 def main(argv) -> None:
+  from jvt.train import RunPreempted
   try:
     sys.exit(run(argv))
-  except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 -- mapped or re-raised
+  except (Exception, KeyboardInterrupt, RunPreempted) as err:  # noqa: BLE001 -- mapped below
     result = outcome(err)
     if result is None or (os.environ.get("JVT_TRACEBACK") == "1" and
                           result[0] != EXIT_PREEMPTED):

@@ -50,9 +50,13 @@ class NonFiniteLossError(FloatingPointError):
   """The training loss (or the gradient / parameter norm) became NaN or inf."""
 
 
-class RunPreempted(Exception):
+class RunPreempted(BaseException):
   """SIGTERM or SIGINT stopped the run; `step` is the step checkpointed for the rerun (None
-  when it stopped before training started, with nothing written)."""
+  when it stopped before training started, with nothing written).
+
+  A BaseException, like KeyboardInterrupt: code that carries on after `except Exception`
+  (e.g. a sweep with keep_going) must not start the next run in a process asked to stop.
+  """
 
   def __init__(self, message: str, step: int | None):
     super().__init__(message)

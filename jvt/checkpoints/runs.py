@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import time
 from typing import Any
 
@@ -85,6 +86,26 @@ _QUIET = _QuietOrbax()
 # The status codes that start tensorstore's storage errors ("DATA_LOSS: Error writing ...").
 _STORAGE_ERROR = re.compile(r"(RESOURCE_EXHAUSTED|DATA_LOSS|UNKNOWN|INTERNAL|PERMISSION_DENIED|"
                             r"FAILED_PRECONDITION|UNAVAILABLE|ABORTED|OUT_OF_RANGE): ")
+
+
+def _quiet_closed_loop_callbacks() -> None:
+  """After a failed restore, tensorstore's reads still pending call back into orbax's asyncio
+  loop, already closed; each callback's RuntimeError("Event loop is closed") would print a
+  traceback through `sys.unraisablehook`. Drops exactly those (JVT_TRACEBACK=1 keeps them);
+  installed once per process, every other report goes to the previous hook."""
+  previous = sys.unraisablehook
+  if getattr(previous, "jvt_quiet", False):
+    return
+
+  def hook(unraisable):
+    if (isinstance(unraisable.exc_value, RuntimeError)
+        and str(unraisable.exc_value) == "Event loop is closed"
+        and os.environ.get("JVT_TRACEBACK") != "1"):
+      return
+    previous(unraisable)
+
+  hook.jvt_quiet = True
+  sys.unraisablehook = hook
 
 
 class RunCheckpointer:
@@ -188,6 +209,7 @@ class RunCheckpointer:
           check(metadata)
         ok = True
       except Exception as err:  # any damage: tensorstore, orbax, JSON, missing keys
+        _quiet_closed_loop_callbacks()
         failures.append((step, _short(err)))
         ok = False
       if jax.process_count() > 1:
