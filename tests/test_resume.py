@@ -1,6 +1,7 @@
 """Resuming: `python -m jvt.main` killed with SIGKILL and run again gives bit-identical trainable
 parameters to an uninterrupted run; an unfinished (crashed) orbax save is ignored; resumed logs
-hold each step once; a finished run run again changes nothing; overwrite clears a run.
+hold each step once; a finished run run again changes nothing; overwrite clears exactly the
+run's files; a truncated newest checkpoint is moved aside and the older one resumes.
 """
 from __future__ import annotations
 
