@@ -532,12 +532,16 @@ def _make_dirs(path: str) -> list[str]:
     if parent == head:
       break
     head = parent
+  missing.reverse()
   try:
     os.makedirs(path, exist_ok=True)
   except OSError as err:
+    for created in reversed(missing):
+      with contextlib.suppress(OSError):
+        os.rmdir(created)
     raise PermissionError(f"workdir {path} is not writable ({err.strerror or err}); choose "
                           "another --workdir.") from None
-  return list(reversed(missing))
+  return missing
 
 
 def _check_writable(path: str) -> None:
