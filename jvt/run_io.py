@@ -178,7 +178,7 @@ def _flock(fd: int) -> bool | None:
 class WorkdirLock:
   """An exclusive lock on a workdir: the file `<workdir>/jvt.lock`, created with O_EXCL (atomic
   on local and network file systems) and holding the holder's host, pid, start time and job id,
-  plus an fcntl lock on it while the run lives (where the file system has them).
+  plus a flock on it while the run lives (where the file system has them).
 
   A second process is refused with `WorkdirLockedError` naming the holder. A lock left by a
   dead process of this host (pid gone, or reused by a process started later) is taken over
