@@ -5,9 +5,14 @@
         --config.optimizer.lr=0.5
 
 The config is locked: a key that does not exist is an error (with a suggestion). A user error
-(bad flag or config key, missing file, unfitting checkpoint, unprepared dataset, a workdir
-holding another run, a NaN loss...) prints one line `jvt: error: ...` and exits with status 2;
+(bad flag or config key, a config file that does not load, missing file, unfitting checkpoint,
+unprepared dataset, a workdir holding another run or locked by another job, a NaN loss, a
+failed write such as a full disk...) prints one line `jvt: error: ...` and exits with status 2;
 set JVT_TRACEBACK=1 to see the traceback instead.
+
+Exit statuses: 0 done; 2 user error; 75 stopped by SIGTERM / SIGINT with a checkpoint at the
+step reached (the same command resumes); 130 interrupted by a second SIGINT; 1 a bug
+(traceback).
 
 Multi-host: pass --jax_distributed (or set JVT_DISTRIBUTED=1) to call
 `jax.distributed.initialize()` first; on Cloud TPU and SLURM it finds the cluster by itself,
@@ -52,6 +57,10 @@ flags.DEFINE_integer("process_id", None, "This process's index, for --jax_distri
 # Errors that are the user's to fix: one clear line, exit status 2, no traceback.
 USER_ERRORS = (ValueError, OSError, FloatingPointError)
 EXIT_USER_ERROR = 2
+# Stopped by SIGTERM / SIGINT after writing a checkpoint (EX_TEMPFAIL: run again to resume).
+EXIT_PREEMPTED = 75
+# A second SIGINT: stopped at once (128 + SIGINT, the shell's convention).
+EXIT_INTERRUPTED = 130
 
 
 def _fail(message: str) -> None:
@@ -75,19 +84,46 @@ def _flag_values(argv, name: str) -> list[tuple[str, str]]:
 
 def _check_config_args(argv) -> None:
   """Loads --config and checks every --config.<path> override names an existing field."""
-  from jvt.config_lib import check_override_path, load_config
+  from jvt.config_lib import check_override_path
   given = _flag_values(argv, "config")
   files = [v for k, v in given if k == "config"]
   if not files:
     return  # absl reports the missing flag
   spec = files[-1]
-  try:
-    config = load_config(spec)
-  except (TypeError, ValueError) as err:  # e.g. get_config(arg) refusing its arg
-    raise ValueError(f"--config={spec}: {err}") from None
+  config = _load_config_file(spec)
   for key, _ in given:
     if key != "config":
       check_override_path(config, key.split(".", 1)[1])
+
+
+def _load_config_file(spec: str):
+  """`load_config(spec)` with one-line errors for a file that does not load: a syntax error
+  (file and line), or any exception of the file's code or its get_config (where it raised)."""
+  import traceback
+  from jvt.config_lib import load_config
+  try:
+    return load_config(spec)
+  except FileNotFoundError:
+    raise
+  except SyntaxError as err:
+    if os.environ.get("JVT_TRACEBACK") == "1":
+      raise
+    raise ValueError(f"--config={spec}: syntax error in {err.filename} line {err.lineno}: "
+                     f"{err.msg}.") from None
+  except (TypeError, ValueError) as err:  # e.g. get_config(arg) refusing its arg
+    if os.environ.get("JVT_TRACEBACK") == "1":
+      raise
+    raise ValueError(f"--config={spec}: {err}") from None
+  except Exception as err:  # noqa: BLE001 -- the config file's own code failed
+    if os.environ.get("JVT_TRACEBACK") == "1":
+      raise
+    frames = traceback.extract_tb(err.__traceback__)
+    where = next((f"{f.filename} line {f.lineno}" for f in reversed(frames)
+                  if os.path.abspath(f.filename) == os.path.abspath(spec.partition(":")[0])),
+                 spec.partition(":")[0])
+    raise ValueError(f"--config={spec}: loading the config raised {type(err).__name__}: "
+                     f"{err} ({where}). Fix the config file, or run with JVT_TRACEBACK=1 for "
+                     "the traceback.") from None
 
 
 def _parse_flags(argv):
@@ -139,13 +175,31 @@ def run(argv) -> int:
   return 0
 
 
+def outcome(err: BaseException) -> tuple[int, str] | None:
+  """The exit status and the one line the CLI ends with for `err`; None for a bug (which
+  keeps its traceback)."""
+  from jvt.train import RunPreempted
+  if isinstance(err, RunPreempted):
+    return EXIT_PREEMPTED, f"jvt: {err}"
+  if isinstance(err, KeyboardInterrupt):
+    return EXIT_INTERRUPTED, ("jvt: interrupted; the newest finished checkpoint in the workdir "
+                              "(if any) is intact and the same command resumes from it.")
+  if isinstance(err, USER_ERRORS):
+    return EXIT_USER_ERROR, f"jvt: error: {err}"
+  return None
+
+
 def main(argv) -> None:
+  from jvt.train import RunPreempted
   try:
     sys.exit(run(argv))
-  except USER_ERRORS as err:
-    if os.environ.get("JVT_TRACEBACK") == "1":
+  except (Exception, KeyboardInterrupt, RunPreempted) as err:  # noqa: BLE001 -- mapped below
+    result = outcome(err)
+    if result is None or (os.environ.get("JVT_TRACEBACK") == "1" and
+                          result[0] != EXIT_PREEMPTED):
       raise
-    _fail(str(err))
+    print(result[1], file=sys.stderr)
+    sys.exit(result[0])
 
 
 def entry() -> None:

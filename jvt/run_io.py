@@ -12,13 +12,20 @@ Workdir layout:
   export/trainable.npz  the trained parameters alone, `/`-joined keys
   export/merged_vit.npz for mergeable methods: the merged model, vision_transformer layout
   curves.png            training curves
+  checkpoints_damaged/  checkpoints that failed to restore, moved aside on resume
+  jvt.lock              the workdir lock of the running job (host, pid, start time, job id)
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import logging
 import os
 import re
 import shutil
+import socket
+import struct
 import sys
 import tempfile
 import time
@@ -29,6 +36,8 @@ from flax import traverse_util
 
 from jvt import protocols
 
+log = logging.getLogger("jvt.run_io")
+
 # Fields that may differ between a run and its resumption (they do not change the result).
 _RESUMABLE_FIELDS = ("progress_bar", "overwrite", "write_plots", "log_every_steps",
                      "keep_checkpoints", "checkpoint_every_steps", "max_to_keep",
@@ -36,29 +45,105 @@ _RESUMABLE_FIELDS = ("progress_bar", "overwrite", "write_plots", "log_every_step
 # Curves plotted in curves.png, when logged.
 _CURVES = ("train/loss", "train/accuracy", "val/accuracy", "test/accuracy", "train/lr",
            "train/grad_norm", "train/img_per_s", "train/input_wait_frac")
+# What a run writes in its workdir (the lock file aside): `overwrite` removes exactly these.
+RUN_FILES = ("config.json", "metrics.jsonl", "final_metrics.json", "curves.png")
+RUN_DIRS = ("checkpoints", "tb", "export", "checkpoints_damaged")
+LOCK_FILE = "jvt.lock"
+# What the errno of a failed write means for the user.
+_CAUSES = {errno.ENOSPC: "the disk is full; free space",
+           errno.EDQUOT: "free space or raise the quota",
+           errno.EACCES: "check the permissions of the directory, or use another --workdir",
+           errno.EPERM: "check the permissions of the directory, or use another --workdir",
+           errno.EROFS: "use a writable --workdir",
+           errno.EIO: "the disk or the file system failed"}
 
 
-def _comparable(config_json: str) -> dict:
-  d = json.loads(config_json)
-  for key in _RESUMABLE_FIELDS:
-    d.pop(key, None)
+class RunWriteError(OSError):
+  """A file of the run could not be written (disk full, permission...): the message names the
+  path and the cause; `errno` is the underlying error number (None when unknown)."""
+
+  def __init__(self, message: str, err_no: int | None = None):
+    super().__init__(message)
+    self.errno = err_no
+
+
+class WorkdirLockedError(FileExistsError):
+  """Another run (another process or job) holds the workdir's lock."""
+
+
+def _comparable(config: dict) -> dict:
+  d = {k: v for k, v in config.items() if k not in _RESUMABLE_FIELDS}
   if isinstance(d.get("protocol"), str):  # the epoch selection under its former name
     d["protocol"] = protocols.SELECTION_ALIASES.get(d["protocol"], d["protocol"])
   return d
 
 
-def atomic_write_text(path: str, text: str) -> None:
-  """Writes `text` to a temporary file next to `path`, then renames it (never a half file)."""
-  directory = os.path.dirname(path) or "."
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+def describe_cause(err_no: int | None, detail: str = "") -> str:
+  """`"No space left on device (the disk is full; free space)"` for an errno."""
+  if err_no is None:
+    return detail or "unknown error"
+  hint = _CAUSES.get(err_no)
+  text = os.strerror(err_no)
+  return f"{text} ({hint})" if hint else text
+
+
+def write_error(path: str, err: OSError, what: str = "write") -> RunWriteError:
+  """The RunWriteError for an OSError raised while writing `path`."""
+  return RunWriteError(f"cannot {what} {path}: {describe_cause(err.errno, str(err))}",
+                       err.errno)
+
+
+def normal_file_mode() -> int:
+  """The mode `open()` gives a new file under the current umask (0o666 & ~umask).
+
+  `tempfile.mkstemp` creates files 0600 whatever the umask; files written through a temporary
+  file are chmod-ed to this so that other users of a shared file system can read them.
+  """
   try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
+    with open("/proc/self/status") as f:  # Linux: read without changing the umask
+      for line in f:
+        if line.startswith("Umask:"):
+          return 0o666 & ~int(line.split()[1], 8)
+  except OSError:
+    pass
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return 0o666 & ~mask
+
+
+@contextlib.contextmanager
+def atomic_file(path: str, binary: bool = False):
+  """Yields a file object writing a temporary file next to `path`, renamed over `path` when the
+  block ends without an error (never a half file; the temporary file removed otherwise).
+
+  The file gets the umask's normal mode (`normal_file_mode`). A symbolic link at `path` is
+  replaced by the file, never written through. Write errors become a `RunWriteError`.
+  """
+  directory = os.path.dirname(os.path.abspath(path))
+  tmp = None
+  try:
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
+                               suffix=".tmp")
+    os.fchmod(fd, normal_file_mode())
+    with os.fdopen(fd, "wb" if binary else "w") as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
     os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
+    tmp = None
+  except OSError as err:
+    if isinstance(err, RunWriteError):
+      raise
+    raise write_error(path, err) from None
+  finally:
+    if tmp is not None and os.path.lexists(tmp):
       os.remove(tmp)
-    raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+  """Writes `text` to `path` through a temporary file (see `atomic_file`)."""
+  with atomic_file(path) as f:
+    f.write(text)
 
 
 def finished_steps(checkpoint_dir: str) -> list[int]:
@@ -69,13 +154,247 @@ def finished_steps(checkpoint_dir: str) -> list[int]:
                 if re.fullmatch(r"\d+", n) and os.path.isdir(os.path.join(checkpoint_dir, n)))
 
 
+def _process_start_ticks(pid: int) -> str | None:
+  """The start time of process `pid` in clock ticks since boot (Linux), to tell a live holder
+  from a new process that reuses a dead holder's pid; None where /proc is not available."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[19]
+  except (OSError, IndexError):
+    return None
+
+
+def _flock(fd: int) -> bool | None:
+  """An exclusive, non-blocking fcntl lock on `fd`: True taken, False held by another process,
+  None where the system or file system has no such locks."""
+  try:
+    import fcntl
+  except ImportError:
+    return None
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return True
+  except BlockingIOError:
+    return False
+  except OSError:
+    return None
+
+
+class WorkdirLock:
+  """An exclusive lock on a workdir: the file `<workdir>/jvt.lock`, created with O_EXCL (atomic
+  on local and network file systems) and holding the holder's host, pid, start time and job id,
+  plus a flock on it while the run lives (where the file system has them).
+
+  A second process is refused with `WorkdirLockedError` naming the holder. A lock left by a
+  dead process of this host (pid gone, or reused by a process started later) is taken over
+  with a warning; one of another host is refused, since its liveness cannot be checked here
+  (the message says to delete the file once that run is known to be gone).
+
+  Multi-process jobs: process 0 takes the lock with the job's id, a random token it makes and
+  broadcasts to every process (through jax.distributed); the other processes check that the
+  file names their job, so a job holds its workdir as one, and a second job is refused.
+  """
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, LOCK_FILE)
+    self._fd = None
+    self.job_id = None
+
+  def acquire(self) -> None:
+    pc = jax.process_count()
+    token = os.urandom(8).hex()
+    if pc == 1:
+      self.job_id = token
+      self._acquire_here()
+      return
+    from jax.experimental import multihost_utils
+    self.job_id = _broadcast_text(token, 16)
+    problem = ""
+    if jax.process_index() == 0:
+      try:
+        self._acquire_here()
+      except (OSError, ValueError) as err:
+        problem = str(err)[:1000]
+    problem = _broadcast_text(problem, 1000)
+    if problem:
+      raise WorkdirLockedError(problem)
+    ok = True
+    if jax.process_index() != 0:
+      holder = _read_holder(self.path)
+      ok = holder is not None and holder.get("job") == self.job_id
+    oks = multihost_utils.process_allgather(np.int32(ok))
+    if not np.all(oks):
+      bad = [i for i, x in enumerate(np.ravel(oks)) if not x]
+      self.release()
+      raise WorkdirLockedError(
+          f"processes {bad} do not see the lock file {self.path} that process 0 wrote: the "
+          "workdir must be the same (shared) directory on every host.")
+
+  def _info(self) -> dict:
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "pid": pid, "pid_start": _process_start_ticks(pid),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "job": self.job_id,
+            "processes": jax.process_count(),
+            "slurm_job": os.environ.get("SLURM_JOB_ID")}
+
+  def _acquire_here(self) -> None:
+    data = json.dumps(self._info()).encode()
+    for _ in range(50):
+      try:
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+      except FileExistsError:
+        pass
+      else:
+        _flock(fd)
+        try:
+          os.write(fd, data)
+          os.fsync(fd)
+        except OSError as err:
+          os.close(fd)
+          os.remove(self.path)
+          raise write_error(self.path, err) from None
+        self._fd = fd
+        return
+      holder = _read_holder(self.path)
+      if holder is None:  # being written by its creator, or left empty by a crash
+        if time.time() - _mtime(self.path) < 10:
+          time.sleep(0.2)
+          continue
+      elif _holder_alive(holder):
+        raise WorkdirLockedError(_locked_message(self.path, holder))
+      if self._take_over(holder, data):
+        return
+    raise WorkdirLockedError(f"could not take the lock {self.path}; delete it if no run uses "
+                             "this workdir.")
+
+  def _take_over(self, holder: dict | None, data: bytes) -> bool:
+    """Replaces a dead holder's lock by ours; False if the file changed meanwhile."""
+    try:
+      fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW)
+    except FileNotFoundError:
+      return False
+    if _flock(fd) is False:  # a live process holds it after all
+      os.close(fd)
+      raise WorkdirLockedError(_locked_message(self.path, _read_holder(self.path) or {}))
+    current = os.pread(fd, 1 << 16, 0)
+    if _parse_holder(current) != holder:
+      os.close(fd)
+      return False
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, data, 0)
+    os.fsync(fd)
+    self._fd = fd
+    what = (f"process {holder.get('pid')} on {holder.get('host')} (started "
+            f"{holder.get('started')}), which is gone" if holder else "no holder information")
+    log.warning("Took over the stale workdir lock %s: it was left by %s.", self.path, what)
+    return True
+
+  def release(self) -> None:
+    """Removes the lock file (process 0) and drops the fcntl lock."""
+    if self._fd is None:
+      return
+    try:
+      holder = _read_holder(self.path)
+      if holder is not None and holder.get("pid") == os.getpid() and \
+          holder.get("job") == self.job_id:
+        os.remove(self.path)
+    except OSError:
+      pass
+    finally:
+      os.close(self._fd)
+      self._fd = None
+
+
+def _broadcast_text(text: str, size: int) -> str:
+  """Process 0's `text` (at most `size` bytes) on every process."""
+  from jax.experimental import multihost_utils
+  raw = np.zeros((size,), np.uint8)
+  encoded = text.encode()[:size]
+  raw[:len(encoded)] = np.frombuffer(encoded, np.uint8)
+  out = np.asarray(multihost_utils.broadcast_one_to_all(raw))
+  return bytes(out.astype(np.uint8)).rstrip(b"\0").decode(errors="replace")
+
+
+def _mtime(path: str) -> float:
+  try:
+    return os.lstat(path).st_mtime
+  except OSError:
+    return 0.0
+
+
+def _parse_holder(raw: bytes) -> dict | None:
+  try:
+    holder = json.loads(raw.decode())
+  except (UnicodeDecodeError, ValueError):
+    return None
+  return holder if isinstance(holder, dict) else None
+
+
+def _read_holder(path: str) -> dict | None:
+  try:
+    with open(path, "rb") as f:
+      return _parse_holder(f.read())
+  except OSError:
+    return None
+
+
+def _holder_alive(holder: dict) -> bool:
+  """False only when the holder is provably gone: a process of this host that no longer runs
+  (or whose pid now belongs to a process started later)."""
+  if holder.get("host") != socket.gethostname():
+    return True
+  pid = holder.get("pid")
+  if not isinstance(pid, int):
+    return True
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    pass
+  recorded, now = holder.get("pid_start"), _process_start_ticks(pid)
+  return not (recorded and now and recorded != now)
+
+
+def _locked_message(path: str, holder: dict) -> str:
+  return (f"workdir {os.path.dirname(path)} is in use by another run: pid {holder.get('pid')} "
+          f"on host {holder.get('host')}, started {holder.get('started')} (lock file {path}). "
+          "Wait for it to finish or use another --workdir; if that run is gone (e.g. its host "
+          f"crashed), delete {path} and run again.")
+
+
+def check_no_links(path: str) -> None:
+  """Refuses a workdir whose run files or directories (or anything inside those directories)
+  are symbolic links: jvt never writes or deletes through a link into another directory."""
+  links = []
+  for name in RUN_FILES + RUN_DIRS + (LOCK_FILE,):
+    full = os.path.join(path, name)
+    if os.path.islink(full):
+      links.append(full)
+    elif name in RUN_DIRS and os.path.isdir(full):
+      for root, dirs, files in os.walk(full):
+        links += [os.path.join(root, n) for n in dirs + files
+                  if os.path.islink(os.path.join(root, n))]
+  if links:
+    shown = ", ".join(f"{p} -> {os.readlink(p)}" for p in links[:3])
+    raise ValueError(
+        f"workdir {path} holds symbolic links where the run writes its files ({shown}"
+        f"{', ...' if len(links) > 3 else ''}); jvt never writes or deletes through a link. "
+        "Remove the links (and move what they point to into the workdir if it belongs to this "
+        "run), or use another --workdir.")
+
+
 class RunDirectory:
-  """Checks a workdir for a config (on construction) and claims it (`start`).
+  """Locks a workdir, checks it for a config (on construction) and claims it (`start`).
 
   A workdir "holds a run" once it has a finished checkpoint or a final_metrics.json. Such a
   run is resumed when its config.json matches `config` (up to `_RESUMABLE_FIELDS`) and is
   refused otherwise, unless `config.overwrite`, which then deletes it in `start`. A workdir
   whose config.json has neither (a run stopped before its first checkpoint) is simply reused.
+
+  The workdir lock (`WorkdirLock`) is held from construction to `close()`; use it as a
+  context manager. Closed before `start`, it leaves no trace: the lock file is removed, and
+  so are the directories its construction created.
   """
 
   def __init__(self, workdir: str, config):
@@ -83,34 +402,59 @@ class RunDirectory:
       raise ValueError("workdir is empty: pass --workdir=DIR.")
     self.path = os.path.abspath(workdir)
     self.checkpoint_dir = os.path.join(self.path, "checkpoints")
-    _check_writable(self.path)
-    config_path = os.path.join(self.path, "config.json")
+    self.damaged_dir = os.path.join(self.path, "checkpoints_damaged")
     self._config_text = config.to_json(indent=1)
-    overwrite = bool(config.get("overwrite", False))
+    self._started = False
+    self._created = _make_dirs(self.path)
+    self.lock = WorkdirLock(self.path)
+    try:
+      _check_writable(self.path)
+      self.lock.acquire()
+      check_no_links(self.path)
+      self._clear = self._check_config(bool(config.get("overwrite", False)))
+    except BaseException:
+      self.close()
+      raise
+
+  def _check_config(self, overwrite: bool) -> bool:
+    """Whether `start` must delete a previous run (raises if it is refused)."""
+    config_path = os.path.join(self.path, "config.json")
+    metrics_path = os.path.join(self.path, "metrics.jsonl")
+    if os.path.exists(metrics_path) and not overwrite:
+      _parse_metrics(metrics_path)  # a damaged line (other than a half-written last one) fails
     has_checkpoint = bool(finished_steps(self.checkpoint_dir))
     finished = os.path.exists(os.path.join(self.path, "final_metrics.json"))
-    self._clear = False
     if not (has_checkpoint or finished):
-      return
+      return False
     if not os.path.exists(config_path):
       problem = f"workdir {self.path} holds checkpoints or results but no config.json"
     else:
       with open(config_path) as f:
         old = f.read()
+      try:
+        old_config = json.loads(old)
+      except ValueError as err:
+        if overwrite:
+          return True
+        raise ValueError(
+            f"{config_path} is damaged ({err}); it should hold the config of the run in this "
+            "workdir. Restore it from a backup (each checkpoint's metadata also holds the "
+            "config, as JSON, under 'config'), or pass --config.overwrite=True to delete the "
+            "run and start over.") from None
       problem = None
-      if _comparable(old) != _comparable(self._config_text):
+      if _comparable(old_config) != _comparable(json.loads(self._config_text)):
         problem = (f"workdir {self.path} holds a run of a different config "
-                   f"({_diff(json.loads(old), json.loads(self._config_text))})")
+                   f"({_diff(old_config, json.loads(self._config_text))})")
       elif not has_checkpoint:
         problem = (f"workdir {self.path} holds a finished run of this config whose checkpoints "
                    "were removed (keep_checkpoints=False); its results are in "
                    "final_metrics.json")
     if problem is None:
-      return
+      return False
     if not overwrite:
       raise FileExistsError(f"{problem}. Use another --workdir, or pass "
                             "--config.overwrite=True to delete it and start over.")
-    self._clear = True
+    return True
 
   def start(self) -> None:
     """Claims the workdir for this config (after set-up succeeded): with `overwrite`, deletes
@@ -119,9 +463,26 @@ class RunDirectory:
       if self._clear:
         _clear_run(self.path)
       atomic_write_text(os.path.join(self.path, "config.json"), self._config_text)
+    self._started = True
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("jvt.run_io.RunDirectory.start")
+
+  def close(self) -> None:
+    """Releases the lock; before `start`, also removes the directories construction made."""
+    self.lock.release()
+    if not self._started and jax.process_index() == 0:
+      for path in reversed(self._created):
+        try:
+          os.rmdir(path)
+        except OSError:
+          break
+
+  def __enter__(self) -> RunDirectory:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
   def write_final(self, final: dict, history: list[dict]) -> None:
     atomic_write_text(os.path.join(self.path, "final_metrics.json"),
@@ -133,11 +494,13 @@ class RunDirectory:
     from jvt.partition import merge_params
     from jvt.tuning import merge_lora, merge_ssf
     out = os.path.join(self.path, "export")
-    os.makedirs(out, exist_ok=True)
+    try:
+      os.makedirs(out, exist_ok=True)
+    except OSError as err:
+      raise write_error(out, err, "create") from None
     flat = traverse_util.flatten_dict(trainable, sep="/")
-    tmp = os.path.join(out, ".trainable.tmp.npz")
-    np.savez(tmp, **{k: np.asarray(v) for k, v in flat.items()})
-    os.replace(tmp, os.path.join(out, "trainable.npz"))
+    with atomic_file(os.path.join(out, "trainable.npz"), binary=True) as f:
+      np.savez(f, **{k: np.asarray(v) for k, v in flat.items()})
     spec = model.tuning
     if any(spec.prompt_tokens) or spec.adapter_dim or spec.adaptformer_dim:
       return  # prompts and adapters add computation: nothing to merge into the backbone
@@ -146,19 +509,50 @@ class RunDirectory:
       params = merge_lora(params, alpha=spec.lora_alpha, rank=spec.lora_rank)
     if spec.ssf:
       params = merge_ssf(params)
-    save_npz(os.path.join(out, "merged_vit.npz"), params)
+    path = os.path.join(out, "merged_vit.npz")
+    try:
+      save_npz(path, params)
+    except OSError as err:
+      raise write_error(path, err) from None
 
   def plot_curves(self) -> None:
     from jvt import viz
     rows = read_metrics(self.path)
     keys = [k for k in _CURVES if any(k in r for r in rows)]
     if keys:
-      viz.plot_training_curves(rows, os.path.join(self.path, "curves.png"), keys=keys)
+      path = os.path.join(self.path, "curves.png")
+      try:
+        viz.plot_training_curves(rows, path, keys=keys)
+      except OSError as err:
+        raise write_error(path, err) from None
+
+
+def _make_dirs(path: str) -> list[str]:
+  """os.makedirs(path); returns the directories it created, outermost first."""
+  missing = []
+  head = path
+  while head and not os.path.exists(head):
+    missing.append(head)
+    parent = os.path.dirname(head)
+    if parent == head:
+      break
+    head = parent
+  missing.reverse()
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as err:
+    for created in reversed(missing):
+      with contextlib.suppress(OSError):
+        os.rmdir(created)
+    raise PermissionError(f"workdir {path} is not writable ({err.strerror or err}); choose "
+                          "another --workdir.") from None
+  return missing
 
 
 def _check_writable(path: str) -> None:
+  if not os.path.isdir(path):
+    raise PermissionError(f"workdir {path} is not a directory; choose another --workdir.")
   try:
-    os.makedirs(path, exist_ok=True)
     fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
     os.close(fd)
     os.remove(probe)
@@ -168,11 +562,18 @@ def _check_writable(path: str) -> None:
 
 
 def _clear_run(path: str) -> None:
-  for name in ("checkpoints", "tb", "export"):
-    shutil.rmtree(os.path.join(path, name), ignore_errors=True)
-  for name in ("metrics.jsonl", "final_metrics.json", "curves.png"):
-    if os.path.exists(os.path.join(path, name)):
-      os.remove(os.path.join(path, name))
+  """Deletes exactly the run's own files and directories (never through a link: the workdir
+  was checked by `check_no_links`, and rmtree does not follow links inside a directory)."""
+  for name in RUN_DIRS:
+    full = os.path.join(path, name)
+    if os.path.islink(full):
+      raise ValueError(f"{full} is a symbolic link; jvt does not delete through links.")
+    if os.path.isdir(full):
+      shutil.rmtree(full)
+  for name in RUN_FILES:
+    full = os.path.join(path, name)
+    if os.path.lexists(full):
+      os.remove(full)
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> str:
@@ -188,13 +589,41 @@ def _diff(old: dict, new: dict, prefix: str = "") -> str:
   return "; ".join(diffs[:5])
 
 
+def _parse_metrics(path: str) -> tuple[list[dict], bool]:
+  """(rows, whether a half-written last line was dropped) of a metrics.jsonl file.
+
+  A kill during a write can leave the last line incomplete: it is dropped. A damaged line
+  before it is an error naming the file and the line.
+  """
+  with open(path, "rb") as f:
+    lines = f.read().split(b"\n")
+  rows, dropped = [], False
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line.decode())
+      if not isinstance(row, dict):
+        raise ValueError("not a JSON object")
+    except (UnicodeDecodeError, ValueError) as err:
+      if all(not rest.strip() for rest in lines[i + 1:]):
+        dropped = True
+        break
+      raise ValueError(
+          f"{path} is damaged at line {i + 1} ({err}); it is the run's log of metrics, one JSON "
+          f"object per line. Delete that line (or the file, losing the logged curves) and run "
+          "again.") from None
+    rows.append(row)
+  return rows, dropped
+
+
 def read_metrics(workdir: str) -> list[dict]:
-  """The rows of `workdir/metrics.jsonl` (empty if there is none)."""
+  """The rows of `workdir/metrics.jsonl` (empty if there is none; a half-written last line,
+  which a killed run can leave, is skipped)."""
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return _parse_metrics(path)[0]
 
 
 class _Progress:
@@ -224,12 +653,70 @@ class _Progress:
       self.bar.close()
 
 
+class _EventFile:
+  """TensorBoard scalars written synchronously to one event file, flushed after every write.
+
+  Synchronous on purpose: a background writer that dies (disk full) leaves the loop blocked on
+  its queue; here a failed write raises at once, and a killed run's events hold exactly the
+  rows of metrics.jsonl. `purge_step` hides events at and after it from earlier runs (the
+  SessionLog START that TensorBoard reads as "restarted here").
+  """
+
+  def __init__(self, directory: str, purge_step: int):
+    from tensorboardX.proto import event_pb2, summary_pb2
+    self._pb, self._summary_pb = event_pb2, summary_pb2
+    try:
+      os.makedirs(directory, exist_ok=True)
+    except OSError as err:
+      raise write_error(directory, err, "create") from None
+    self.path = os.path.join(directory, f"events.out.tfevents.{time.time():.6f}."
+                                        f"{socket.gethostname()}.{os.getpid()}")
+    self._fd = None
+    try:
+      self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                         0o666)
+    except OSError as err:
+      raise write_error(self.path, err, "create") from None
+    pb = event_pb2
+    self._write([pb.Event(wall_time=time.time(), step=purge_step, file_version="brain.Event:2"),
+                 pb.Event(wall_time=time.time(), step=purge_step,
+                          session_log=pb.SessionLog(status=pb.SessionLog.START))])
+
+  def _write(self, events) -> None:
+    from tensorboardX.record_writer import masked_crc32c
+    out = []
+    for event in events:
+      data = event.SerializeToString()
+      header = struct.pack("<Q", len(data))
+      out += [header, struct.pack("<I", masked_crc32c(header)), data,
+              struct.pack("<I", masked_crc32c(data))]
+    blob = b"".join(out)
+    try:
+      while blob:
+        blob = blob[os.write(self._fd, blob):]
+    except OSError as err:
+      raise write_error(self.path, err) from None
+
+  def scalars(self, step: int, scalars: dict) -> None:
+    sp = self._summary_pb
+    summary = sp.Summary(value=[sp.Summary.Value(tag=k, simple_value=float(v))
+                                for k, v in scalars.items()])
+    self._write([self._pb.Event(wall_time=time.time(), step=int(step), summary=summary)])
+
+  def close(self) -> None:
+    if self._fd is not None:
+      os.close(self._fd)
+      self._fd = None
+
+
 class MetricWriter:
-  """Scalars to metrics.jsonl and TensorBoard (process 0 only).
+  """Scalars to metrics.jsonl and TensorBoard (process 0 only), written and flushed in the
+  calling thread, so a failed write (disk full, permission) raises a `RunWriteError` naming
+  the file and its cause in the training loop.
 
   `resume_step`: the step training continues from. Rows and events logged past it by an
-  interrupted run are dropped (metrics.jsonl rewritten, TensorBoard `purge_step`), so a
-  resumed run's logs hold each step once.
+  interrupted run are dropped (metrics.jsonl rewritten, TensorBoard purge), so a resumed run's
+  logs hold each step once; a half-written last line of metrics.jsonl is dropped too.
   """
 
   def __init__(self, workdir: str, enabled: bool = True, resume_step: int = 0):
@@ -237,12 +724,14 @@ class MetricWriter:
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.tb = None
     if enabled:
-      rows = read_metrics(workdir)
+      rows, dropped = _parse_metrics(self.path) if os.path.exists(self.path) else ([], False)
       kept = [r for r in rows if r.get("step", 0) <= resume_step]
-      if len(kept) != len(rows):
+      if dropped:
+        log.warning("Dropped the half-written last line of %s (left by an interrupted run).",
+                    self.path)
+      if dropped or len(kept) != len(rows):
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-      from tensorboardX import SummaryWriter
-      self.tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=resume_step + 1)
+      self.tb = _EventFile(os.path.join(workdir, "tb"), purge_step=resume_step + 1)
 
   def write_header(self, *, trainable_params: int, summary: str) -> None:
     if self.enabled:
@@ -252,10 +741,17 @@ class MetricWriter:
     if not self.enabled:
       return
     row = {"step": int(step), "time": time.time(), **{k: float(v) for k, v in scalars.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
-    for k, v in scalars.items():
-      self.tb.add_scalar(k, float(v), int(step))
+    try:
+      fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+      try:
+        data = (json.dumps(row) + "\n").encode()
+        while data:
+          data = data[os.write(fd, data):]
+      finally:
+        os.close(fd)
+    except OSError as err:
+      raise write_error(self.path, err) from None
+    self.tb.scalars(step, scalars)
 
   def progress(self, total: int, initial: int, enabled: bool) -> _Progress:
     return _Progress(total, initial, enabled and self.enabled)

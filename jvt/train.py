@@ -20,6 +20,8 @@ import logging
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from typing import Any
 
@@ -34,7 +36,7 @@ from jvt import partition, sharding
 from jvt import protocols
 from jvt.losses import classification
 from jvt.models import build_model, init_params
-from jvt.run_io import MetricWriter, RunDirectory
+from jvt.run_io import MetricWriter, RunDirectory, RunWriteError, finished_steps
 
 PyTree = Any
 log = logging.getLogger("jvt.train")
@@ -46,6 +48,66 @@ _MAX_IN_FLIGHT = 2
 
 class NonFiniteLossError(FloatingPointError):
   """The training loss (or the gradient / parameter norm) became NaN or inf."""
+
+
+class RunPreempted(BaseException):
+  """SIGTERM or SIGINT stopped the run; `step` is the step checkpointed for the rerun (None
+  when it stopped before training started, with nothing written).
+
+  A BaseException, like KeyboardInterrupt: code that carries on after `except Exception`
+  (e.g. a sweep with keep_going) must not start the next run in a process asked to stop.
+  """
+
+  def __init__(self, message: str, step: int | None):
+    super().__init__(message)
+    self.step = step
+
+
+class _StopSignals:
+  """Within the block, SIGTERM (what TPU-pod and SLURM preemption send) and SIGINT (Ctrl-C)
+  ask the loop to stop at the next step with a checkpoint; a second signal stops at once
+  (KeyboardInterrupt). Only installed from the main thread; the previous handlers return
+  afterwards.
+
+  Multi-process runs stop together: the processes agree on a request at the next log or
+  checkpoint step (one small all-gather), so all of them save the same step.
+  """
+
+  def __init__(self):
+    self.signum = None
+    self._old = {}
+
+  def __enter__(self) -> _StopSignals:
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for sig, handler in self._old.items():
+      signal.signal(sig, handler)
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    if self.signum is not None:
+      raise KeyboardInterrupt
+    self.signum = signum
+
+  @property
+  def name(self) -> str:
+    return signal.Signals(self.signum).name if self.signum else ""
+
+  def requested(self, sync_point: bool) -> bool:
+    """Whether to stop now (with several processes: only at sync points, all together)."""
+    if jax.process_count() == 1:
+      return self.signum is not None
+    if not sync_point:
+      return False
+    from jax.experimental import multihost_utils
+    signums = np.ravel(multihost_utils.process_allgather(np.int32(self.signum or 0)))
+    if self.signum is None and signums.any():
+      self.signum = int(signums[signums > 0][0])
+    return bool(signums.any())
 
 
 @flax.struct.dataclass
@@ -247,6 +309,27 @@ def _load_backbone(config, model, key) -> PyTree:
                          posemb_interpolation=config.pretrained.posemb_interpolation)
 
 
+def _check_run_fields(config) -> None:
+  """Fields that would otherwise be accepted silently or reported under another name."""
+  for name in ("batch_size", "eval_batch_size", "max_to_keep"):
+    value = config.get(name)
+    if not isinstance(value, int) or value < 1:
+      why = (" (the number of newest checkpoints kept; keep_checkpoints=False deletes them "
+             "once the run finished)" if name == "max_to_keep" else "")
+      raise ValueError(f"{name}={value!r} must be an integer >= 1{why}; pass "
+                       f"--config.{name}=N.")
+
+
+def _check_image_size(config, model) -> None:
+  size, patch = int(config.model.image_size), int(model.patch_size)
+  if size % patch:
+    lower = size // patch * patch
+    raise ValueError(
+        f"model.image_size={size} is not a multiple of the patch size {patch}: "
+        f"{size % patch} pixels would be cropped away. Use --config.model.image_size="
+        f"{lower or patch} or {lower + patch}.")
+
+
 def _check_batch_sizes(config, mesh) -> None:
   sharding.check_batch_size(config.batch_size, mesh)
   try:
@@ -266,6 +349,7 @@ def setup(config, *, num_classes: int, steps_per_epoch: int,
   mesh = sharding.make_mesh()
   _check_batch_sizes(config, mesh)
   model = model_from_config(config, num_classes)
+  _check_image_size(config, model)
   params = _load_backbone(config, model, jax.random.key(config.seed))
   rules = model.partition_rules
   mask = partition.trainable_mask(params, model)
@@ -402,14 +486,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """Trains and evaluates one run; returns (final TrainState, final metrics dict).
 
   Every check of the config, the data and the checkpoint runs before the workdir is claimed
-  (config.json written), so a bad input changes nothing there. Resumes from the newest
-  checkpoint in `workdir` when the config matches the one stored there; refuses a workdir
+  (config.json written), so a bad input changes nothing there (and a workdir it had to create
+  is removed again). The workdir is locked for the whole run (`jvt.run_io.WorkdirLock`).
+  Resumes from the newest checkpoint in `workdir` that restores (damaged newer ones are moved
+  to `checkpoints_damaged/`) when the config matches the one stored there; refuses a workdir
   holding a run of a different config unless `config.overwrite`.
+
+  SIGTERM / SIGINT stop the run at the next step with a checkpoint there and raise
+  `RunPreempted`; a failed write (disk full, permission) raises `RunWriteError` naming the
+  file, the cause and the intact checkpoint to resume from.
   """
-  selection = protocols.check_selection(config.protocol, config.dataset.val_split,
-                                        config.dataset.test_split)
+  protocols.check_selection(config.protocol, config.dataset.val_split,
+                            config.dataset.test_split)
+  _check_run_fields(config)
   _check_pretrained_path(config.pretrained.path)
-  run_dir = RunDirectory(workdir, config)
+  with _StopSignals() as stop, RunDirectory(workdir, config) as run_dir:
+    try:
+      return _train_and_evaluate(config, run_dir, stop)
+    except RunWriteError as err:
+      raise _with_resume_hint(err, run_dir) from None
+
+
+def _train_and_evaluate(config, run_dir: RunDirectory, stop: _StopSignals):
+  """`train_and_evaluate` in a locked workdir."""
   from jvt.data import pipeline
   ds = config.dataset
   pi, pc = jax.process_index(), jax.process_count()
@@ -425,6 +524,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       process_index=pi, process_count=pc, sampler=ds.sampler,
       images_per_class=ds.images_per_class, num_classes=num_classes)
   ckpt = None
+  failed = True
   try:
     num_classes = loader.num_classes
     s = setup(config, num_classes=num_classes, steps_per_epoch=loader.steps_per_epoch,
@@ -435,12 +535,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
         process_count=pc, num_classes=num_classes) for name, split in splits[1:]}
     # Trace now: an error in the objective or model surfaces before the workdir is claimed.
     s.train_step.trace(s.state, s.frozen, s.constants, _abstract_batch(config, s.mesh))
+    if stop.requested(sync_point=True):
+      raise RunPreempted(f"stopped by {stop.name} before training started; nothing was "
+                         "written. Run the same command again to start.", None)
     run_dir.start()
     from jvt.checkpoints.runs import RunCheckpointer
     ckpt = RunCheckpointer(run_dir.checkpoint_dir, max_to_keep=config.max_to_keep)
-    state, history, start = s.state, [], ckpt.latest_step()
-    if start is not None:
-      state, meta = ckpt.restore(start, target=state)
+    state, history, start = s.state, [], None
+    restored = ckpt.restore_newest(state, check=_check_ckpt_meta,
+                                   damaged_dir=run_dir.damaged_dir)
+    if restored is not None:
+      start, state, meta = restored
       loader.set_state(meta["data"])
       history = meta.get("history", [])
       log.info("Resumed from step %d in %s", start, run_dir.path)
@@ -450,14 +555,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
         s.model))
     try:
       state, history = _loop(s, state, loader, eval_sets, ckpt, writer, history,
-                             int(start or 0))
+                             int(start or 0), stop)
       ckpt.wait_until_finished()
     finally:
       writer.close()
+    failed = False
   finally:
     loader.close()
     if ckpt is not None:
-      ckpt.close()
+      try:
+        ckpt.close()
+      except RunWriteError:
+        if not failed:
+          raise  # otherwise the error in flight is the one to report
+  selection = protocols.check_selection(config.protocol, config.dataset.val_split,
+                                        config.dataset.test_split)
   final = protocols.final_metrics(history, selection)
   final.update(protocol=selection, trainable_params=s.trainable_params,
                total_steps=s.total_steps, methods=list(_methods(config)),
@@ -472,8 +584,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   return state, final
 
 
-def _loop(s: Setup, state, loader, eval_sets, ckpt, writer, history, step):
-  """Steps `step` .. total_steps, evaluations, checkpoints; returns (state, history)."""
+def _check_ckpt_meta(meta) -> None:
+  """A restored checkpoint's metadata must hold the data position (else it is damaged)."""
+  if not isinstance(meta, dict) or not isinstance(meta.get("data"), dict):
+    raise ValueError("its metadata has no data-loader position")
+
+
+def _with_resume_hint(err: RunWriteError, run_dir: RunDirectory) -> RunWriteError:
+  """`err` with the newest intact checkpoint, from which a rerun resumes."""
+  steps = finished_steps(run_dir.checkpoint_dir)
+  where = (f"The newest intact checkpoint is {os.path.join(run_dir.checkpoint_dir, str(steps[-1]))}"
+           "; once that is fixed, run the same command again to resume from it."
+           if steps else "No checkpoint was written yet; run again once that is fixed.")
+  text = str(err).rstrip(".")
+  return RunWriteError(f"{text}. {where}", err.errno)
+
+
+def _loop(s: Setup, state, loader, eval_sets, ckpt, writer, history, step, stop=None):
+  """Steps `step` .. total_steps, evaluations, checkpoints; returns (state, history).
+
+  With `stop` (a `_StopSignals`), a SIGTERM / SIGINT checkpoints the step reached and raises
+  RunPreempted.
+  """
   config = s.config
   log_every = max(int(config.log_every_steps), 1)
   ckpt_every = max(int(config.checkpoint_every_steps), 1)
@@ -513,7 +645,13 @@ def _loop(s: Setup, state, loader, eval_sets, ckpt, writer, history, step):
           host.update(lr=float(jax.device_get(s.schedule(step - 1))),
                       img_per_s=steps_window * config.batch_size / dt,
                       input_wait_frac=wait_window / dt)
-          writer.write_scalars(step, {f"train/{k}": v for k, v in host.items()})
+          error = None
+          try:  # a failed background save, or this write, stops the run here
+            ckpt.check_for_errors()
+            writer.write_scalars(step, {f"train/{k}": v for k, v in host.items()})
+          except RunWriteError as err:
+            error = err
+          _raise_on_every_process(error)
           progress.update_metrics(host)
           t_window, wait_window, steps_window = time.perf_counter(), 0.0, 0
       if eval_every and step % eval_every == 0 and step < s.total_steps:
@@ -522,6 +660,10 @@ def _loop(s: Setup, state, loader, eval_sets, ckpt, writer, history, step):
         ckpt.save(step, state, _ckpt_meta(config, loader, history))
         last_ckpt = step
       progress.advance(step)
+      if (stop is not None and step < s.total_steps
+          and stop.requested(sync_point=is_log or is_ckpt)):
+        _stop_with_checkpoint(s, state, metrics, loader, ckpt, history, step, last_ckpt,
+                              unchecked_from, stop)
     if not history or history[-1]["step"] != step:
       history.append(_eval_all(s, state, eval_sets, step, writer))
     if ckpt.latest_step() != step:
@@ -529,6 +671,35 @@ def _loop(s: Setup, state, loader, eval_sets, ckpt, writer, history, step):
   finally:
     progress.close()
   return state, history
+
+
+def _raise_on_every_process(error: RunWriteError | None) -> None:
+  """Raises `error`; with several processes, every process raises when one failed (process 0
+  alone writes the logs), so none waits forever in the next collective."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    failed = np.ravel(multihost_utils.process_allgather(np.int32(error is not None)))
+    if error is None and failed.any():
+      raise RunWriteError(f"process {int(np.argmax(failed))} could not write the run's files "
+                          "(its message names the file and the cause).")
+  if error is not None:
+    raise error
+
+
+def _stop_with_checkpoint(s: Setup, state, metrics, loader, ckpt, history, step, last_ckpt,
+                          unchecked_from, stop) -> None:
+  """Checkpoints `step` (if not saved already; finite values only), waits for it to be on
+  disk and raises RunPreempted saying where to resume."""
+  if last_ckpt != step:
+    if unchecked_from <= step:
+      _check_finite({k: float(v) for k, v in _fetch(metrics).items()}, unchecked_from, step,
+                    last_ckpt)
+    ckpt.save(step, state, _ckpt_meta(s.config, loader, history))
+  ckpt.wait_until_finished()
+  raise RunPreempted(
+      f"stopped by {stop.name} at step {step} of {s.total_steps}; checkpoint saved in "
+      f"{os.path.join(ckpt.directory, str(step))}. Run the same command again to resume.",
+      step)
 
 
 def _methods(config):

@@ -1,6 +1,7 @@
 """Resuming: `python -m jvt.main` killed with SIGKILL and run again gives bit-identical trainable
 parameters to an uninterrupted run; an unfinished (crashed) orbax save is ignored; resumed logs
-hold each step once; a finished run run again changes nothing; overwrite clears a run.
+hold each step once; a finished run run again changes nothing; overwrite clears exactly the
+run's files; a truncated newest checkpoint is moved aside and the older one resumes.
 """
 from __future__ import annotations
 
@@ -120,10 +121,13 @@ def test_overwrite_deletes_a_run_of_another_config(train_data_dir, reference_run
   other.unlock()
   other.overwrite = True
   other.lock()
+  (workdir / "notes.txt").write_text("not the run's")
   run_dir = RunDirectory(str(workdir), other)
   assert (workdir / "checkpoints" / "40").exists()  # nothing deleted before start()
-  run_dir.start()
-  assert sorted(os.listdir(workdir)) == ["config.json"]
+  run_dir.start()  # deletes exactly the run's own files
+  assert sorted(os.listdir(workdir)) == ["config.json", "jvt.lock", "notes.txt"]
+  run_dir.close()  # releases the workdir lock
+  assert sorted(os.listdir(workdir)) == ["config.json", "notes.txt"]
   assert '"lr": 0.01' in (workdir / "config.json").read_text()
 
 
@@ -140,5 +144,27 @@ def test_finished_run_without_checkpoints_is_not_retrained(train_data_dir, refer
   for name in ("final_metrics.json", "export", "tb", "metrics.jsonl"):
     path = workdir / name
     shutil.rmtree(path) if path.is_dir() else path.unlink()
-  RunDirectory(str(workdir), tiny_config(train_data_dir, lr=0.01)).start()
+  with RunDirectory(str(workdir), tiny_config(train_data_dir, lr=0.01)) as run_dir:
+    run_dir.start()
   assert '"lr": 0.01' in (workdir / "config.json").read_text()
+
+
+def test_damaged_newest_checkpoint_resumes_from_the_older_one_without_tracebacks(
+    train_data_dir, reference_run, tmp_path, tmp_path_factory):
+  """Through the CLI: the arrays of the newest checkpoint (40) truncated; the rerun moves it
+  aside with one warning, resumes from 36 with no library traceback on stderr and ends
+  bit-identical."""
+  workdir = tmp_path / "damaged"
+  shutil.copytree(reference_run, workdir)
+  for name in os.listdir(workdir / "checkpoints" / "40" / "state" / "d"):
+    path = workdir / "checkpoints" / "40" / "state" / "d" / name
+    os.truncate(path, os.path.getsize(path) // 2)
+  (workdir / "final_metrics.json").unlink()
+  proc = run_cli(cli_args(train_data_dir, workdir, **REFERENCE),
+                 cli_env(tmp_path_factory.getbasetemp()))
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert f"Checkpoint {workdir / 'checkpoints' / '40'} does not restore" in proc.stderr
+  assert "Resumed from step 36" in proc.stderr
+  assert [n.split("-")[0] for n in os.listdir(workdir / "checkpoints_damaged")] == ["40"]
+  _assert_bit_identical(workdir, reference_run)
+  _assert_logs_unique(workdir)

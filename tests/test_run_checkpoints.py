@@ -168,3 +168,55 @@ def test_two_processes_save_and_restore_their_shards(tmp_path):
   for r in results:
     assert r["devices"] == 2 and r["latest"] == 1 and r["metadata"] == {"epoch": 1}
     assert r["r"] == [1.0, 1.0, 1.0]
+
+
+def test_write_errors_name_the_step_and_the_cause(tmp_path, monkeypatch):
+  """A storage error of orbax / tensorstore (here injected) becomes one CheckpointWriteError
+  naming the step's directory and the cause; any other exception keeps its type."""
+  import errno
+  import orbax.checkpoint as ocp
+  from jvt.checkpoints.runs import CheckpointWriteError
+
+  def denied(self, step, args=None):
+    raise ValueError('PERMISSION_DENIED: Error writing "x/0" in OCDBT database: Failed to open '
+                     "file: Permission denied [os_error_code='13']")
+
+  with RunCheckpointer(tmp_path) as ckpt:
+    monkeypatch.setattr(ocp.CheckpointManager, "save", denied)
+    with pytest.raises(CheckpointWriteError) as info:
+      ckpt.save(3, {"x": jnp.ones(2)}, {})
+    assert str(info.value) == (f"cannot write checkpoint {tmp_path / '3'}: Permission denied "
+                               "(check the permissions of the directory, or use another "
+                               "--workdir)")
+    assert info.value.errno == errno.EACCES and isinstance(info.value, OSError)
+    monkeypatch.setattr(ocp.CheckpointManager, "save",
+                        lambda self, step, args=None: {}["a bug"])
+    with pytest.raises(KeyError):
+      ckpt.save(4, {"x": jnp.ones(2)}, {})
+
+
+def test_restore_newest_moves_a_damaged_newer_step_aside(tmp_path, caplog):
+  import shutil
+  from jvt.checkpoints.runs import CheckpointRestoreError
+  with RunCheckpointer(tmp_path / "ckpt") as ckpt:
+    for step in (1, 2, 3):
+      ckpt.save(step, {"x": jnp.full((2,), float(step))}, {"step": step})
+  (tmp_path / "ckpt" / "3" / "metadata" / "metadata").write_text('{"step": ')
+  shutil.rmtree(tmp_path / "ckpt" / "2" / "state")
+  with RunCheckpointer(tmp_path / "ckpt") as ckpt:
+    step, state, metadata = ckpt.restore_newest({"x": jnp.zeros((2,))},
+                                                damaged_dir=str(tmp_path / "damaged"))
+    assert ckpt.all_steps() == [1]
+  assert step == 1 and metadata == {"step": 1}
+  np.testing.assert_array_equal(np.asarray(state["x"]), [1.0, 1.0])
+  moved = sorted(os.listdir(tmp_path / "damaged"))
+  assert [m.split("-")[0] for m in moved] == ["2", "3"]
+  assert os.path.exists(tmp_path / "damaged" / moved[1] / "state")  # moved whole, not deleted
+  assert caplog.text.count("does not restore") == 2
+  # Nothing restores: an error listing each step, and nothing is moved.
+  shutil.rmtree(tmp_path / "ckpt" / "1" / "state")
+  with RunCheckpointer(tmp_path / "ckpt") as ckpt:
+    with pytest.raises(CheckpointRestoreError, match=r"step 1: .*\"state\" was not found"):
+      ckpt.restore_newest({"x": jnp.zeros((2,))}, damaged_dir=str(tmp_path / "damaged"))
+  assert os.path.isdir(tmp_path / "ckpt" / "1")
+  assert sorted(os.listdir(tmp_path / "damaged")) == moved

@@ -15,6 +15,7 @@ import numpy as np
 
 from jvt.checkpoints import formats
 from jvt.checkpoints.pretrained import flatten_params, tree_geometry
+from jvt.run_io import normal_file_mode
 
 PyTree = Any
 
@@ -46,6 +47,7 @@ def _write_atomically(path: str, arrays: dict[str, np.ndarray]) -> None:
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
   try:
+    os.fchmod(fd, normal_file_mode())  # mkstemp's 0600 -> what the umask gives a new file
     with os.fdopen(fd, "wb") as f:
       np.savez(f, **arrays)
       f.flush()

@@ -125,7 +125,10 @@ def _as_float_array(key: str, value: np.ndarray) -> np.ndarray:
 def _read_npz(path: str) -> Arrays:
   try:
     with np.load(path, allow_pickle=False) as f:
-      return {k: _as_float_array(k, f[k]) for k in f.files}
+      arrays = {k: f[k] for k in f.files}
+    others = sorted(k for k, v in arrays.items() if not isinstance(v, np.ndarray))
+    if not others:
+      return {k: _as_float_array(k, v) for k, v in arrays.items()}
   except ValueError as err:
     if "allow_pickle" in str(err):
       raise CheckpointFormatError(
@@ -139,6 +142,9 @@ def _read_npz(path: str) -> Arrays:
     raise CheckpointFormatError(
         f"{path}: npz is truncated or corrupt ({err}). Download or write it again."
     ) from None
+  raise CheckpointFormatError(  # a zip whose members are not .npy arrays
+      f"{path}: a zip archive whose members {others[:3]} are not numpy arrays; an .npz "
+      "checkpoint holds .npy arrays (np.savez).")
 
 
 def _read_safetensors(path: str) -> Arrays:
