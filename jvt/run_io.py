@@ -78,6 +78,21 @@ def _comparable(config: dict) -> dict:
   return d
 
 
+def with_new_defaults(old: dict, new: dict, defaults: dict) -> dict:
+  """`old` (a stored config) plus every key that `new` has and `old` lacks whose value in
+  `new` is its default in the base config: a key added to jvt after a run started, left at
+  its default, does not make the run a different config (the run resumes)."""
+  out = dict(old)
+  for key, value in new.items():
+    default = defaults.get(key) if isinstance(defaults, dict) else None
+    if key not in old:
+      if key in (defaults or {}) and value == default:
+        out[key] = value
+    elif isinstance(old[key], dict) and isinstance(value, dict):
+      out[key] = with_new_defaults(old[key], value, default if isinstance(default, dict) else {})
+  return out
+
+
 def describe_cause(err_no: int | None, detail: str = "") -> str:
   """`"No space left on device (the disk is full; free space)"` for an errno."""
   if err_no is None:
@@ -442,9 +457,11 @@ class RunDirectory:
             "config, as JSON, under 'config'), or pass --config.overwrite=True to delete the "
             "run and start over.") from None
       problem = None
-      if _comparable(old_config) != _comparable(json.loads(self._config_text)):
+      new_config = json.loads(self._config_text)
+      old_config = with_new_defaults(old_config, new_config, _base_config_dict())
+      if _comparable(old_config) != _comparable(new_config):
         problem = (f"workdir {self.path} holds a run of a different config "
-                   f"({_diff(old_config, json.loads(self._config_text))})")
+                   f"({_diff(old_config, new_config)})")
       elif not has_checkpoint:
         problem = (f"workdir {self.path} holds a finished run of this config whose checkpoints "
                    "were removed (keep_checkpoints=False); its results are in "
@@ -574,6 +591,12 @@ def _clear_run(path: str) -> None:
     full = os.path.join(path, name)
     if os.path.lexists(full):
       os.remove(full)
+
+
+def _base_config_dict() -> dict:
+  """The trainer's base config (every key at its default) as the JSON a run stores."""
+  from jvt.config_lib import base_config
+  return json.loads(base_config().to_json())
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> str:

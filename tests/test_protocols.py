@@ -1,5 +1,6 @@
 """jvt.protocols: epoch selection (the trainer's `config.protocol`), its names and former names,
 and VPT's tie-break of tuning results."""
+import json
 import itertools
 import logging
 
@@ -68,9 +69,9 @@ def test_names_that_cannot_be_confused(caplog):
 
 def test_a_run_written_with_a_former_name_resumes():
   """config.json of a run started before the rename compares equal to today's config."""
-  old = '{"protocol": "best_val", "seed": 0}'
-  assert run_io._comparable(old) == run_io._comparable('{"protocol": "best_val_epoch", "seed": 0}')
-  assert run_io._comparable(old) != run_io._comparable('{"protocol": "last_epoch", "seed": 0}')
+  old = {"protocol": "best_val", "seed": 0}
+  assert run_io._comparable(old) == run_io._comparable({"protocol": "best_val_epoch", "seed": 0})
+  assert run_io._comparable(old) != run_io._comparable({"protocol": "last_epoch", "seed": 0})
 
 
 def _vpt_find_best_lrwd(runs):
@@ -121,3 +122,17 @@ def test_results_break_tuning_ties_by_the_smaller_lr():
       for lr, n, acc in ((10.0, 5, 0.8), (5.0, 50, 0.8), (0.1, 1, 0.7))]
   best = results.best_hparams(results.summarize(records))
   assert best == {"vpt_deep": {"dtd": {"optimizer.lr": 5.0, "tuning.num_prompts": 50}}}
+
+
+def test_a_run_written_before_new_config_keys_compares_equal():
+  """Keys added to the base config after a run started, left at their defaults, do not make it
+  a different config; a key set away from its default still does."""
+  from jvt.config_lib import base_config
+  new = json.loads(base_config().to_json())
+  old = json.loads(base_config().to_json())
+  del old["optimizer"]["decay_cls"], old["optimizer"]["min_lr"]
+  filled = run_io.with_new_defaults(old, new, run_io._base_config_dict())
+  assert run_io._comparable(filled) == run_io._comparable(new)
+  new["optimizer"]["min_lr"] = 1e-6
+  filled = run_io.with_new_defaults(old, new, run_io._base_config_dict())
+  assert run_io._comparable(filled) != run_io._comparable(new)
