@@ -526,9 +526,10 @@ class _full_disk:
   `os.write` to a file under it fails with ENOSPC (what the writers of metrics and events
   see first on a real full disk when their next row needs a new block)."""
 
-  def __init__(self, path, mount: bool):
+  def __init__(self, path, mount: bool, only_under: str = ""):
     self.path = path
     self.mount = mount
+    self.only_under = only_under  # mocked: only writes to files under path/only_under fail
     self.mounted = False
     self.mp = pytest.MonkeyPatch()
 
@@ -551,7 +552,7 @@ class _full_disk:
       finally:
         os.close(fd)
       return
-    write, root = os.write, str(self.path)
+    write, root = os.write, str(self.path / self.only_under)
 
     def full(fd, data):
       if os.readlink(f"/proc/self/fd/{fd}").startswith(root):
@@ -571,18 +572,21 @@ class _full_disk:
       subprocess.run(["umount", str(self.path)], check=True)
 
 
-@pytest.mark.parametrize("fields,failing,mount", [
-    (dict(log_every=2), os.path.join("{run}", "metrics.jsonl"), False),
+@pytest.mark.parametrize("fields,failing,mount,only_under", [
+    (dict(log_every=2), os.path.join("{run}", "metrics.jsonl"), False, ""),
+    (dict(log_every=2), os.path.join("{run}", "tb", "events.out.tfevents."), False,
+     os.path.join("run", "tb")),
     (dict(log_every=100, ckpt_every=2), "checkpoint " + os.path.join("{run}", "checkpoints", "6"),
-     True)], ids=["metrics_write", "checkpoint_write_on_a_full_tmpfs"])
+     True, "")], ids=["metrics_write", "event_write", "checkpoint_write_on_a_full_tmpfs"])
 def test_full_disk_stops_with_one_line_then_resumes_bit_identically(
-    fields, failing, mount, uninterrupted, train_data_dir, tmp_path):
-  """The disk fills after step 5: the next write fails (metrics.jsonl at step 6, or with
-  logging off and checkpoints every 2 steps, the checkpoint of step 6, reported when step 8
-  is saved); the run stops with the path and the cause, the checkpoint of step 4 intact;
+    fields, failing, mount, only_under, uninterrupted, train_data_dir, tmp_path):
+  """The disk fills after step 5: the next write fails (metrics.jsonl at step 6, the events
+  file when only its writes fail, or with logging off and checkpoints every 2 steps, the
+  checkpoint of step 6, reported when step 8 is saved); the run stops with the path and the
+  cause, without waiting on any writer, the checkpoint of step 4 intact;
   once freed, the rerun matches the uninterrupted run (how often a run checkpoints or logs
   does not change its result)."""
-  with _full_disk(tmp_path / "disk", mount) as disk:
+  with _full_disk(tmp_path / "disk", mount, only_under) as disk:
     if mount and not disk.mounted:
       pytest.skip("cannot mount a tmpfs here (needs root)")
     workdir = disk.path / "run"
@@ -604,8 +608,8 @@ def test_full_disk_stops_with_one_line_then_resumes_bit_identically(
     try:
       started = time.time()
       message = _user_error(lambda: train.train_and_evaluate(config, str(workdir)),
-                            f"cannot write {failing.format(run=workdir)}: No space left on "
-                            "device (the disk is full; free space)",
+                            f"cannot write {failing.format(run=workdir)}",
+                            ": No space left on device (the disk is full; free space).",
                             f"newest intact checkpoint is {workdir / 'checkpoints' / '4'}",
                             "run the same command again")
       assert time.time() - started < 120  # no hang
