@@ -14,7 +14,7 @@ from jvt import train as train_lib
 from jvt.checkpoints import save_npz
 from jvt.checkpoints.runs import RunCheckpointer
 from jvt.config_lib import base_config
-from jvt.methods.terms import LossTerm
+from jvt.methods.terms import CrossEntropy, LossTerm
 
 from conftest import small_params
 
@@ -106,7 +106,7 @@ class _Counter(LossTerm):
 
 
 def test_terms_add_up_keep_their_state_and_clashes_name_both():
-  objective = objectives.Objective(objectives.CrossEntropy(), {"a": _Counter("a_loss"),
+  objective = objectives.Objective(CrossEntropy(), {"a": _Counter("a_loss"),
                                                                "b": _Counter("b_loss")})
   logits = jnp.asarray([[2.0, 0.0], [0.0, 1.0]])
   batch = {"label": jnp.asarray([0, 0])}
@@ -115,12 +115,12 @@ def test_terms_add_up_keep_their_state_and_clashes_name_both():
   want_ce = -np.mean([np.log(np.exp(2) / (np.exp(2) + 1)), np.log(1 / (1 + np.e))])
   np.testing.assert_allclose(total, want_ce, rtol=1e-6)
   assert set(metrics) == {"ce_loss", "a_loss", "b_loss"} and new == {"a": {"n": 4}, "b": {"n": 8}}
-  clash = objectives.Objective(objectives.CrossEntropy(), {"a": _Counter("x"),
+  clash = objectives.Objective(CrossEntropy(), {"a": _Counter("x"),
                                                            "b": _Counter("x")})
   with pytest.raises(ValueError, match=r"methods 'a' and 'b' cannot train together"):
     clash.loss(logits, {}, batch, state, {})
   with pytest.raises(ValueError, match=r"'the task loss' and 'a'"):
-    objectives.Objective(objectives.CrossEntropy(), {"a": _Counter("ce_loss")}).loss(
+    objectives.Objective(CrossEntropy(), {"a": _Counter("ce_loss")}).loss(
         logits, {}, batch, state, {})
 
 
