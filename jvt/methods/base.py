@@ -161,9 +161,3 @@ class Method:
 def ordered(methods) -> tuple:
   """The methods in hook order: increasing `order`, then as configured."""
   return tuple(sorted(methods, key=lambda m: m.order))
-
-
-def check_positive(name: str, field: str, value, *, allow_zero: bool = False) -> None:
-  if value < 0 or (value == 0 and not allow_zero):
-    bound = ">= 0" if allow_zero else "> 0"
-    raise ValueError(f"{name}.{field}={value}: must be {bound}.")
