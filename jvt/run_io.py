@@ -508,8 +508,8 @@ class RunDirectory:
   def export(self, model, trainable, frozen) -> None:
     """export/trainable.npz always; export/merged_vit.npz when the method merges away."""
     from jvt.checkpoints import save_npz
+    from jvt.methods import merge, mergeable
     from jvt.partition import merge_params
-    from jvt.tuning import merge_lora, merge_ssf
     out = os.path.join(self.path, "export")
     try:
       os.makedirs(out, exist_ok=True)
@@ -518,17 +518,12 @@ class RunDirectory:
     flat = traverse_util.flatten_dict(trainable, sep="/")
     with atomic_file(os.path.join(out, "trainable.npz"), binary=True) as f:
       np.savez(f, **{k: np.asarray(v) for k, v in flat.items()})
-    spec = model.tuning
-    if any(spec.prompt_tokens) or spec.adapter_dim or spec.adaptformer_dim:
+    if not mergeable(model):
       return  # prompts and adapters add computation: nothing to merge into the backbone
-    params = merge_params(trainable, frozen)
-    if spec.lora_rank:
-      params = merge_lora(params, alpha=spec.lora_alpha, rank=spec.lora_rank)
-    if spec.ssf:
-      params = merge_ssf(params)
+    plain, params = merge(model, merge_params(trainable, frozen))
     path = os.path.join(out, "merged_vit.npz")
     try:
-      save_npz(path, params)
+      save_npz(path, params, model=plain)
     except OSError as err:
       raise write_error(path, err) from None
 

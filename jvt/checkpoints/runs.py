@@ -191,9 +191,12 @@ class RunCheckpointer:
     return restored.state, restored.metadata
 
   def restore_newest(self, target: PyTree = None, *, check=None,
-                     damaged_dir: str | None = None):
+                     damaged_dir: str | None = None, restore_fn=None):
     """Restores the newest step that restores: returns `(step, state, metadata)`, or None when
     there is no finished step.
+
+    `restore_fn(step) -> (state, metadata)` replaces `self.restore(step, target)` (e.g. to read
+    an earlier state layout).
 
     A newer step that fails (truncated array file, missing `state/`, broken metadata, or
     `check(metadata)` raising) is moved into `damaged_dir` (default `<directory>_damaged`),
@@ -204,7 +207,8 @@ class RunCheckpointer:
     failures = []
     for step in reversed(self.all_steps()):
       try:
-        state, metadata = self.restore(step, target)
+        state, metadata = (restore_fn(step) if restore_fn is not None
+                           else self.restore(step, target))
         if check is not None:
           check(metadata)
         ok = True
