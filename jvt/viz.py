@@ -106,6 +106,34 @@ def _save(fig: Figure, path: PathLike) -> pathlib.Path:
   return path
 
 
+# Readable axis labels for the keys runs and benchmarks write.
+_AXIS_LABELS = {
+    "accuracy": "test accuracy", "test_accuracy": "test accuracy",
+    "val_accuracy": "validation accuracy", "trainable_params": "trainable parameters",
+    "params": "parameters", "step": "training step", "epoch": "epoch", "wall_s": "time (s)",
+}
+
+
+def axis_label(key: str) -> str:
+  """'trainable_params' -> 'trainable parameters', 'train/ce_loss' -> 'train ce loss'."""
+  return _AXIS_LABELS.get(key, key.replace("/", " ").replace("_", " "))
+
+
+def _span(lo: float, hi: float, min_span: float, fraction: bool) -> tuple[float, float]:
+  """[lo, hi] padded by 5% and widened to at least min_span (kept inside [0, 1] for fractions)."""
+  pad = 0.05 * max(hi - lo, min_span)
+  lo, hi = lo - pad, hi + pad
+  if hi - lo < min_span:
+    mid = (lo + hi) / 2
+    lo, hi = mid - min_span / 2, mid + min_span / 2
+  if fraction:
+    if lo < 0:
+      lo, hi = 0.0, max(hi - lo, hi)
+    if hi > 1.02:
+      lo, hi = max(0.0, lo - (hi - 1.02)), 1.02
+  return lo, hi
+
+
 def _grid(n: int, ncols: int | None, max_cols: int) -> tuple[int, int]:
   cols = min(n, max_cols) if ncols is None else ncols
   if cols < 1:
@@ -180,6 +208,96 @@ def plot_training_curves(
     ax.set_xlabel(x_key, fontsize=8)
     ax.tick_params(labelsize=7)
     ax.grid(True, alpha=0.3)
+  return _save(fig, path)
+
+
+def run_title(config: Mapping[str, Any], workdir: PathLike) -> str:
+  """'<run folder>: <method(s)> on <dataset>[/<task>]' from a run's config (dict of config.json)."""
+  tuning = config.get("tuning") or {"method": "linear"}
+  methods = "+".join(str(t.get("method")) for t in (tuning if isinstance(tuning, list)
+                                                     else [tuning]))
+  dataset = config.get("dataset") or {}
+  task = str(dataset.get("name", "?")) + (f"/{dataset['task']}" if dataset.get("task") else "")
+  return f"{pathlib.Path(workdir).name}: {methods} on {task}"
+
+
+_LOSS_TOTAL = "train/loss"
+_CURVE_EXTRAS = (("train/lr", "learning rate"), ("train/grad_norm", "gradient norm"),
+                 ("train/img_per_s", "throughput (images/s)"))
+
+
+def plot_run_curves(
+    rows: list[dict],
+    path: PathLike,
+    *,
+    title: str = "",
+    x_key: str = "step",
+    dpi: float = 100,
+) -> pathlib.Path:
+  """The curves of one run (its metrics.jsonl records) in labelled panels, saved as a PNG.
+
+  Panels: the training loss; each other loss term the objective logs (`train/*_loss`, e.g.
+  DA-VPT's `cls_loss` and `patch_loss` or distillation's terms), in its own panel since their
+  scales differ; accuracy (train as a line, validation and test evaluations as large markers
+  labelled with their value, on an axis of at least 0.2 so noise does not look like a cliff);
+  learning rate, gradient norm and throughput when logged. The legend gives the last
+  validation and test accuracy.
+
+  Args:
+    rows: the run's records, e.g. `{"step": 25, "train/loss": 1.3, "train/accuracy": 0.4}`
+      and `{"step": 300, "val/accuracy": 0.6, "test/accuracy": 0.59}`.
+    path: output file, ending in `.png`.
+    title: the figure title; name the run, the method and the task (`run_title`).
+    x_key: the x axis.
+    dpi: pixels per inch (each panel is 4 x 3 inches).
+  """
+  _check_rows(rows)
+
+  def series(key):
+    pts = [(float(r[x_key]), float(r[key])) for r in rows if key in r and x_key in r
+           and _is_number(r[key])]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+  present = dict.fromkeys(k for r in rows for k in r)
+  terms = [k for k in present if k.startswith("train/") and k.endswith("_loss")]
+  panels = []  # (title, [(key, label, style)], y-axis settings)
+  if _LOSS_TOTAL in present:
+    panels.append(("training loss (total)", [(_LOSS_TOTAL, "total", "line")], None))
+  panels += [(f"loss term: {k[len('train/'):]}", [(k, k[len("train/"):], "line")], None)
+             for k in terms]
+  accuracy = [(k, label, style) for k, label, style in (
+      ("train/accuracy", "train (batch)", "line"), ("val/accuracy", "validation", "points"),
+      ("test/accuracy", "test", "points")) if k in present]
+  if accuracy:
+    panels.append(("accuracy", accuracy, "fraction"))
+  panels += [(label, [(k, label, "line")], None) for k, label in _CURVE_EXTRAS if k in present]
+  if not panels:
+    raise ValueError(f"rows: no run metrics to plot (keys found: {list(present)})")
+
+  nrows, ncols = _grid(len(panels), None, max_cols=3)
+  fig = _new_figure((4 * ncols, 3 * nrows + (0.4 if title else 0)), dpi)
+  for i, (panel_title, curves, yaxis) in enumerate(panels):
+    ax = fig.add_subplot(nrows, ncols, i + 1)
+    values = []
+    for j, (key, label, style) in enumerate(curves):
+      xs, ys = series(key)
+      values += ys
+      if style == "line":
+        ax.plot(xs, ys, linewidth=1.2, color=f"C{j}", label=label,
+                marker="o" if len(xs) <= 3 else None, markersize=3)
+      else:
+        ax.scatter(xs, ys, s=60, color=f"C{j}", edgecolors="black", linewidths=0.5, zorder=3,
+                   label=f"{label}: {ys[-1]:.3f}" if ys else label)
+    if yaxis == "fraction" and values:
+      ax.set_ylim(*_span(min(values), max(values), 0.2, fraction=True))
+    if len(curves) > 1:
+      ax.legend(fontsize=7, loc="best")
+    ax.set_title(panel_title, fontsize=9)
+    ax.set_xlabel(axis_label(x_key), fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(True, alpha=0.3)
+  if title:
+    fig.suptitle(title, fontsize=10)
   return _save(fig, path)
 
 
@@ -430,10 +548,15 @@ def plot_accuracy_vs_params(
     y_key: str = "accuracy",
     label_key: str | None = "method",
     title: str | None = None,
+    chance: float | None = None,
+    min_span: float = 0.2,
     figsize: tuple[float, float] = (6, 4),
     dpi: float = 100,
 ) -> pathlib.Path:
   """Scatter of accuracy against trainable parameters (log x), each point labelled.
+
+  The y axis spans at least `min_span` (clipped to [0, 1] for fractions), so that accuracies a
+  few tenths of a point apart are drawn close together instead of at opposite edges.
 
   Args:
     rows: records from the benchmark or the results aggregator, e.g.
@@ -441,7 +564,9 @@ def plot_accuracy_vs_params(
       `x_key` (> 0, for the log axis) and `y_key`, and `label_key` unless it is None.
     path: output file, ending in `.png`; parent folders are created.
     x_key, y_key, label_key: which row fields to read. Points sharing a label share a colour.
-    title: optional axes title.
+    title: optional axes title (name the task and the backbone).
+    chance: optional chance accuracy, drawn as a dashed line.
+    min_span: the smallest y range drawn, in units of `y_key`.
     figsize: inches; the PNG is `figsize * dpi` pixels.
     dpi: pixels per inch.
 
@@ -469,12 +594,18 @@ def plot_accuracy_vs_params(
     ax.scatter([x], [y], color=colour_of[name], s=30, edgecolors="black", linewidths=0.4)
     if name:
       ax.annotate(name, (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7)
+  ys = [float(row[y_key]) for row in rows] + ([float(chance)] if chance is not None else [])
+  if chance is not None:
+    ax.axhline(float(chance), color="grey", linestyle="--", linewidth=1)
+    ax.annotate("chance", (0.01, float(chance)), xycoords=("axes fraction", "data"),
+                xytext=(0, 3), textcoords="offset points", fontsize=7, color="grey")
+  ax.set_ylim(*_span(min(ys), max(ys), min_span, fraction=all(0 <= y <= 1 for y in ys)))
   ax.set_xscale("log")
-  ax.set_xlabel(x_key)
-  ax.set_ylabel(y_key)
+  ax.set_xlabel(axis_label(x_key) + " (log scale)")
+  ax.set_ylabel(axis_label(y_key))
   ax.grid(True, which="both", alpha=0.3)
   if title:
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
   return _save(fig, path)
 
 
