@@ -17,3 +17,15 @@ def load_pretrained(path, params, model, **kwargs):
   `jvt.checkpoints.load_pretrained`; imported lazily so `import jvt` stays light)."""
   from jvt.checkpoints import load_pretrained as _load
   return _load(path, params, model, **kwargs)
+
+
+_LAZY = {"predict": "jvt.prediction", "save_adapter": "jvt.adapters",
+         "load_adapter": "jvt.adapters", "adapter_info": "jvt.adapters"}
+
+
+def __getattr__(name):
+  """predict, save_adapter, load_adapter, adapter_info: imported on first use."""
+  if name in _LAZY:
+    import importlib
+    return getattr(importlib.import_module(_LAZY[name]), name)
+  raise AttributeError(f"module 'jvt' has no attribute {name!r}")

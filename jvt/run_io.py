@@ -32,10 +32,6 @@ _RESUMABLE_FIELDS = ("progress_bar", "overwrite", "write_plots", "log_every_step
                      "keep_checkpoints", "checkpoint_every_steps", "max_to_keep",
                      "eval_batch_size")
 # Curves plotted in curves.png, when logged.
-_CURVES = ("train/loss", "train/accuracy", "val/accuracy", "test/accuracy", "train/lr",
-           "train/grad_norm", "train/img_per_s", "train/input_wait_frac")
-
-
 def _comparable(config_json: str) -> dict:
   d = json.loads(config_json)
   for key in _RESUMABLE_FIELDS:
@@ -124,7 +120,8 @@ class RunDirectory:
                       json.dumps(dict(final, history=history), indent=1))
 
   def export(self, model, trainable, frozen) -> None:
-    """export/trainable.npz always; export/merged_vit.npz when the method merges away."""
+    """export/trainable.npz always; export/adapter.safetensors (jvt.load_adapter) when the run
+    started from a checkpoint; export/merged_vit.npz when the method merges away."""
     from jvt.checkpoints import save_npz
     from jvt.methods import merge, mergeable
     from jvt.partition import merge_params
@@ -134,6 +131,9 @@ class RunDirectory:
     tmp = os.path.join(out, ".trainable.tmp.npz")
     np.savez(tmp, **{k: np.asarray(v) for k, v in flat.items()})
     os.replace(tmp, os.path.join(out, "trainable.npz"))
+    from jvt.adapters import save_run_adapter
+    save_run_adapter(os.path.join(out, "adapter.safetensors"), model,
+                     merge_params(trainable, frozen), json.loads(self._config_text))
     if not mergeable(model):
       return  # prompts and adapters add computation: nothing to merge into the backbone
     plain, params = merge(model, merge_params(trainable, frozen))
@@ -141,10 +141,8 @@ class RunDirectory:
 
   def plot_curves(self) -> None:
     from jvt import viz
-    rows = read_metrics(self.path)
-    keys = [k for k in _CURVES if any(k in r for r in rows)]
-    if keys:
-      viz.plot_training_curves(rows, os.path.join(self.path, "curves.png"), keys=keys)
+    viz.plot_run_curves(read_metrics(self.path), os.path.join(self.path, "curves.png"),
+                        title=viz.run_title(json.loads(self._config_text), self.path))
 
 
 def _check_writable(path: str) -> None:
