@@ -22,6 +22,7 @@ from typing import Any
 import matplotlib
 import matplotlib.colors
 import matplotlib.lines
+import matplotlib.patches
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.figure import Figure
@@ -443,6 +444,7 @@ def plot_projection(
     method: str = "pca",
     title: str | None = None,
     markers: Mapping[str, str] | None = None,
+    label_title: str = "label",
     seed: int = 0,
     figsize: tuple[float, float] = (6, 5),
     dpi: float = 100,
@@ -452,7 +454,10 @@ def plot_projection(
   The groups share one projection (fit on their concatenation), so distances between, say,
   prompts and [CLS] features are comparable. Groups with `labels` are coloured by label with
   one colour scale shared by all groups (so prompt m and the features mapped to m can share
-  a colour); groups without labels get one colour each.
+  a colour); groups without labels get one colour each. Up to 20 distinct integer labels get
+  one legend entry each ("<label_title> <value>"), more a colour bar. Star-marked groups (e.g.
+  the prompts) are drawn large and above the others, so a few prompts stay visible over
+  hundreds of feature points.
 
   Args:
     groups: name -> features `[N_i, D]`, same D for all, e.g.
@@ -463,6 +468,7 @@ def plot_projection(
     title: optional axes title.
     markers: optional name -> matplotlib marker (e.g. `{"prompts": "*"}`); other groups take
       `o ^ s * D v P X` in order.
+    label_title: what the labels are, for the legend (e.g. `"prompt id"`).
     seed: random state for t-SNE.
     figsize: inches; the PNG is `figsize * dpi` pixels.
     dpi: pixels per inch.
@@ -503,33 +509,44 @@ def plot_projection(
 
   fig = _new_figure(figsize, dpi)
   ax = fig.add_subplot(1, 1, 1)
-  norm = cmap = None
+  norm = cmap = colour_of = None
   if label_values:
     every = np.concatenate(list(label_values.values()))
-    distinct = np.unique(every).size
-    cmap = matplotlib.colormaps["tab10" if distinct <= 10 else "tab20" if distinct <= 20
-                                else "viridis"]
-    norm = matplotlib.colors.Normalize(vmin=float(every.min()), vmax=float(every.max()))
+    distinct = np.unique(every)
+    if distinct.size <= 20 and np.all(distinct == np.round(distinct)):
+      palette = matplotlib.colormaps["tab10" if distinct.size <= 10 else "tab20"]
+      colour_of = {float(v): palette(i) for i, v in enumerate(distinct)}
+    else:
+      cmap = matplotlib.colormaps["viridis"]
+      norm = matplotlib.colors.Normalize(vmin=float(every.min()), vmax=float(every.max()))
   handles, start = [], 0
   default_markers = iter(_DEFAULT_MARKERS)
   for i, (name, value) in enumerate(feats.items()):
     xy = coords[start:start + value.shape[0]]  # [N_i, 2]
     start += value.shape[0]
     marker = markers[name] if name in markers else next(default_markers, "o")
-    size = 90 if marker == "*" else 24  # A star reads as small at the same area.
+    star = marker == "*"  # stars (prompts) large and on top of the feature points
+    style = dict(marker=marker, s=260 if star else 24, edgecolors="black",
+                 linewidths=1.2 if star else 0.4, zorder=4 if star else 2)
     if name in label_values:
-      ax.scatter(xy[:, 0], xy[:, 1], c=label_values[name], cmap=cmap, norm=norm, marker=marker,
-                 s=size, edgecolors="black", linewidths=0.4)
+      if colour_of is not None:
+        colours = [colour_of[float(v)] for v in label_values[name]]
+        ax.scatter(xy[:, 0], xy[:, 1], c=colours, **style)
+      else:
+        ax.scatter(xy[:, 0], xy[:, 1], c=label_values[name], cmap=cmap, norm=norm, **style)
       colour = "grey"
     else:
       colour = f"C{i}" if not label_values else "black"
-      ax.scatter(xy[:, 0], xy[:, 1], color=colour, marker=marker, s=size,
-                 edgecolors="black", linewidths=0.4)
+      ax.scatter(xy[:, 0], xy[:, 1], color=colour, **style)
     handles.append(matplotlib.lines.Line2D([], [], linestyle="", marker=marker, color=colour,
-                                           markeredgecolor="black", label=name))
-  if label_values:
-    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="label")
-  ax.legend(handles=handles, fontsize=8)
+                                           markeredgecolor="black", markersize=9 if star else 6,
+                                           label=name))
+  if colour_of is not None:
+    handles += [matplotlib.patches.Patch(color=c, label=f"{label_title} {v:g}")
+                for v, c in colour_of.items()]
+  elif label_values:
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=label_title)
+  ax.legend(handles=handles, fontsize=7, loc="best", framealpha=0.8)
   ax.set_xlabel(f"{method} 1")
   ax.set_ylabel(f"{method} 2")
   if title:
