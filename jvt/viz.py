@@ -261,6 +261,8 @@ def plot_run_curves(
 
   present = dict.fromkeys(k for r in rows for k in r)
   terms = [k for k in present if k.startswith("train/") and k.endswith("_loss")]
+  if terms == ["train/ce_loss"]:
+    terms = []  # the cross-entropy alone is the total loss: no panel of its own
   panels = []  # (title, [(key, label, style)], y-axis settings)
   if _LOSS_TOTAL in present:
     panels.append(("training loss (total)", [(_LOSS_TOTAL, "total", "line")], None))
