@@ -97,6 +97,9 @@ def get_config(arg=None):
   c.demo.num_test = a.num_test
   c.demo.data_seed = 0
   c.demo.pretrain_task = a.pretrain_task
+  # The backbone is a fixed artefact (as ViT-B_16.npz is in the papers): `seed` varies the
+  # tuning runs only.
+  c.demo.pretrain_seed = 0
   c.demo.pretrain_steps = a.pretrain_steps
   c.demo.pretrain_lr = 1e-3
   c.demo.task = a.task

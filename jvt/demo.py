@@ -2,8 +2,8 @@
 
 Nothing is downloaded. Steps (all in `workdir`):
   1. build the synthetic TFDS dataset (`jvt.data.synthetic`) in `workdir/data`;
-  2. pretrain a small ViT (all weights) on the source task (`demo.pretrain_task`, the 24-class
-     `shape_color`) and export it with `jvt.checkpoints.save_npz` to
+  2. pretrain a small ViT (all weights, seed `demo.pretrain_seed`) on the source task
+     (`demo.pretrain_task`, the 24-class `shape_color`) and export it with `jvt.checkpoints.save_npz` to
      `workdir/pretrained/vit_small.npz`, the layout of `ViT-B_16.npz`;
   3. tune that checkpoint on the target task (`demo.task`, `count`: a structured task whose
      answer the source task taught the [CLS] token to ignore) with each of `demo.methods`, each
@@ -134,7 +134,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   npz = os.path.join(workdir, "pretrained", "vit_small.npz")
   print(f"[1/3] pretraining a small ViT on the source task {demo.pretrain_task!r} "
         f"({source_classes} classes, {demo.pretrain_steps} steps, all weights)", flush=True)
-  pre_cfg = run_config(config.train, tuning=dict(method="full"),
+  pre_cfg = run_config(config.train, tuning=dict(method="full"), seed=demo.pretrain_seed,
                        total_steps=demo.pretrain_steps, **{
                            "dataset.task": demo.pretrain_task, "dataset.sampler": "shuffle",
                            "optimizer.lr": demo.pretrain_lr, "pretrained.path": ""})
