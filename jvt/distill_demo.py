@@ -114,11 +114,12 @@ def run_distill_demo(config: ml_collections.ConfigDict, workdir: str) -> list[di
   write_results(workdir, f"Task {demo.task!r}; teacher backbone pretrained on "
                 f"{demo.pretrain_task!r}; seed {base.seed}.", table, rows)
   if jax.process_index() == 0:
-    labelled = [dict(r, label=r["model"] if r["model"] == "teacher" else
-                     f"{r['init']}" + (" + KD" if r["teacher"] != "-" else "")) for r in rows]
-    viz.plot_accuracy_vs_params(
-        labelled, os.path.join(workdir, "distill.png"), x_key="params", label_key="label",
-        title=f"jvt distillation demo: {demo.task!r}, teacher and 4 students",
-        chance=1 / num_classes)
+    labelled = [dict(r, label=f"teacher ({r['params']:,} params)" if r["model"] == "teacher"
+                     else f"student, {r['init']}" + (" + KD" if r["teacher"] != "-" else ""))
+                for r in rows]
+    viz.plot_accuracy_bars(
+        labelled, os.path.join(workdir, "distill.png"), chance=1 / num_classes,
+        title=f"jvt distillation demo: {demo.task!r}, students of {student_params:,} params",
+        figsize=(6, 3))
     print(f"Tables and distill.png in {workdir}", flush=True)
   return rows

@@ -628,6 +628,51 @@ def plot_accuracy_vs_params(
   return _save(fig, path)
 
 
+def plot_accuracy_bars(
+    rows: list[dict],
+    path: PathLike,
+    *,
+    label_key: str = "label",
+    y_key: str = "accuracy",
+    title: str | None = None,
+    chance: float | None = None,
+    figsize: tuple[float, float] = (6, 3),
+    dpi: float = 100,
+) -> pathlib.Path:
+  """Horizontal bars of accuracy, one per row (top to bottom in row order), values written on.
+
+  For models that share a parameter count (the distillation demo's students), where a scatter
+  against parameters would stack their labels. The axis runs from 0 to 1 for fractions.
+  """
+  _check_rows(rows)
+  for i, row in enumerate(rows):
+    for key in (label_key, y_key):
+      if key not in row:
+        raise ValueError(f"rows[{i}]: missing {key!r}; its keys are {sorted(row)}")
+    if not _is_number(row[y_key]):
+      raise ValueError(f"rows[{i}][{y_key!r}]: expected a number, got {row[y_key]!r}")
+  values = [float(r[y_key]) for r in rows]
+  fig = _new_figure(figsize, dpi)
+  ax = fig.add_subplot(1, 1, 1)
+  ys = np.arange(len(rows))[::-1]  # first row on top
+  ax.barh(ys, values, color=[f"C{i % 10}" for i in range(len(rows))], edgecolor="black",
+          linewidth=0.4)
+  for y, v in zip(ys, values):
+    ax.annotate(f"{v:.3f}", (v, y), xytext=(3, 0), textcoords="offset points", va="center",
+                fontsize=8)
+  ax.set_yticks(ys, [str(r[label_key]) for r in rows], fontsize=8)
+  if chance is not None:
+    ax.axvline(float(chance), color="grey", linestyle="--", linewidth=1, label="chance")
+    ax.legend(fontsize=7, loc="lower right")
+  if all(0 <= v <= 1 for v in values):
+    ax.set_xlim(0, 1.08)
+  ax.set_xlabel(axis_label(y_key))
+  ax.grid(True, axis="x", alpha=0.3)
+  if title:
+    ax.set_title(title, fontsize=10)
+  return _save(fig, path)
+
+
 # ----------------------------------------------------------------------------- DA-VPT mapping
 
 

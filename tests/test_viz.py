@@ -271,6 +271,15 @@ def test_run_curves_plot_the_loss_terms(tmp_path):
     viz.plot_run_curves([{"step": 1, "time": 3.0}], tmp_path / "none.png")
 
 
+def test_accuracy_bars(tmp_path):
+  rows = [{"label": "teacher", "accuracy": 0.84}, {"label": "student", "accuracy": 0.73}]
+  path = viz.plot_accuracy_bars(rows, tmp_path / "bars.png", chance=0.25, figsize=FIGSIZE,
+                                dpi=DPI)
+  assert _png_size(path) == EXPECTED_SIZE
+  with _shape_error("rows[1]: missing 'accuracy'"):
+    viz.plot_accuracy_bars([rows[0], {"label": "x"}], tmp_path / "b.png")
+
+
 def test_accuracy_vs_params_errors(tmp_path):
   out = tmp_path / "a.png"
   with _shape_error("rows[0]: missing 'accuracy'"):
