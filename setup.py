@@ -28,6 +28,7 @@ setuptools.setup(
         "psutil>=5.9",
         "ml_dtypes>=0.4",
         "tensorboardX>=2.6",
+        "huggingface_hub>=0.34",
     ],
     extras_require={
         "test": ["pytest>=8.0", "scipy>=1.11", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],

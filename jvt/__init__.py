@@ -15,7 +15,9 @@ __version__ = "0.1.0"
 
 # Top-level names that live in a submodule: name -> module.
 _LAZY_NAMES = {"build_model": "jvt.models", "init_params": "jvt.models",
-               "param_shapes": "jvt.models", "merge": "jvt.methods.merge"}
+               "param_shapes": "jvt.models", "merge": "jvt.methods.merge",
+               "predict": "jvt.prediction", "save_adapter": "jvt.adapters",
+               "load_adapter": "jvt.adapters", "adapter_info": "jvt.adapters"}
 
 
 def load_pretrained(path, params, model, **kwargs):

@@ -1,4 +1,4 @@
-"""Aggregates finished runs into paper-style VTAB-1k / FGVC tables (markdown and CSV).
+"""Aggregates finished runs into result tables (markdown and CSV): VTAB-1k, FGVC or any task.
 
 Each run's workdir holds `final_metrics.json` (written by the trainer: `protocol`, the reported
 `test_accuracy` / `val_accuracy` as fractions in [0, 1], `trainable_params`, `methods`), the
@@ -12,6 +12,13 @@ structured), the mean of the three group means and the mean of the 19 tasks; FGV
 mean of the 5 tasks. A mean is shown only when every task it covers is present. Under the
 `vtab_tune` protocol each (method, task) keeps the hyper-parameters with the best mean val200
 accuracy; they are also written to best_hparams.json for the final sweep.
+
+Runs on any other task (the synthetic set, `folder:` / `list:` / `tfds:` data) form their own
+tables, one per epoch selection (`last`, `best_val`, ...): a column per task (the dataset name,
+plus `/<dataset.task>` when set, e.g. `jvt_synthetic/count`), mean ± std over seeds of the test
+accuracy (the val accuracy for runs without a test split), and the trainable parameters. No
+mean over such tasks is computed. E.g. `python -m jvt.results --root=/tmp/jvt_demo
+--out=/tmp/jvt_demo/summary` summarises the demo's runs.
 
   python -m jvt.results --root=DIR --out=DIR [--group_by=key,...]
 """
@@ -99,13 +106,35 @@ def _dotted(tree: Mapping[str, Any], key: str) -> Any:
 
 
 def task_from_dataset_name(name: str) -> str:
-  """'vtab/dtd' -> 'dtd', 'fgvc/cub' -> 'cub', 'list:/data/vtab-1k/dtd' -> 'dtd', 'dtd' -> 'dtd'."""
-  if name.startswith("list:"):
-    return os.path.basename(name[len("list:"):].rstrip("/\\"))
+  """'vtab/dtd' -> 'dtd', 'fgvc/cub' -> 'cub', 'list:/data/vtab-1k/dtd' -> 'dtd',
+  'folder:/data/pets' -> 'pets', 'dtd' -> 'dtd'."""
+  for prefix in ("list:", "folder:"):
+    if name.startswith(prefix):
+      return os.path.basename(name[len(prefix):].rstrip("/\\"))
   for prefix in ("vtab/", "fgvc/"):
     if name.startswith(prefix):
       return name[len(prefix):]
   return name
+
+
+OTHER = "other"  # the benchmark of tasks outside VTAB-1k and FGVC
+
+
+def other_protocol(name: str) -> protocols.Protocol:
+  """The protocol 'other_<selection>_<test|val>' of runs on tasks outside VTAB-1k / FGVC."""
+  parts = name.split("_")
+  selection, split = "_".join(parts[1:-1]), parts[-1]
+  if parts[0] != OTHER or selection not in protocols.SELECTIONS or split not in ("test", "val"):
+    raise ValueError(f"unknown protocol '{name}'")
+  return protocols.Protocol(
+      name=name, label=f"Other tasks: {split} accuracy, {selection.replace('_', ' ')} epoch",
+      benchmark=OTHER, train_split="", val_split=None,
+      test_split="test" if split == "test" else None, selection=selection,
+      metric=f"{split}_accuracy", seeds=(), legacy=selection == "legacy_max_test")
+
+
+def _protocol(name: str) -> protocols.Protocol:
+  return other_protocol(name) if name.startswith(OTHER + "_") else protocols.get_protocol(name)
 
 
 def benchmark_of(task: str) -> str:
@@ -135,8 +164,15 @@ def _record(workdir: str, task_key: str, method_key: str, seed_key: str) -> RunR
                      f"{sweep.OVERRIDES_FILE} or {CONFIG_FILE} ('{task_key}'); pass --task_key")
   task = task_from_dataset_name(str(name))
   protocol = metrics.get("protocol")
-  if protocol in protocols.SELECTIONS or protocol in protocols.SELECTION_ALIASES:
-    # the trainer's epoch selection: add benchmark and splits
+  if protocol in protocols.SELECTION_ALIASES:
+    protocol = protocols.SELECTION_ALIASES[protocol]
+  if protocol in protocols.SELECTIONS and task not in vtab.VTAB_TASKS and (
+      task not in fgvc.FGVC_TASKS):
+    if lookup("dataset.task"):  # a label of a multi-label set, e.g. jvt_synthetic/count
+      task = f"{task}/{lookup('dataset.task')}"
+    has_test = bool(lookup("dataset.test_split")) or metrics.get("test_accuracy") is not None
+    protocol = f"{OTHER}_{protocol}_{'test' if has_test else 'val'}"
+  elif protocol in protocols.SELECTIONS:  # the trainer's selection name: add the splits
     try:
       protocol = protocols.infer_protocol(protocol, benchmark_of(task),
                                           lookup("dataset.train_split"),
@@ -221,7 +257,8 @@ def summarize(records: Sequence[RunRecord], group_by: Sequence[str] = (),
   else the run's config.json) — except under a tuning protocol (val split, no test
   split), where the hyper-parameters with the best mean accuracy are kept.
   """
-  ignored = {task_key, method_key, seed_key, "protocol", *protocols.SPLIT_KEYS, *group_by}
+  ignored = {task_key, method_key, seed_key, "protocol", "dataset.task", *protocols.SPLIT_KEYS,
+             *group_by}
   rows: dict[tuple, dict[str, list[RunRecord]]] = {}
   for r in records:
     key = (r.protocol, r.method, tuple((k, r.value(k)) for k in group_by))
@@ -230,9 +267,11 @@ def summarize(records: Sequence[RunRecord], group_by: Sequence[str] = (),
   summaries = []
   order = {name: i for i, name in enumerate(protocols.PROTOCOLS)}
   for (protocol_name, method, group), by_task in sorted(
-      rows.items(), key=lambda kv: (order[kv[0][0]], kv[0][1], repr(kv[0][2]))):
-    protocol = protocols.get_protocol(protocol_name)
-    known = _benchmark_tasks(protocol.benchmark)
+      rows.items(), key=lambda kv: (order.get(kv[0][0], len(order)), kv[0][0], kv[0][1],
+                                    repr(kv[0][2]))):
+    protocol = _protocol(protocol_name)
+    known = (sorted(by_task) if protocol.benchmark == OTHER
+             else _benchmark_tasks(protocol.benchmark))
     unknown = sorted(set(by_task) - set(known))
     if unknown:
       raise ValueError(f"tasks {unknown} are not {protocol.benchmark} tasks ({', '.join(known)})")
@@ -263,9 +302,10 @@ def summarize(records: Sequence[RunRecord], group_by: Sequence[str] = (),
     else:
       group_means, mean_groups = {}, None
     params = [c.trainable_params for c in cells.values() if c.trainable_params is not None]
+    mean_tasks = None if protocol.benchmark == OTHER else _mean_if_complete(cells, known)
     summaries.append(RowSummary(
         protocol=protocol, method=method, group=group, cells=cells, group_means=group_means,
-        mean_of_group_means=mean_groups, mean_of_tasks=_mean_if_complete(cells, known),
+        mean_of_group_means=mean_groups, mean_of_tasks=mean_tasks,
         trainable_params=float(np.mean(params)) if params else None))
   return summaries
 
@@ -292,12 +332,36 @@ def _titles(benchmark: str) -> list[tuple[str, str]]:
   return [(name, t.title) for name, t in tasks.items()]
 
 
+def _other_markdown(protocol: protocols.Protocol, prows: Sequence[RowSummary]) -> list[str]:
+  """The table of runs on tasks outside VTAB-1k / FGVC: one column per task found."""
+  tasks = sorted(set().union(*(r.cells for r in prows)))
+  out = [f"## {protocol.label} (`{protocol.name}`)\n"]
+  if protocol.legacy:
+    out.append(f"**{protocols.LEGACY_LABEL}: the reported epoch is chosen on the test set.**\n")
+  out.append(f"Accuracy (%) of `{protocol.metric}`, mean ± std over seeds (n = runs).\n")
+  header = ["Method"] + tasks + ["Trainable params"]
+  out.append("| " + " | ".join(header) + " |")
+  out.append("|" + "---|" * len(header))
+  for row in prows:
+    cells = ["–" if row.cells.get(t) is None else
+             f"{_pct(row.cells[t].mean)} ± {_pct(row.cells[t].std)} (n={row.cells[t].n})"
+             for t in tasks]
+    cells.append("–" if row.trainable_params is None else f"{row.trainable_params:,.0f}")
+    out.append("| " + " | ".join([row.label] + cells) + " |")
+  out.append("")
+  return out
+
+
 def to_markdown(rows: Sequence[RowSummary]) -> str:
   """One table per protocol; cells are 'mean ± std' test (or val) accuracy in percent."""
   out = []
-  for protocol in protocols.PROTOCOLS.values():
+  others = sorted({r.protocol.name for r in rows if r.protocol.benchmark == OTHER})
+  for protocol in [*protocols.PROTOCOLS.values(), *map(other_protocol, others)]:
     prows = [r for r in rows if r.protocol.name == protocol.name]
     if not prows:
+      continue
+    if protocol.benchmark == OTHER:
+      out += _other_markdown(protocol, prows)
       continue
     out.append(f"## {protocol.label} (`{protocol.name}`)\n")
     if protocol.legacy:
@@ -355,7 +419,8 @@ def to_csv(rows: Sequence[RowSummary]) -> str:
     summary = [(f"group:{g}", m) for g, m in row.group_means.items()]
     if row.protocol.benchmark == "vtab":
       summary.append(("mean_of_group_means", row.mean_of_group_means))
-    summary.append(("mean_of_tasks", row.mean_of_tasks))
+    if row.protocol.benchmark != OTHER:
+      summary.append(("mean_of_tasks", row.mean_of_tasks))
     for name, value in summary:
       writer.writerow(prefix + [name, "" if value is None else f"{100 * value:.4f}", "", "",
                                 "" if row.trainable_params is None else int(row.trainable_params),

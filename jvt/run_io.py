@@ -42,9 +42,6 @@ log = logging.getLogger("jvt.run_io")
 _RESUMABLE_FIELDS = ("progress_bar", "overwrite", "write_plots", "log_every_steps",
                      "keep_checkpoints", "checkpoint_every_steps", "max_to_keep",
                      "eval_batch_size")
-# Curves plotted in curves.png, when logged.
-_CURVES = ("train/loss", "train/accuracy", "val/accuracy", "test/accuracy", "train/lr",
-           "train/grad_norm", "train/img_per_s", "train/input_wait_frac")
 # What a run writes in its workdir (the lock file aside): `overwrite` removes exactly these.
 RUN_FILES = ("config.json", "metrics.jsonl", "final_metrics.json", "curves.png")
 RUN_DIRS = ("checkpoints", "tb", "export", "checkpoints_damaged")
@@ -506,7 +503,8 @@ class RunDirectory:
                       json.dumps(dict(final, history=history), indent=1))
 
   def export(self, model, trainable, frozen) -> None:
-    """export/trainable.npz always; export/merged_vit.npz when the method merges away."""
+    """export/trainable.npz always; export/adapter.safetensors (jvt.load_adapter) when the run
+    started from a checkpoint; export/merged_vit.npz when the method merges away."""
     from jvt.checkpoints import save_npz
     from jvt.methods import merge, mergeable
     from jvt.partition import merge_params
@@ -518,6 +516,9 @@ class RunDirectory:
     flat = traverse_util.flatten_dict(trainable, sep="/")
     with atomic_file(os.path.join(out, "trainable.npz"), binary=True) as f:
       np.savez(f, **{k: np.asarray(v) for k, v in flat.items()})
+    from jvt.adapters import save_run_adapter
+    save_run_adapter(os.path.join(out, "adapter.safetensors"), model,
+                     merge_params(trainable, frozen), json.loads(self._config_text))
     if not mergeable(model):
       return  # prompts and adapters add computation: nothing to merge into the backbone
     plain, params = merge(model, merge_params(trainable, frozen))
@@ -529,14 +530,12 @@ class RunDirectory:
 
   def plot_curves(self) -> None:
     from jvt import viz
-    rows = read_metrics(self.path)
-    keys = [k for k in _CURVES if any(k in r for r in rows)]
-    if keys:
-      path = os.path.join(self.path, "curves.png")
-      try:
-        viz.plot_training_curves(rows, path, keys=keys)
-      except OSError as err:
-        raise write_error(path, err) from None
+    path = os.path.join(self.path, "curves.png")
+    try:
+      viz.plot_run_curves(read_metrics(self.path), path,
+                          title=viz.run_title(json.loads(self._config_text), self.path))
+    except OSError as err:
+      raise write_error(path, err) from None
 
 
 def _make_dirs(path: str) -> list[str]:

@@ -100,6 +100,17 @@ def is_finished(workdir: str) -> bool:
     return False
 
 
+def accuracy_summary(workdir: str) -> str:
+  """'test accuracy 0.812, val 0.790, 1,924 trainable' from a finished run's final_metrics.json."""
+  with open(os.path.join(workdir, FINAL_METRICS), encoding="utf-8") as f:
+    final = json.load(f)
+  parts = [f"{split} {final[f'{split}_accuracy']:.3f}" for split in ("test", "val")
+           if isinstance(final.get(f"{split}_accuracy"), (int, float))]
+  if isinstance(final.get("trainable_params"), int):
+    parts.append(f"{final['trainable_params']:,} trainable")
+  return "accuracy " + ", ".join(parts) if parts else "no accuracy recorded"
+
+
 def run_sweep(runs: Sequence[Mapping[str, Any]], root: str, run_fn: RunFn,
               keep_going: bool = False, log: Callable[[str], None] = print) -> list[str]:
   """Runs the unfinished runs one after the other; returns the workdirs of failed runs.
@@ -113,7 +124,7 @@ def run_sweep(runs: Sequence[Mapping[str, Any]], root: str, run_fn: RunFn,
   for i, overrides in enumerate(runs):
     workdir = run_workdir(root, overrides)
     if is_finished(workdir):
-      log(f"[{i + 1}/{len(runs)}] finished already: {workdir}")
+      log(f"[{i + 1}/{len(runs)}] finished already: {workdir}: {accuracy_summary(workdir)}")
       continue
     log(f"[{i + 1}/{len(runs)}] running: {workdir}")
     os.makedirs(workdir, exist_ok=True)
@@ -123,6 +134,7 @@ def run_sweep(runs: Sequence[Mapping[str, Any]], root: str, run_fn: RunFn,
       run_fn(dict(overrides), workdir)
       if not is_finished(workdir):
         raise RuntimeError(f"the run returned without writing {FINAL_METRICS} in {workdir}")
+      log(f"[{i + 1}/{len(runs)}] done: {workdir}: {accuracy_summary(workdir)}")
     except Exception as e:  # pylint: disable=broad-except
       if not keep_going:
         raise

@@ -291,7 +291,10 @@ def make_eval_step(model):
 
 
 def _check_pretrained_path(path: str) -> None:
-  if path and "://" not in path and not os.path.isfile(path):
+  from jvt.checkpoints import hub
+  if hub.is_hub_name(path):
+    hub.resolve(path)  # downloads into the cache, or says what to download, before the run
+  elif path and "://" not in path and not os.path.isfile(path):
     raise FileNotFoundError(f"pretrained.path={path!r}: no such file (looked in "
                             f"{os.path.abspath(path)}). Pass the .npz / .safetensors checkpoint "
                             "with --config.pretrained.path=FILE, or '' for a random backbone.")

@@ -22,6 +22,7 @@ from typing import Any
 import matplotlib
 import matplotlib.colors
 import matplotlib.lines
+import matplotlib.patches
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.figure import Figure
@@ -106,6 +107,34 @@ def _save(fig: Figure, path: PathLike) -> pathlib.Path:
   return path
 
 
+# Readable axis labels for the keys runs and benchmarks write.
+_AXIS_LABELS = {
+    "accuracy": "test accuracy", "test_accuracy": "test accuracy",
+    "val_accuracy": "validation accuracy", "trainable_params": "trainable parameters",
+    "params": "parameters", "step": "training step", "epoch": "epoch", "wall_s": "time (s)",
+}
+
+
+def axis_label(key: str) -> str:
+  """'trainable_params' -> 'trainable parameters', 'train/ce_loss' -> 'train ce loss'."""
+  return _AXIS_LABELS.get(key, key.replace("/", " ").replace("_", " "))
+
+
+def _span(lo: float, hi: float, min_span: float, fraction: bool) -> tuple[float, float]:
+  """[lo, hi] padded by 5% and widened to at least min_span (kept inside [0, 1] for fractions)."""
+  pad = 0.05 * max(hi - lo, min_span)
+  lo, hi = lo - pad, hi + pad
+  if hi - lo < min_span:
+    mid = (lo + hi) / 2
+    lo, hi = mid - min_span / 2, mid + min_span / 2
+  if fraction:
+    if lo < 0:
+      lo, hi = 0.0, max(hi - lo, hi)
+    if hi > 1.02:
+      lo, hi = max(0.0, lo - (hi - 1.02)), 1.02
+  return lo, hi
+
+
 def _grid(n: int, ncols: int | None, max_cols: int) -> tuple[int, int]:
   cols = min(n, max_cols) if ncols is None else ncols
   if cols < 1:
@@ -180,6 +209,98 @@ def plot_training_curves(
     ax.set_xlabel(x_key, fontsize=8)
     ax.tick_params(labelsize=7)
     ax.grid(True, alpha=0.3)
+  return _save(fig, path)
+
+
+def run_title(config: Mapping[str, Any], workdir: PathLike) -> str:
+  """'<run folder>: <method(s)> on <dataset>[/<task>]' from a run's config (dict of config.json)."""
+  tuning = config.get("tuning") or {"method": "linear"}
+  methods = "+".join(str(t.get("method")) for t in (tuning if isinstance(tuning, list)
+                                                     else [tuning]))
+  dataset = config.get("dataset") or {}
+  task = str(dataset.get("name", "?")) + (f"/{dataset['task']}" if dataset.get("task") else "")
+  return f"{pathlib.Path(workdir).name}: {methods} on {task}"
+
+
+_LOSS_TOTAL = "train/loss"
+_CURVE_EXTRAS = (("train/lr", "learning rate"), ("train/grad_norm", "gradient norm"),
+                 ("train/img_per_s", "throughput (images/s)"))
+
+
+def plot_run_curves(
+    rows: list[dict],
+    path: PathLike,
+    *,
+    title: str = "",
+    x_key: str = "step",
+    dpi: float = 100,
+) -> pathlib.Path:
+  """The curves of one run (its metrics.jsonl records) in labelled panels, saved as a PNG.
+
+  Panels: the training loss; each other loss term the objective logs (`train/*_loss`, e.g.
+  DA-VPT's `cls_loss` and `patch_loss` or distillation's terms), in its own panel since their
+  scales differ; accuracy (train as a line, validation and test evaluations as large markers
+  labelled with their value, on an axis of at least 0.2 so noise does not look like a cliff);
+  learning rate, gradient norm and throughput when logged. The legend gives the last
+  validation and test accuracy.
+
+  Args:
+    rows: the run's records, e.g. `{"step": 25, "train/loss": 1.3, "train/accuracy": 0.4}`
+      and `{"step": 300, "val/accuracy": 0.6, "test/accuracy": 0.59}`.
+    path: output file, ending in `.png`.
+    title: the figure title; name the run, the method and the task (`run_title`).
+    x_key: the x axis.
+    dpi: pixels per inch (each panel is 4 x 3 inches).
+  """
+  _check_rows(rows)
+
+  def series(key):
+    pts = [(float(r[x_key]), float(r[key])) for r in rows if key in r and x_key in r
+           and _is_number(r[key])]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+  present = dict.fromkeys(k for r in rows for k in r)
+  terms = [k for k in present if k.startswith("train/") and k.endswith("_loss")]
+  if terms == ["train/ce_loss"]:
+    terms = []  # the cross-entropy alone is the total loss: no panel of its own
+  panels = []  # (title, [(key, label, style)], y-axis settings)
+  if _LOSS_TOTAL in present:
+    panels.append(("training loss (total)", [(_LOSS_TOTAL, "total", "line")], None))
+  panels += [(f"loss term: {k[len('train/'):]}", [(k, k[len("train/"):], "line")], None)
+             for k in terms]
+  accuracy = [(k, label, style) for k, label, style in (
+      ("train/accuracy", "train (batch)", "line"), ("val/accuracy", "validation", "points"),
+      ("test/accuracy", "test", "points")) if k in present]
+  if accuracy:
+    panels.append(("accuracy", accuracy, "fraction"))
+  panels += [(label, [(k, label, "line")], None) for k, label in _CURVE_EXTRAS if k in present]
+  if not panels:
+    raise ValueError(f"rows: no run metrics to plot (keys found: {list(present)})")
+
+  nrows, ncols = _grid(len(panels), None, max_cols=3)
+  fig = _new_figure((4 * ncols, 3 * nrows + (0.4 if title else 0)), dpi)
+  for i, (panel_title, curves, yaxis) in enumerate(panels):
+    ax = fig.add_subplot(nrows, ncols, i + 1)
+    values = []
+    for j, (key, label, style) in enumerate(curves):
+      xs, ys = series(key)
+      values += ys
+      if style == "line":
+        ax.plot(xs, ys, linewidth=1.2, color=f"C{j}", label=label,
+                marker="o" if len(xs) <= 3 else None, markersize=3)
+      else:
+        ax.scatter(xs, ys, s=60, color=f"C{j}", edgecolors="black", linewidths=0.5, zorder=3,
+                   label=f"{label}: {ys[-1]:.3f}" if ys else label)
+    if yaxis == "fraction" and values:
+      ax.set_ylim(*_span(min(values), max(values), 0.2, fraction=True))
+    if len(curves) > 1:
+      ax.legend(fontsize=7, loc="best")
+    ax.set_title(panel_title, fontsize=9)
+    ax.set_xlabel(axis_label(x_key), fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(True, alpha=0.3)
+  if title:
+    fig.suptitle(title, fontsize=10)
   return _save(fig, path)
 
 
@@ -325,6 +446,7 @@ def plot_projection(
     method: str = "pca",
     title: str | None = None,
     markers: Mapping[str, str] | None = None,
+    label_title: str = "label",
     seed: int = 0,
     figsize: tuple[float, float] = (6, 5),
     dpi: float = 100,
@@ -334,7 +456,10 @@ def plot_projection(
   The groups share one projection (fit on their concatenation), so distances between, say,
   prompts and [CLS] features are comparable. Groups with `labels` are coloured by label with
   one colour scale shared by all groups (so prompt m and the features mapped to m can share
-  a colour); groups without labels get one colour each.
+  a colour); groups without labels get one colour each. Up to 20 distinct integer labels get
+  one legend entry each ("<label_title> <value>"), more a colour bar. Star-marked groups (e.g.
+  the prompts) are drawn large and above the others, so a few prompts stay visible over
+  hundreds of feature points.
 
   Args:
     groups: name -> features `[N_i, D]`, same D for all, e.g.
@@ -345,6 +470,7 @@ def plot_projection(
     title: optional axes title.
     markers: optional name -> matplotlib marker (e.g. `{"prompts": "*"}`); other groups take
       `o ^ s * D v P X` in order.
+    label_title: what the labels are, for the legend (e.g. `"prompt id"`).
     seed: random state for t-SNE.
     figsize: inches; the PNG is `figsize * dpi` pixels.
     dpi: pixels per inch.
@@ -385,33 +511,44 @@ def plot_projection(
 
   fig = _new_figure(figsize, dpi)
   ax = fig.add_subplot(1, 1, 1)
-  norm = cmap = None
+  norm = cmap = colour_of = None
   if label_values:
     every = np.concatenate(list(label_values.values()))
-    distinct = np.unique(every).size
-    cmap = matplotlib.colormaps["tab10" if distinct <= 10 else "tab20" if distinct <= 20
-                                else "viridis"]
-    norm = matplotlib.colors.Normalize(vmin=float(every.min()), vmax=float(every.max()))
+    distinct = np.unique(every)
+    if distinct.size <= 20 and np.all(distinct == np.round(distinct)):
+      palette = matplotlib.colormaps["tab10" if distinct.size <= 10 else "tab20"]
+      colour_of = {float(v): palette(i) for i, v in enumerate(distinct)}
+    else:
+      cmap = matplotlib.colormaps["viridis"]
+      norm = matplotlib.colors.Normalize(vmin=float(every.min()), vmax=float(every.max()))
   handles, start = [], 0
   default_markers = iter(_DEFAULT_MARKERS)
   for i, (name, value) in enumerate(feats.items()):
     xy = coords[start:start + value.shape[0]]  # [N_i, 2]
     start += value.shape[0]
     marker = markers[name] if name in markers else next(default_markers, "o")
-    size = 90 if marker == "*" else 24  # A star reads as small at the same area.
+    star = marker == "*"  # stars (prompts) large and on top of the feature points
+    style = dict(marker=marker, s=260 if star else 24, edgecolors="black",
+                 linewidths=1.2 if star else 0.4, zorder=4 if star else 2)
     if name in label_values:
-      ax.scatter(xy[:, 0], xy[:, 1], c=label_values[name], cmap=cmap, norm=norm, marker=marker,
-                 s=size, edgecolors="black", linewidths=0.4)
+      if colour_of is not None:
+        colours = [colour_of[float(v)] for v in label_values[name]]
+        ax.scatter(xy[:, 0], xy[:, 1], c=colours, **style)
+      else:
+        ax.scatter(xy[:, 0], xy[:, 1], c=label_values[name], cmap=cmap, norm=norm, **style)
       colour = "grey"
     else:
       colour = f"C{i}" if not label_values else "black"
-      ax.scatter(xy[:, 0], xy[:, 1], color=colour, marker=marker, s=size,
-                 edgecolors="black", linewidths=0.4)
+      ax.scatter(xy[:, 0], xy[:, 1], color=colour, **style)
     handles.append(matplotlib.lines.Line2D([], [], linestyle="", marker=marker, color=colour,
-                                           markeredgecolor="black", label=name))
-  if label_values:
-    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="label")
-  ax.legend(handles=handles, fontsize=8)
+                                           markeredgecolor="black", markersize=9 if star else 6,
+                                           label=name))
+  if colour_of is not None:
+    handles += [matplotlib.patches.Patch(color=c, label=f"{label_title} {v:g}")
+                for v, c in colour_of.items()]
+  elif label_values:
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=label_title)
+  ax.legend(handles=handles, fontsize=7, loc="best", framealpha=0.8)
   ax.set_xlabel(f"{method} 1")
   ax.set_ylabel(f"{method} 2")
   if title:
@@ -430,10 +567,15 @@ def plot_accuracy_vs_params(
     y_key: str = "accuracy",
     label_key: str | None = "method",
     title: str | None = None,
+    chance: float | None = None,
+    min_span: float = 0.2,
     figsize: tuple[float, float] = (6, 4),
     dpi: float = 100,
 ) -> pathlib.Path:
   """Scatter of accuracy against trainable parameters (log x), each point labelled.
+
+  The y axis spans at least `min_span` (clipped to [0, 1] for fractions), so that accuracies a
+  few tenths of a point apart are drawn close together instead of at opposite edges.
 
   Args:
     rows: records from the benchmark or the results aggregator, e.g.
@@ -441,7 +583,9 @@ def plot_accuracy_vs_params(
       `x_key` (> 0, for the log axis) and `y_key`, and `label_key` unless it is None.
     path: output file, ending in `.png`; parent folders are created.
     x_key, y_key, label_key: which row fields to read. Points sharing a label share a colour.
-    title: optional axes title.
+    title: optional axes title (name the task and the backbone).
+    chance: optional chance accuracy, drawn as a dashed line.
+    min_span: the smallest y range drawn, in units of `y_key`.
     figsize: inches; the PNG is `figsize * dpi` pixels.
     dpi: pixels per inch.
 
@@ -469,12 +613,63 @@ def plot_accuracy_vs_params(
     ax.scatter([x], [y], color=colour_of[name], s=30, edgecolors="black", linewidths=0.4)
     if name:
       ax.annotate(name, (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7)
+  ys = [float(row[y_key]) for row in rows] + ([float(chance)] if chance is not None else [])
+  if chance is not None:
+    ax.axhline(float(chance), color="grey", linestyle="--", linewidth=1)
+    ax.annotate("chance", (0.01, float(chance)), xycoords=("axes fraction", "data"),
+                xytext=(0, 3), textcoords="offset points", fontsize=7, color="grey")
+  ax.set_ylim(*_span(min(ys), max(ys), min_span, fraction=all(0 <= y <= 1 for y in ys)))
   ax.set_xscale("log")
-  ax.set_xlabel(x_key)
-  ax.set_ylabel(y_key)
+  ax.set_xlabel(axis_label(x_key) + " (log scale)")
+  ax.set_ylabel(axis_label(y_key))
   ax.grid(True, which="both", alpha=0.3)
   if title:
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
+  return _save(fig, path)
+
+
+def plot_accuracy_bars(
+    rows: list[dict],
+    path: PathLike,
+    *,
+    label_key: str = "label",
+    y_key: str = "accuracy",
+    title: str | None = None,
+    chance: float | None = None,
+    figsize: tuple[float, float] = (6, 3),
+    dpi: float = 100,
+) -> pathlib.Path:
+  """Horizontal bars of accuracy, one per row (top to bottom in row order), values written on.
+
+  For models that share a parameter count (the distillation demo's students), where a scatter
+  against parameters would stack their labels. The axis runs from 0 to 1 for fractions.
+  """
+  _check_rows(rows)
+  for i, row in enumerate(rows):
+    for key in (label_key, y_key):
+      if key not in row:
+        raise ValueError(f"rows[{i}]: missing {key!r}; its keys are {sorted(row)}")
+    if not _is_number(row[y_key]):
+      raise ValueError(f"rows[{i}][{y_key!r}]: expected a number, got {row[y_key]!r}")
+  values = [float(r[y_key]) for r in rows]
+  fig = _new_figure(figsize, dpi)
+  ax = fig.add_subplot(1, 1, 1)
+  ys = np.arange(len(rows))[::-1]  # first row on top
+  ax.barh(ys, values, color=[f"C{i % 10}" for i in range(len(rows))], edgecolor="black",
+          linewidth=0.4)
+  for y, v in zip(ys, values):
+    ax.annotate(f"{v:.3f}", (v, y), xytext=(3, 0), textcoords="offset points", va="center",
+                fontsize=8)
+  ax.set_yticks(ys, [str(r[label_key]) for r in rows], fontsize=8)
+  if chance is not None:
+    ax.axvline(float(chance), color="grey", linestyle="--", linewidth=1, label="chance")
+    ax.legend(fontsize=7, loc="lower right")
+  if all(0 <= v <= 1 for v in values):
+    ax.set_xlim(0, 1.08)
+  ax.set_xlabel(axis_label(y_key))
+  ax.grid(True, axis="x", alpha=0.3)
+  if title:
+    ax.set_title(title, fontsize=10)
   return _save(fig, path)
 
 

@@ -62,7 +62,8 @@ def test_list_jpg(tmp_path):
 def test_list_errors(list_root, tmp_path):
   with pytest.raises(FileNotFoundError, match=f"{list_root}/train800.txt"):
     lists.make_source(list_root, "train800")
-  with pytest.raises(ValueError, match="unknown split 'train'"):
+  with pytest.raises(FileNotFoundError, match=r"train.txt does not exist.*splits \['test', "
+                     r"'train800val200'\]"):
     lists.make_source(list_root, "train")
   bad = tmp_path / "bad"
   bad.mkdir()

@@ -247,3 +247,32 @@ def test_da_vpt_explained(kernel_env, tmp_path):
   assert len(_displayed(nb, "image/png")) == len(names)
   # 4 query rows ([CLS] + 3 prompts) x 6 images at 2 inches x 100 dpi each.
   assert _check_png(figures / "attention.png").shape[:2] == (800, 1200)
+
+
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "da_vpt_explained.ipynb"])
+def test_install_cell_outside_the_repository(tmp_path, name):
+  """Without jvt and outside a clone: one message naming JVT_REPO, no traceback; with JVT_REPO
+  set, the docs links point at the repository's pages."""
+  import subprocess
+  nb = nbformat.read(COLABS / name, as_version=4)
+  [cell] = [c.source for c in nb.cells if c.cell_type == "code" and "JVT_REPO" in c.source]
+  script = (
+      "import sys\n"
+      "sys.modules['jvt'] = None  # jvt is not installed here\n"
+      "from IPython.testing.globalipapp import start_ipython\n"
+      "shell = start_ipython()\n"
+      f"result = shell.run_cell({cell!r})\n"
+      "print('ERROR', type(result.error_in_exec).__name__)\n")
+  env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "JVT_REPO")}
+  out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+  text = out.stdout + out.stderr
+  assert "ERROR StopHere" in text, text
+  assert 'Set JVT_REPO = "https://github.com/NAME/jvt"' in text
+  assert "Traceback" not in text and "File " not in text
+  # The documentation links of a repository URL resolve to its pages.
+  docs = cell.split("# The documentation")[1]
+  scope = {"clone": None, "here": tmp_path, "JVT_REPO": "https://github.com/NAME/jvt.git",
+           "os": os, "Markdown": str, "display": lambda x: scope.setdefault("shown", x)}
+  exec("# The documentation" + docs, scope)  # pylint: disable=exec-used
+  assert "[README.md](https://github.com/NAME/jvt/blob/HEAD/README.md)" in scope["shown"]

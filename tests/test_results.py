@@ -166,6 +166,7 @@ def test_task_names():
   assert results.task_from_dataset_name("vtab/clevr_dist") == "clevr_dist"
   assert results.task_from_dataset_name("fgvc/cub") == "cub"
   assert results.task_from_dataset_name("list:/data/vtab-1k/svhn/") == "svhn"
+  assert results.task_from_dataset_name("folder:/data/pets/") == "pets"
   assert results.task_from_dataset_name("dtd") == "dtd"
 
 
@@ -184,15 +185,41 @@ def test_bad_records(tmp_path):
                                          "test_accuracy": 0.5})
   with pytest.raises(ValueError, match=r"\['imagenet'\] are not vtab tasks"):
     results.summarize(results.load_records(str(tmp_path / "d")))
-  _write_run(str(tmp_path / "e"), "r", {"protocol": "last", "test_accuracy": 0.5},
-             config=_config("jvt_synthetic", "train", "", "test"))
-  with pytest.raises(ValueError, match="'jvt_synthetic' is neither a VTAB-1k task"):
-    results.load_records(str(tmp_path / "e"))
   _write_run(str(tmp_path / "f"), "r", {"protocol": "best_val", "test_accuracy": 0.5},
              config=_config("vtab/dtd", "train800", "val200", "test", protocol="best_val"))
   with pytest.raises(ValueError, match="no vtab protocol trains on 'train800' with "
                                        "protocol='best_val_epoch'"):
     results.load_records(str(tmp_path / "f"))
+
+
+def test_other_tasks(tmp_path, capsys):
+  """Runs outside VTAB/FGVC (the demo's layout): one column per task, no cross-task mean."""
+  root = str(tmp_path / "demo")
+  for method, params, accs in [("linear", 388, (0.30, 0.32, 0.28)),
+                               ("vpt", 1924, (0.50, 0.46, 0.48))]:
+    for seed, acc in enumerate(accs):
+      config = _config("jvt_synthetic", "train", "validation", "test", seed=seed)
+      config["dataset"]["task"] = "count"
+      _write_run(root, f"s{seed}/runs/{method}", {"protocol": "last", "test_accuracy": acc,
+                                                  "val_accuracy": 0.9, "trainable_params": params,
+                                                  "methods": [method]}, config=config)
+  config = _config("folder:/data/shop_items", "all[:80%]", "", "", protocol="best_val")
+  _write_run(root, "shop", {"protocol": "best_val", "test_accuracy": None, "val_accuracy": 0.75,
+                            "trainable_params": 10, "methods": ["linear"]}, config=config)
+  rows = results.summarize(results.load_records(root))
+  assert [(r.protocol.name, r.method) for r in rows] == [
+      ("other_best_val_val", "linear"), ("other_last_test", "linear"),
+      ("other_last_test", "vpt")]
+  vpt = rows[2].cells["jvt_synthetic/count"]
+  assert (vpt.n, vpt.trainable_params) == (3, 1924)
+  assert vpt.mean == pytest.approx(0.48) and vpt.std == pytest.approx((0.0008 / 3) ** 0.5)
+  assert rows[0].cells["shop_items"].mean == 0.75 and rows[0].mean_of_tasks is None
+  out = str(tmp_path / "out")
+  assert results.main([f"--root={root}", f"--out={out}"]) == 0
+  text = capsys.readouterr().out
+  assert "| Method | jvt_synthetic/count | Trainable params |" in text
+  assert "| vpt | 48.00 ± 1.63 (n=3) | 1,924 |" in text
+  assert "| linear | 75.00 ± 0.00 (n=1) | 10 |" in text and "val accuracy, best val epoch" in text
 
 
 def test_cli(runs_root, tmp_path, capsys):

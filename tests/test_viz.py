@@ -241,6 +241,45 @@ def test_accuracy_vs_params_png_size(tmp_path):
   assert _png_size(path) == EXPECTED_SIZE
 
 
+def test_accuracy_axis_has_a_minimum_span(tmp_path):
+  """0.982 vs 0.984 (noise) is drawn on at least 0.2 of axis, not edge to edge."""
+  lo, hi = viz._span(0.982, 0.984, 0.2, fraction=True)
+  assert hi - lo >= 0.2 - 1e-9 and hi <= 1.02 and lo < 0.982
+  lo, hi = viz._span(0.25, 0.81, 0.2, fraction=True)  # wider data: 5% padding
+  assert lo == pytest.approx(0.25 - 0.028) and hi == pytest.approx(0.81 + 0.028)
+  assert viz._span(0.01, 0.02, 0.2, fraction=True) == pytest.approx((0.0, 0.2))
+  rows = [dict(BENCH[0], accuracy=0.982), dict(BENCH[1], accuracy=0.984)]
+  path = viz.plot_accuracy_vs_params(rows, tmp_path / "a.png", chance=0.25, title="t", dpi=DPI)
+  assert _png_size(path) == (300, 200)
+  assert viz.axis_label("trainable_params") == "trainable parameters"
+  assert viz.axis_label("train/ce_loss") == "train ce loss"
+
+
+def test_run_curves_plot_the_loss_terms(tmp_path):
+  rows = [{"step": 10, "train/loss": 2.0, "train/ce_loss": 1.0, "train/cls_loss": 13.0,
+           "train/accuracy": 0.4, "train/lr": 0.1},
+          {"step": 20, "train/loss": 1.5, "train/ce_loss": 0.8, "train/cls_loss": 12.0,
+           "train/accuracy": 0.6, "train/lr": 0.05},
+          {"step": 20, "val/accuracy": 0.55, "test/accuracy": 0.5}]
+  title = viz.run_title({"tuning": {"method": "da_vpt"},
+                         "dataset": {"name": "jvt_synthetic", "task": "count"}}, tmp_path / "r")
+  assert title == "r: da_vpt on jvt_synthetic/count"
+  path = viz.plot_run_curves(rows, tmp_path / "curves.png", title=title, dpi=DPI)
+  # total loss, ce_loss, cls_loss, accuracy, learning rate: 5 panels in a 2 x 3 grid.
+  assert _png_size(path) == (12 * DPI, int((6 + 0.4) * DPI))
+  with _shape_error("rows: no run metrics to plot"):
+    viz.plot_run_curves([{"step": 1, "time": 3.0}], tmp_path / "none.png")
+
+
+def test_accuracy_bars(tmp_path):
+  rows = [{"label": "teacher", "accuracy": 0.84}, {"label": "student", "accuracy": 0.73}]
+  path = viz.plot_accuracy_bars(rows, tmp_path / "bars.png", chance=0.25, figsize=FIGSIZE,
+                                dpi=DPI)
+  assert _png_size(path) == EXPECTED_SIZE
+  with _shape_error("rows[1]: missing 'accuracy'"):
+    viz.plot_accuracy_bars([rows[0], {"label": "x"}], tmp_path / "b.png")
+
+
 def test_accuracy_vs_params_errors(tmp_path):
   out = tmp_path / "a.png"
   with _shape_error("rows[0]: missing 'accuracy'"):

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import re
+import tempfile
 from typing import Any, Callable
 
 import flax
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jvt.checkpoints import formats
+from jvt.checkpoints import hub
 from jvt.checkpoints import posemb as posemb_lib
 
 PyTree = Any
@@ -33,7 +35,14 @@ _VARIANTS = {
 
 
 class CheckpointMismatchError(ValueError):
-  """The file's leaves do not fit the model: missing, unexpected or wrongly shaped keys."""
+  """The file's leaves do not fit the model: missing, unexpected or wrongly shaped keys.
+
+  The message is short (diagnosis first, two keys per kind); `details` lists every key.
+  """
+
+  def __init__(self, message: str, details: str = ""):
+    super().__init__(message)
+    self.details = details or message
 
 
 def flatten_params(tree: PyTree) -> dict[str, Any]:
@@ -71,7 +80,8 @@ def _likely_cause(loaded: dict, target: dict, fmt: str) -> str:
             for k in file_geo if k in model_geo and file_geo[k] != model_geo[k]]
   if causes:
     variant = _variant(file_geo)
-    causes[-1] += ": wrong variant?" + (f" the file looks like {variant}" if variant else "")
+    causes = [(f"the file looks like {variant}: " if variant else "") + "wrong variant? "
+              + ", ".join(causes)]
   if "fc_norm/scale" in loaded and "fc_norm/scale" not in target:
     causes.append("the file has fc_norm (MAE-style global pool): build the model with "
                   "pool='gap' and fc_norm=True")
@@ -83,6 +93,26 @@ def _likely_cause(loaded: dict, target: dict, fmt: str) -> str:
     causes.append(f"wrong format? the file was read as {fmt!r}; pass format= one of "
                   f"{formats.FORMATS}")
   return "; ".join(causes) if causes else "the file was written for another model"
+
+
+def _mismatch_message(head: str, cause: str, sections) -> CheckpointMismatchError:
+  """At most 12 lines, the diagnosis first; every key goes to a file (named) and the debug log."""
+  full = [f"{head}:"]
+  for title, items in sections:
+    full += [f"  {title}:"] + [f"    {item}" for item in items] if items else []
+  full.append(f"likely cause: {cause}")
+  details = "\n".join(full)
+  logging.debug("%s", details)
+  fd, listing = tempfile.mkstemp(prefix="jvt_checkpoint_mismatch_", suffix=".txt")
+  with os.fdopen(fd, "w") as f:
+    f.write(details + "\n")
+  lines = [f"{head}.", f"likely cause: {cause}"]
+  for title, items in sections:
+    if items:
+      lines.append(f"  {title}:" if len(items) <= 2 else f"  {title}, first 2:")
+      lines += [f"    {item}" for item in items[:2]]
+  lines.append(f"every key: {listing}")
+  return CheckpointMismatchError("\n".join(lines), details)
 
 
 def _shape(x) -> list[int]:
@@ -118,7 +148,9 @@ def load_pretrained(path: str | os.PathLike, params: PyTree, model: Any, *,
 
   Args:
     path: a `.npz` (vision_transformer, big_vision) or `.safetensors` (timm, HuggingFace
-      ViTModel) file. Pickles (`.pth`, `.pt`, `.pkl`, torch `.bin`) are refused unread.
+      ViTModel) file, or a hub name `hf-hub:<org>/<repo>` / `timm:<model>.<tag>` read through
+      the Hugging Face cache (jvt.checkpoints.hub). Pickles (`.pth`, `.pt`, `.pkl`, torch
+      `.bin`) are refused unread.
     params: the model's freshly initialised parameter tree (`variables["params"]`); it fixes
       the structure, shapes, dtypes and shardings of the result.
     model: the jvt ViT module (`num_heads` splits fused torch projections; `layer_norm_eps`
@@ -137,6 +169,8 @@ def load_pretrained(path: str | os.PathLike, params: PyTree, model: Any, *,
   """
   if isinstance(params, dict | flax.core.FrozenDict) and set(params) == {"params"}:
     raise ValueError("pass the parameter collection variables['params'], not the variables dict.")
+  if hub.is_hub_name(path):
+    path = hub.resolve(path)
   fmt, loaded, notes = formats.read_checkpoint(path, num_heads=model.num_heads, format=format)
   if posemb_interpolation not in posemb_lib.METHODS:
     raise ValueError(f"unknown posemb_interpolation {posemb_interpolation!r}; "
@@ -199,12 +233,8 @@ def load_pretrained(path: str | os.PathLike, params: PyTree, model: Any, *,
     sections = [(f"missing from the file ({len(missing)})", missing),
                 (f"unexpected in the file ({len(unexpected)})", unexpected),
                 (f"shape mismatch ({len(mismatched)})", mismatched)]
-    lines = [f"checkpoint {os.fspath(path)} (read as {fmt!r}) does not fit the model:"]
-    for title, items in sections:
-      if items:
-        lines += [f"  {title}:"] + [f"    {item}" for item in items]
-    lines.append("likely cause: " + _likely_cause(loaded, target, fmt))
-    raise CheckpointMismatchError("\n".join(lines))
+    raise _mismatch_message(f"checkpoint {os.fspath(path)} (read as {fmt!r}) does not fit the "
+                            "model", _likely_cause(loaded, target, fmt), sections)
 
   if dropped:
     log(f"{os.fspath(path)}: not loaded by design (head / pre_logits / MAE encoder_norm): "

@@ -1,9 +1,10 @@
-"""Image folders described by list files: the NOAH / VTAB-1k jpg format.
+"""Image folders described by list files: the NOAH / VTAB-1k jpg format, or your own.
 
-A task folder holds the images and one list file per split:
+A task folder holds the images and one list file per split, named after the split:
 
-  root/train800val200.txt   (also train800.txt and val200.txt when present)
+  root/train800val200.txt   (NOAH: also train800.txt and val200.txt when present)
   root/test.txt
+  root/train.txt, root/val.txt, ...   (any other split name: `<split>.txt`)
 
 with one `relative/path/to/image.jpg label` per line (the path may contain spaces: the label is
 the last field). Images are decoded with PIL, so neither TensorFlow nor TFDS is involved.
@@ -16,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-LIST_SPLITS = ("train800", "val200", "train800val200", "test")
+LIST_SPLITS = ("train800", "val200", "train800val200", "test")  # the NOAH / VTAB-1k names
 
 
 def read_image(path: str) -> np.ndarray:
@@ -36,11 +37,13 @@ class PathListSource:
     labels: int label of each path.
     num_classes: number of classes.
     description: where the list came from, for logs.
+    class_names: the name of each label when known (class-per-folder sources), else empty.
   """
   paths: Sequence[str]
   labels: Sequence[int]
   num_classes: int
   description: str = ""
+  class_names: Sequence[str] = ()
 
   def __post_init__(self):
     if len(self.paths) != len(self.labels):
@@ -71,26 +74,47 @@ def read_list(list_file: str) -> list[tuple[str, int]]:
   return entries
 
 
+def list_files(root: str) -> dict[str, str]:
+  """{split: path} of the `<split>.txt` files in root that parse as list files."""
+  found = {}
+  if os.path.isdir(root):
+    for name in sorted(os.listdir(root)):
+      path = os.path.join(root, name)
+      if name.endswith(".txt") and os.path.isfile(path):
+        try:
+          read_list(path)
+        except ValueError:
+          continue  # e.g. a classes.txt or a README next to the lists
+        found[name[:-len(".txt")]] = path
+  return found
+
+
 def infer_num_classes(root: str) -> int:
-  """1 + the largest label found in any of the split list files present in root."""
-  labels = [label for split in LIST_SPLITS if os.path.isfile(os.path.join(root, f"{split}.txt"))
-            for _, label in read_list(os.path.join(root, f"{split}.txt"))]
+  """1 + the largest label found in any list file (`<split>.txt`) of root."""
+  labels = [label for path in list_files(root).values() for _, label in read_list(path)]
   if not labels:
     raise FileNotFoundError(
-        f"no split list file ({', '.join(s + '.txt' for s in LIST_SPLITS)}) found in {root}")
+        f"no split list file (<split>.txt with 'path label' lines, e.g. train.txt, test.txt or "
+        f"{', '.join(s + '.txt' for s in LIST_SPLITS)}) found in {root}")
   return max(labels) + 1
 
 
 def make_source(root: str, split: str, num_classes: int | None = None) -> PathListSource:
   """The `split` of the list-format task folder `root` (reads root/<split>.txt).
 
-  num_classes defaults to 1 + the largest label over all list files of the folder; pass the
-  task's class count (e.g. VTAB_TASKS[task].num_classes) when a list may miss the last class.
+  Any split name works (`train`, `val`, `test`, `train800val200`, ...) when its list file
+  exists. num_classes defaults to 1 + the largest label over all list files of the folder;
+  pass the task's class count (e.g. VTAB_TASKS[task].num_classes) when a list may miss the last
+  class.
   """
-  if split not in LIST_SPLITS:
-    raise ValueError(f"unknown split '{split}': choose one of {list(LIST_SPLITS)}")
   root = os.path.expanduser(root)
   list_file = os.path.join(root, f"{split}.txt")
+  if not split or os.sep in split or not os.path.isfile(list_file):
+    present = sorted(list_files(root))
+    raise FileNotFoundError(
+        f"split list file {list_file} does not exist; the list files in {root} give the "
+        f"splits {present or 'none'} (one `<split>.txt` of 'relative/path label' lines per "
+        "split).")
   entries = read_list(list_file)
   if num_classes is None:
     num_classes = infer_num_classes(root)

@@ -11,7 +11,10 @@ Accepted `ds_cfg.name` forms:
                             `split` is a TFDS split string (arithmetic allowed)
   vtab/<task>               VTAB-1k task (jvt.data.vtab), split train800|val200|train800val200|test
   fgvc/<task>               FGVC task (jvt.data.fgvc)
-  list:<root dir>           image folders with NOAH-style list files (jvt.data.lists)
+  list:<root dir>           images with list files `<split>.txt` of `path label` lines, any
+                            split name (jvt.data.lists)
+  folder:<dir>              class-per-folder images: <dir>/<split>/<class>/ or <dir>/<class>/
+                            with split `all[:80%]`-style ratios (jvt.data.folders)
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from jvt.data import preprocess
 
 _LABEL_CHUNK = 1024  # records per read when collecting labels
 ACCEPTED_NAMES = ("jvt_synthetic", "tfds:<builder[/config][:version]>", "vtab/<task>",
-                  "fgvc/<task>", "list:<root dir>")
+                  "fgvc/<task>", "list:<root dir>", "folder:<dir>")
 
 
 class Source(Protocol):
@@ -222,5 +225,8 @@ def _uncached_source(ds_cfg: Any, split: str) -> Source:
     return fgvc.make_source(name[len("fgvc/"):], split, data_dir)
   if name.startswith("list:") and len(name) > len("list:"):
     from jvt.data import lists  # pylint: disable=g-import-not-at-top
-    return lists.make_source(name[len("list:"):], split)
+    return lists.make_source(name[len("list:"):], split, _declared_classes(ds_cfg))
+  if name.startswith("folder:") and len(name) > len("folder:"):
+    from jvt.data import folders  # pylint: disable=g-import-not-at-top
+    return folders.make_source(name[len("folder:"):], split, _declared_classes(ds_cfg))
   raise ValueError(f"Unknown dataset name {name!r}; accepted forms: {ACCEPTED_NAMES}.")
