@@ -1,19 +1,20 @@
 """DoRA (Liu et al., ICML 2024, NVlabs/DoRA): a weight-decomposed low-rank update of chosen
 projections, `W' = m * (W + s A B) / ||W + s A B||`, s = alpha / r.
 
-The norm is taken per output feature over the input axes (the column norm of the paper's
-[d_in, d_out] W; torch's `norm(dim=1)` of a [d_out, d_in] weight), so `m` holds one magnitude
-per output feature and is initialised to ||W||: with B = 0 the model starts at the pretrained
-function. jvt stores it as `m = ||W|| + dora_dm` with `dora_dm` initialised to 0: the
-pretrained kernel is loaded after initialisation (`jvt.load_pretrained`), so an `m` drawn at
-init would hold the norm of the random kernel; the offset has the same gradient as m itself,
-so training is unchanged. As the authors' default (`dora_simple`), the norm is a constant for the gradient
-(`stop_gradient`), which saves the memory of its backward pass; `detach_norm=False` lets the
-gradient through it. A is drawn as loralib draws it (uniform(+-1/sqrt(fan_in))), B is zero.
+The norm is taken per output feature over the input axes, the column norm of jvt's [in, out]
+kernel, as the authors' code computes it (torch's `norm(dim=1)` of an [out, in] weight): `m`
+holds one magnitude per output feature, initialised to ||W||, so with B = 0 the model starts at
+the pretrained function. jvt stores it as `m = ||W|| + dora_dm` with `dora_dm` initialised to
+0: the pretrained kernel is loaded after initialisation (`jvt.load_pretrained`), so an `m`
+drawn at init would hold the norm of the random kernel; the offset has the same gradient as m,
+so training is unchanged. As the authors' default (`dora_simple`), the norm is a constant for
+the gradient (`stop_gradient`), which saves the memory of its backward pass;
+`detach_norm=False` lets the gradient through it. A is drawn as loralib draws it
+(uniform(+-1/sqrt(fan_in))), B is zero.
 
 Leaves `<projection>/dora_a` [*in, r], `dora_b` [r, *out] and `dora_dm` [*out] beside the
-frozen kernel, label `dora`. `targets` as `lora`'s. Mergeable: the kernel becomes W'. A projection takes
-one low-rank method: LoRA together with DoRA is refused.
+frozen kernel, label `dora`; `targets` as `lora`'s. Mergeable: the kernel becomes W'. A
+projection takes one low-rank method: LoRA together with DoRA is refused.
 """
 from __future__ import annotations
 
