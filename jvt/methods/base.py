@@ -27,6 +27,7 @@ by all blocks there).
 | `on_patch_embedding(scope, x, site)` | ViT | [B, h, w, D] patch embedding | x |
 | `on_encoder(scope, site)` | Transformer | once per forward | shared state for `on_tokens` |
 | `on_tokens(shared, x, site)` | Transformer | [B, 1+P+N, D] before block `site.layer` | x |
+| `on_block_state(scope, site)` | Transformer | once per forward | arrays: `site.state[name]` |
 | `on_attention_mask(mask, site)` | block | None or bool [1, 1, T, T] | mask |
 | `on_kernel(scope, kernel, site)` | Projection | its weight [*in, *out] | the weight used |
 | `on_projection(scope, x, y, site)` | Projection | input, output | output |
@@ -70,6 +71,9 @@ class Site:
   dtype: Any = jnp.float32
   capture: tuple[str, ...] = ()
   captured: dict | None = dataclasses.field(default=None, compare=False, hash=False)
+  # Inside the blocks: the arrays each method made once per forward with `on_block_state`,
+  # keyed by method name (e.g. factors shared by all blocks).
+  state: dict | None = dataclasses.field(default=None, compare=False, hash=False)
 
   def at(self, **changes) -> "Site":
     return dataclasses.replace(self, **changes)
@@ -121,6 +125,14 @@ class Method:
 
   def on_tokens(self, shared, x, site: Site):
     return x
+
+  def on_block_state(self, scope, site: Site):
+    """Arrays (a pytree, or None) made once per forward in the encoder's scope and handed to
+    this method's hooks inside every block as `site.state[self.name]`: parameters shared by
+    all blocks (FacT's factors). Unlike `on_encoder`'s result it holds arrays only, since it
+    crosses the blocks' rematerialisation boundary."""
+    del scope, site
+    return None
 
   def on_attention_mask(self, mask, site: Site):
     return mask

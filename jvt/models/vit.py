@@ -121,14 +121,14 @@ class Encoder1DBlock(nn.Module):
   capture: tuple[str, ...] = ()
 
   @nn.compact
-  def __call__(self, x, mask=None, deterministic=True):
+  def __call__(self, x, mask=None, deterministic=True, state=None):
     p = self.num_prompts
     ms = self.methods
     captured = {}
     site = Site(layer=self.layer, num_layers=self.num_layers, num_prompts=p,
                 num_tokens=x.shape[1], grid=tuple(self.grid), train=not deterministic,
                 hidden_size=x.shape[-1], dtype=self.dtype, capture=self.capture,
-                captured=captured)
+                captured=captured, state=state or {})
     z = LayerNorm(self.layer_norm_eps, methods=ms, dtype=self.dtype, name="LayerNorm_0")(x, site)
     y, probs, q = MultiHeadDotProductAttention(
         self.num_heads, ms, dtype=self.dtype, attention_dropout=self.attention_dropout,
@@ -186,6 +186,11 @@ class Encoder(nn.Module):
     site = Site(num_layers=self.num_layers, grid=tuple(grid), train=not deterministic,
                 hidden_size=d, patch_size=self.patch_size, dtype=self.dtype)
     shared = [m.on_encoder(self, site) for m in ms]
+    state = {}  # arrays for the hooks inside the blocks, by method name
+    for m in ms:
+      own = m.on_block_state(self, site)
+      if own is not None:
+        state[m.name] = own
     block_cls = Encoder1DBlock
     if self.remat != "none":
       policy = {"full": None,
@@ -208,7 +213,7 @@ class Encoder(nn.Module):
           grid=tuple(grid), dtype=self.dtype, dropout_rate=self.dropout_rate,
           attention_dropout=self.attention_dropout, layer_norm_eps=self.layer_norm_eps,
           gelu_approximate=self.gelu_approximate, capture=want,
-          name=f"encoderblock_{i}")(x, mask, deterministic)
+          name=f"encoderblock_{i}")(x, mask, deterministic, state)
       if want:
         blocks[i] = {**own_captured, **captured}
     if self.final_norm:
