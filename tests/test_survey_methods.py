@@ -493,3 +493,24 @@ def test_short_training_lowers_the_loss(cfg):
     trainable, state, loss = step(trainable, state, jax.random.PRNGKey(i))
     losses.append(float(loss))
   assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.05, losses
+
+
+# ------------------------------------------------------------------ benchmark configs
+def test_configs_take_the_authors_per_task_values():
+  from jvt.config_lib import load_config
+
+  def tuning(path, arg):
+    return load_config(f"configs/{path}.py:{arg}").tuning.to_dict()
+
+  assert tuning("vtab/convpass", "task=dtd") | {} == dict(
+      method="convpass", dim=8, scale=0.01, conv_init="xavier")
+  assert tuning("vtab/convpass", "task=dtd,scale=3.0")["scale"] == 3.0  # an arg wins
+  assert (tuning("vtab/fact", "task=dtd")["rank"], tuning("vtab/fact", "task=dtd")["scale"]) == (
+      16, 0.01)
+  t = tuning("vtab/fact", "task=resisc45,variant=tt")
+  assert (t["variant"], t["rank"], t["scale"]) == ("tt", 8, 0.1)
+  assert tuning("vtab/repadapter", "task=svhn")["scale"] == 10.0
+  t = tuning("vtab/e2vpt", "task=caltech101")
+  assert (t["num_prompts"], t["num_kv_prompts"]) == (32, 5)
+  assert tuning("vtab/adapter_plus", "task=resisc45")["dim"] == 32
+  assert tuning("fgvc/adapter_plus", "task=cars")["dim"] == 32

@@ -14,8 +14,8 @@ on train+val with the fixed recipe and test at the end; `sweep=grid` runs the lr
         --root=runs/fgvc/adapter_plus/cub
     python -m jvt.results --root=runs/fgvc --out=out/fgvc
 
-Expected: no FGVC mean for Adapter+ is recorded with jvt's method notes; compare with SSF
-(90.72) and VPT-Deep (89.11) run the same way.
+Expected: no published FGVC mean for Adapter+ is recorded with jvt's method notes; compare
+with SSF (90.72) and VPT-Deep (89.11) run the same way.
 
 Recipe (authors' conf/): AdamW lr 1e-3, wd 1e-4, batch 64, 100 epochs with 10 warm-up epochs,
 cosine; drop-path 0.1 on the adapter; Houlsby init (truncated normal, std 0.01).

@@ -14,7 +14,7 @@ runs with `sweep=grid`, then the seeds with the best pair:
         --root=runs/fgvc/convpass/cub
     python -m jvt.results --root=runs/fgvc --out=out/fgvc
 
-Expected: the authors publish no FGVC result for Convpass (their README covers VTAB-1k, 76.56);
+Expected: no published FGVC result for Convpass (the authors' README covers VTAB-1k, 76.56);
 compare with AdaptFormer (88.48) and full fine-tuning (88.54) run the same way.
 
 Recipe (the authors' VTAB-1k recipe, NOAH's practice): AdamW lr 1e-3, wd 1e-4, batch 64, 100

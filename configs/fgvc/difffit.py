@@ -15,8 +15,8 @@ runs with `sweep=grid`, then the seeds with the best pair:
         --root=runs/fgvc/difffit/cub
     python -m jvt.results --root=runs/fgvc --out=out/fgvc
 
-Expected: DiffFit is published for diffusion transformers (DiT); no ViT-B/16 ImageNet-21k
-FGVC number is recorded. Compare with BitFit (VTAB-1k 65.22) and SSF (VTAB-1k 75.69), its
+Expected: no published ViT-B/16 ImageNet-21k FGVC number (DiffFit is published for
+diffusion transformers, DiT). Compare with BitFit (VTAB-1k 65.22) and SSF (VTAB-1k 75.69), its
 neighbours in parameter count, run the same way.
 
 Recipe (the VTAB-1k practice of the parameter-tuning methods, NOAH's): AdamW lr 1e-3, wd 1e-4,

@@ -15,8 +15,8 @@ runs with `sweep=grid`, then the seeds with the best pair:
         --root=runs/fgvc/dora/cub
     python -m jvt.results --root=runs/fgvc --out=out/fgvc
 
-Expected: the DoRA authors (NVlabs/DoRA) publish language and vision-language results, no
-ViT-B/16 ImageNet-21k FGVC number; none is recorded. Compare with LoRA (VTAB-1k 74.5) run the
+Expected: no published ViT-B/16 ImageNet-21k FGVC number (the DoRA authors, NVlabs/DoRA,
+publish language and vision-language results). Compare with LoRA (VTAB-1k 74.5) run the
 same way: DoRA should match or exceed it.
 
 Recipe (as LoRA's, NOAH's practice): AdamW lr 1e-3, wd 1e-4, batch 64, 100 epochs with 10

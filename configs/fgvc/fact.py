@@ -14,8 +14,8 @@ runs with `sweep=grid`, then the seeds with the best pair:
         --root=runs/fgvc/fact/cub
     python -m jvt.results --root=runs/fgvc --out=out/fgvc
 
-Expected: the authors publish no FGVC result for FacT (their paper covers VTAB-1k and few-shot
-FGVC); compare with full fine-tuning (88.54) and SSF (90.72) run the same way.
+Expected: no published FGVC result for FacT (the paper covers VTAB-1k and few-shot FGVC);
+compare with full fine-tuning (88.54) and SSF (90.72) run the same way.
 
 Recipe (the authors' VTAB-1k recipe): AdamW lr 1e-3, wd 1e-4, batch 64, 100 epochs with 10
 warm-up epochs, cosine; FacT-TK rank 32, scale 1 (`variant=tt`, `rank=N`, `scale=X` change

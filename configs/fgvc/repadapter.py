@@ -15,8 +15,9 @@ runs with `sweep=grid`, then the seeds with the best pair:
         --root=runs/fgvc/repadapter/cub
     python -m jvt.results --root=runs/fgvc --out=out/fgvc
 
-Expected: no published ViT-B/16 ImageNet-21k FGVC mean is recorded with jvt's method notes
-for RepAdapter; compare with AdaptFormer (88.48) and full fine-tuning (88.54) run the same way.
+Expected: no published ViT-B/16 ImageNet-21k FGVC mean is recorded with jvt's method
+notes for RepAdapter; compare with AdaptFormer (88.48) and full fine-tuning (88.54) run the
+same way.
 
 Recipe (the authors' VTAB-1k recipe): AdamW lr 1e-3, wd 1e-4, batch 64, 100 epochs with 10
 warm-up epochs, cosine; dim 8, 2 groups, s = 1 (`scale=X` changes it), dropout 0.1. Merges

@@ -16,8 +16,8 @@ runs with `sweep=grid`, then the seeds with the best pair:
     python -m jvt.results --root=runs/fgvc --out=out/fgvc
 
 Expected: Bahng et al. publish VP with CLIP and ImageNet-1k backbones, not with ViT-B/16
-ImageNet-21k on FGVC; no published number is recorded. Compare with VPT-Shallow, the token-space
-counterpart, run the same way.
+ImageNet-21k on FGVC; no published number is recorded. Compare with VPT-Shallow, the
+token-space counterpart, run the same way.
 
 Recipe: the authors train the frame alone (SGD lr 40, momentum 0.9, no weight decay, 1000
 warm-up steps, cosine, 1000 epochs) against a frozen classifier (CLIP's text prompts, or the

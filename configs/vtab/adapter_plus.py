@@ -15,8 +15,8 @@ on train800val200 -> test at the last epoch with the fixed recipe,
 
 (`protocol=vtab_tune` runs the lr x wd grid if wanted).
 
-Expected: over the 19 tasks, the mean of the three group means should reach the reported 77.6
-(ViT-B/16 ImageNet-21k, `pretrained=ViT-B_16.npz`; the authors average 3 seeds).
+Expected: over the 19 tasks, the mean of the three group means should reach the published
+77.6 (ViT-B/16 ImageNet-21k, `pretrained=ViT-B_16.npz`; the authors average 3 seeds).
 
 Recipe (authors' conf/): AdamW lr 1e-3, wd 1e-4, batch 64, 100 epochs with 10 warm-up epochs,
 cosine (theirs warms up from lr / 100 and ends at lr / 1000); drop-path 0.1 on the adapter;

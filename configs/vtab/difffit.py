@@ -14,8 +14,8 @@ train800val200 -> test with the best pair:
         --root=runs/final/difffit/cifar100
     python -m jvt.results --root=runs/final --out=out/final
 
-Expected: DiffFit is published for diffusion transformers (DiT); no ViT-B/16 ImageNet-21k
-VTAB-1k number is recorded. Compare with BitFit (VTAB-1k 65.22) and SSF (VTAB-1k 75.69), its
+Expected: no published ViT-B/16 ImageNet-21k VTAB-1k number (DiffFit is published for
+diffusion transformers, DiT). Compare with BitFit (VTAB-1k 65.22) and SSF (VTAB-1k 75.69), its
 neighbours in parameter count, run the same way.
 
 Recipe (the VTAB-1k practice of the parameter-tuning methods, NOAH's): AdamW lr 1e-3, wd 1e-4,

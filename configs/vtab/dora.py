@@ -14,8 +14,8 @@ train800val200 -> test with the best pair:
         --root=runs/final/dora/cifar100
     python -m jvt.results --root=runs/final --out=out/final
 
-Expected: the DoRA authors (NVlabs/DoRA) publish language and vision-language results, no
-ViT-B/16 ImageNet-21k VTAB-1k number; none is recorded. Compare with LoRA (VTAB-1k 74.5) run the
+Expected: no published ViT-B/16 ImageNet-21k VTAB-1k number (the DoRA authors, NVlabs/DoRA,
+publish language and vision-language results). Compare with LoRA (VTAB-1k 74.5) run the
 same way: DoRA should match or exceed it.
 
 Recipe (as LoRA's, NOAH's practice): AdamW lr 1e-3, wd 1e-4, batch 64, 100 epochs with 10

@@ -12,9 +12,9 @@ The default is FacT-TK with the authors' per-task rank and scale (JieShibo/PETL-
         --root=runs/final/fact/cifar100
     python -m jvt.results --root=runs/final --out=out/final
 
-Expected: over the 19 tasks, the mean of the three group means should reach about 75.6 for
-FacT-TK with ranks up to 32 (the paper's VTAB-1k table; V-PETL Bench's per-task FacT row,
-0.07M parameters, gives the same group mean, 75.55; ViT-B/16 ImageNet-21k,
+Expected: over the 19 tasks, the mean of the three group means should reach the published
+75.6 for FacT-TK with ranks up to 32 (the paper's VTAB-1k table; V-PETL Bench's per-task FacT
+row, 0.07M parameters, gives the same group mean, 75.55; ViT-B/16 ImageNet-21k,
 `pretrained=ViT-B_16.npz`).
 
 Recipe (authors' fact_tk.py / fact_tt.py): AdamW lr 1e-3, wd 1e-4, batch 64, 100 epochs with

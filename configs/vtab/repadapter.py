@@ -11,8 +11,8 @@ chosen by `task`; `scale=X` overrides it. Final runs on train800val200 -> test, 
         --root=runs/final/repadapter/cifar100
     python -m jvt.results --root=runs/final --out=out/final
 
-Expected: over the 19 tasks, the mean of the three group means should reach about 76.1
-(RepAdapter, 0.22M parameters; V-PETL Bench's per-task RepAdapter row gives a group mean of
+Expected: over the 19 tasks, the mean of the three group means should reach the published
+76.1 (RepAdapter, 0.22M parameters; V-PETL Bench's per-task RepAdapter row gives a group mean of
 76.09 and a 19-task mean of 73.84; ViT-B/16 ImageNet-21k, `pretrained=ViT-B_16.npz`).
 
 Recipe (authors' train.py): AdamW lr 1e-3, wd 1e-4, batch 64, 100 epochs with 10 warm-up
