@@ -307,14 +307,20 @@ def test_convpass_cls_and_prompts_see_only_the_centre_tap():
                              atol=ATOL, rtol=ATOL)
 
 
-def test_convpass_identity_conv_init_and_fact_tt_inits():
-  model = model_of([dict(method="convpass", dim=4)])
-  params = flat(jax.jit(lambda k: jvt.init_params(model, k, IMAGE))(jax.random.PRNGKey(0)))
+def test_convpass_conv_starts_as_identity_and_fact_inits_as_torch():
+  model = model_of([dict(method="convpass", dim=4), dict(method="fact", rank=4)])
+  params = flat(jvt.init_params(model, jax.random.PRNGKey(0), IMAGE))
   conv = np.asarray(params["Transformer/encoderblock_0/convpass_attn/conv/kernel"])
   expected = np.zeros((3, 3, 4, 4))
   expected[1, 1] = np.eye(4)
   np.testing.assert_array_equal(conv, expected)
   assert not np.any(params["Transformer/encoderblock_0/convpass_attn/up/kernel"])
+  # FacT: U as torch's nn.Linear(D, r) (bound 1/sqrt(D)), V zero, TT cores bound 1/sqrt(fan_in).
+  u = np.asarray(params["Transformer/fact/u"])
+  assert u.shape == (32, 4) and 0.5 / math.sqrt(32) < np.abs(u).max() <= 1 / math.sqrt(32)
+  assert not np.any(params["Transformer/fact/v"])
+  core = np.asarray(params["Transformer/encoderblock_1/MlpBlock_0/Dense_1/fact_core"])
+  assert core.shape == (16, 4) and np.abs(core).max() <= 1 / math.sqrt(16)
 
 
 def test_e2vpt_kv_prompt_init_is_the_authors_kaiming_uniform():
