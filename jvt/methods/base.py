@@ -23,11 +23,11 @@ by all blocks there).
 
 | hook | scope | called with | returns |
 |---|---|---|---|
+| `on_model(scope, site)` | ViT | once per forward, first | arrays for `site.shared[name]` |
 | `on_image(scope, images, site)` | ViT | [B, H, W, 3] input | images |
 | `on_patch_embedding(scope, x, site)` | ViT | [B, h, w, D] patch embedding | x |
 | `on_encoder(scope, site)` | Transformer | once per forward | shared state for `on_tokens` |
 | `on_tokens(shared, x, site)` | Transformer | [B, 1+P+N, D] before block `site.layer` | x |
-| `on_block_state(scope, site)` | Transformer | once per forward | arrays: `site.state[name]` |
 | `on_attention_mask(mask, site)` | block | None or bool [1, 1, T, T] | mask |
 | `on_kernel(scope, kernel, site)` | Projection | its weight [*in, *out] | the weight used |
 | `on_projection(scope, x, y, site)` | Projection | input, output | output |
@@ -56,6 +56,8 @@ class Site:
   the residual branch ("attn", "mlp"). train: training mode (dropout on; rngs via
   `scope.make_rng("dropout")` or `nn.Dropout`). capture / captured: the capture keys asked for
   at this block and the dict where a plug-in writes the ones it provides (e.g. "prompts").
+  shared: method name -> what its `on_model` returned (arrays reach every hook, blocks under
+  remat included).
   """
   layer: int = -1
   num_layers: int = 0
@@ -71,9 +73,7 @@ class Site:
   dtype: Any = jnp.float32
   capture: tuple[str, ...] = ()
   captured: dict | None = dataclasses.field(default=None, compare=False, hash=False)
-  # Inside the blocks: the arrays each method made once per forward with `on_block_state`,
-  # keyed by method name (e.g. factors shared by all blocks).
-  state: dict | None = dataclasses.field(default=None, compare=False, hash=False)
+  shared: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)
 
   def at(self, **changes) -> "Site":
     return dataclasses.replace(self, **changes)
@@ -114,6 +114,9 @@ class Method:
     return {}
 
   # ------------------------------------------------------------------ hooks
+  def on_model(self, scope, site: Site):
+    return None
+
   def on_image(self, scope, images, site: Site):
     return images
 
@@ -125,14 +128,6 @@ class Method:
 
   def on_tokens(self, shared, x, site: Site):
     return x
-
-  def on_block_state(self, scope, site: Site):
-    """Arrays (a pytree, or None) made once per forward in the encoder's scope and handed to
-    this method's hooks inside every block as `site.state[self.name]`: parameters shared by
-    all blocks (FacT's factors). Unlike `on_encoder`'s result it holds arrays only, since it
-    crosses the blocks' rematerialisation boundary."""
-    del scope, site
-    return None
 
   def on_attention_mask(self, mask, site: Site):
     return mask
@@ -173,9 +168,3 @@ class Method:
 def ordered(methods) -> tuple:
   """The methods in hook order: increasing `order`, then as configured."""
   return tuple(sorted(methods, key=lambda m: m.order))
-
-
-def check_positive(name: str, field: str, value, *, allow_zero: bool = False) -> None:
-  if value < 0 or (value == 0 and not allow_zero):
-    bound = ">= 0" if allow_zero else "> 0"
-    raise ValueError(f"{name}.{field}={value}: must be {bound}.")

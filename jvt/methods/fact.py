@@ -18,7 +18,7 @@ choose it per task, 0.01 to 100). Inits as the authors' torch defaults: U unifor
 (`nn.Linear`), TT cores uniform(+-1/sqrt fan_in), G and P xavier-uniform (torch's fans).
 Needs mlp_dim = 4 D (the tensorisation splits the MLP into 4 D-wide slices).
 
-Leaves `Transformer/fact/{u, v}` (+ `g`, `p` for TK) and, for TT, `<projection>/fact_core`;
+Leaves `fact/{u, v}` (+ `g`, `p` for TK) and, for TT, `<projection>/fact_core`;
 label `fact`. Mergeable: W <- W + s * dW, dW the factors' product (exact at evaluation, where
 dropout is off).
 """
@@ -94,9 +94,9 @@ class FacT(Method):
     return self
 
   def partition_rules(self, num_layers):
-    return ((r"Transformer/fact/(u|v|g|p)|.*/fact_core", "fact"),)
+    return ((r"fact/(u|v|g|p)|.*/fact_core", "fact"),)
 
-  def on_block_state(self, scope, site):
+  def on_model(self, scope, site):
     d, r = site.hidden_size, self.rank
     factors = _Factors(d, r, self.variant, 12 * site.num_layers, name="fact")
     return factors()
@@ -104,7 +104,7 @@ class FacT(Method):
   def on_projection(self, scope, x, y, site):
     if site.name not in TARGETS:
       return y
-    f = site.state[self.name]
+    f = site.shared[self.name]
     d = f["u"].shape[0]
     r = self.rank
     if self.variant == "tt":
@@ -171,12 +171,12 @@ def fact_delta(u, v, core, name: str, heads: int | None = None):
 def merge_fact(params: dict, *, variant: str, scale: float) -> dict:
   """W <- W + s dW for every projection of every block; the FacT leaves are dropped."""
   flat = dict(traverse_util.flatten_dict(params, sep="/"))
-  u = np.asarray(flat.pop("Transformer/fact/u"), np.float64)
-  v = np.asarray(flat.pop("Transformer/fact/v"), np.float64)
+  u = np.asarray(flat.pop("fact/u"), np.float64)
+  v = np.asarray(flat.pop("fact/v"), np.float64)
   g = p = None
   if variant == "tk":
-    g = np.asarray(flat.pop("Transformer/fact/g"), np.float64)
-    p = np.asarray(flat.pop("Transformer/fact/p"), np.float64)
+    g = np.asarray(flat.pop("fact/g"), np.float64)
+    p = np.asarray(flat.pop("fact/p"), np.float64)
   blocks = sorted({k.split("/")[1] for k in flat if k.startswith("Transformer/encoderblock_")},
                   key=lambda b: int(b.rsplit("_", 1)[1]))
   for block in blocks:

@@ -7,7 +7,6 @@ the losses are recomputed here in numpy loops.
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import math
 import os

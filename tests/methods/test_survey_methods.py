@@ -115,10 +115,10 @@ class Reference:
     self.m = method
     self.eps = eps
     if method["method"] == "fact":
-      f = {"variant": method.get("variant", "tt"), "u": self.p["Transformer/fact/u"],
-           "v": self.p["Transformer/fact/v"]}
+      f = {"variant": method.get("variant", "tt"), "u": self.p["fact/u"],
+           "v": self.p["fact/v"]}
       if f["variant"] == "tk":
-        f["g"], f["p"] = self.p["Transformer/fact/g"], self.p["Transformer/fact/p"]
+        f["g"], f["p"] = self.p["fact/g"], self.p["fact/p"]
       else:
         f["cores"] = {}
         for key, value in self.p.items():
@@ -316,9 +316,9 @@ def test_convpass_conv_starts_as_identity_and_fact_inits_as_torch():
   np.testing.assert_array_equal(conv, expected)
   assert not np.any(params["Transformer/encoderblock_0/convpass_attn/up/kernel"])
   # FacT: U as torch's nn.Linear(D, r) (bound 1/sqrt(D)), V zero, TT cores bound 1/sqrt(fan_in).
-  u = np.asarray(params["Transformer/fact/u"])
+  u = np.asarray(params["fact/u"])
   assert u.shape == (32, 4) and 0.5 / math.sqrt(32) < np.abs(u).max() <= 1 / math.sqrt(32)
-  assert not np.any(params["Transformer/fact/v"])
+  assert not np.any(params["fact/v"])
   core = np.asarray(params["Transformer/encoderblock_1/MlpBlock_0/Dense_1/fact_core"])
   assert core.shape == (16, 4) and np.abs(core).max() <= 1 / math.sqrt(16)
 
@@ -406,7 +406,7 @@ def test_compositions_train_both_methods():
   assert labels["Transformer/encoderblock_0/MlpBlock_0/Dense_1/bias"] == "bias"
   assert labels["Transformer/encoderblock_0/MlpBlock_0/Dense_1/kernel"] == "frozen"
   labels = _labels(dict(method="fact", variant="tk"))
-  assert {labels[f"Transformer/fact/{k}"] for k in "uvgp"} == {"fact"}
+  assert {labels[f"fact/{k}"] for k in "uvgp"} == {"fact"}
 
 
 def test_fact_runs_under_rematerialisation():
