@@ -15,11 +15,13 @@ key-value prompts in every attention, with optional token-wise and segment-wise 
     authors' masks do. A token of D values has `num_segments` segments; value d belongs to
     segment d mod num_segments (the authors tile the [M, 16] mask with torch `repeat`).
 
-The second stage as the paper runs it: train (stage 1), score each prompt token and segment by
-the magnitude of the loss's gradient with respect to its mask (1 everywhere), prune the lowest
-scores, then *rewind*: train again from the same initial values with the pruned masks fixed.
-In jvt the rewind is a second run with the same seed (so the same initial prompts) and the
-pruning fields set. Labels: visual and key-value prompts `prompt`. Not mergeable.
+The second stage as the authors' code runs it (`calculate_importance`, `what_tokens_to_mask`):
+after training (stage 1), score each prompt token and each segment by the loss's gradient with
+respect to its mask (1 everywhere), averaged over the training batches (`prompt_scores`);
+prune the lowest scores first (`lowest`); then *rewind*: train again from the same initial
+values with the pruned masks fixed. In jvt the rewind is a second run with the same seed (so
+the same initial prompts) and the pruning fields set. Labels: visual and key-value prompts
+`prompt`. Not mergeable.
 """
 from __future__ import annotations
 
@@ -29,9 +31,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jvt.methods.base import Method
 from jvt.methods.vpt import Prompts
+
+# The collection that holds the soft masks while `prompt_scores` differentiates through them.
+MASKS = "e2vpt_masks"
 
 
 def prompt_mask(num_prompts: int, width: int, pruned_prompts, pruned_segments,
@@ -99,17 +105,26 @@ class E2VPT(Method):
       raise ValueError(f"e2vpt.num_segments={self.num_segments} must divide the model width "
                        f"{site.hidden_size}.")
     tokens = (int(self.num_prompts),) * site.num_layers
-    return Prompts(tokens, tuple(range(site.num_layers)), site.hidden_size, site.patch_size,
-                   dropout=float(self.dropout), dtype=site.dtype, name="prompts")
+    prompts = Prompts(tokens, tuple(range(site.num_layers)), site.hidden_size, site.patch_size,
+                      dropout=float(self.dropout), dtype=site.dtype, name="prompts")
+    soft = None  # [M] and [M, num_segments] masks given in the MASKS collection (scoring)
+    if scope.has_variable(MASKS, "token"):
+      soft = (scope.get_variable(MASKS, "token"), scope.get_variable(MASKS, "segment"))
+    return prompts, soft
 
   def on_tokens(self, shared, x, site):
     if shared is None:
       return x
-    p = shared(site.layer, x.shape[0], not site.train)  # [B, M, D]
+    prompts, soft = shared
+    p = prompts(site.layer, x.shape[0], not site.train)  # [B, M, D]
     if self.pruned_prompts or self.pruned_segments:
       mask = prompt_mask(self.num_prompts, x.shape[-1], self.pruned_prompts,
                          self.pruned_segments, self.num_segments)
       p = p * jnp.asarray(mask, p.dtype)
+    if soft is not None:
+      token, segment = soft
+      reps = x.shape[-1] // self.num_segments  # value d is in segment d mod num_segments
+      p = p * token[:, None].astype(p.dtype) * jnp.tile(segment, (1, reps)).astype(p.dtype)
     if "prompts" in site.capture:
       site.captured["prompts"] = p[0].astype(jnp.float32)
     return jnp.concatenate([x[:, :1], p, x[:, 1 + site.num_prompts:]], axis=1)
@@ -124,3 +139,46 @@ class E2VPT(Method):
     kv = jnp.broadcast_to(kv.astype(k.dtype)[None], (k.shape[0], *kv.shape))
     kv = nn.Dropout(self.kv_dropout)(kv, deterministic=not site.train)
     return jnp.concatenate([k, kv], axis=1), jnp.concatenate([v, kv], axis=1)
+
+
+def prompt_scores(model, params, batches):
+  """The authors' importance scores of a trained E2VPT model: the gradient of the mean
+  cross-entropy with respect to a mask of ones on each prompt token [M] and on each segment
+  [M, num_segments], averaged over `batches` (an iterable of (images, integer labels)), in
+  evaluation mode. Lower scores are pruned first (`lowest`)."""
+  method = next((m for m in model.methods if isinstance(m, E2VPT)), None)
+  if method is None or not method.num_prompts:
+    raise ValueError("prompt_scores needs a model with e2vpt visual prompts (num_prompts > 0).")
+
+  @jax.jit
+  def grads(masks, images, labels):
+    def loss(masks):
+      logits, _ = model.apply({"params": params, MASKS: {"Transformer": masks}}, images)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return jax.grad(loss)(masks)
+
+  masks = {"token": jnp.ones((method.num_prompts,)),
+           "segment": jnp.ones((method.num_prompts, method.num_segments))}
+  total, n = jax.tree.map(jnp.zeros_like, masks), 0
+  for images, labels in batches:
+    total = jax.tree.map(jnp.add, total, grads(masks, images, labels))
+    n += 1
+  if not n:
+    raise ValueError("prompt_scores: `batches` is empty.")
+  return np.asarray(total["token"]) / n, np.asarray(total["segment"]) / n
+
+
+def lowest(token_scores, segment_scores, num_tokens: int, num_segments: int,
+           keep_tokens: int = 1, keep_segments: int = 4):
+  """`pruned_prompts` and `pruned_segments` for a rewind run: the `num_tokens` lowest-scoring
+  tokens (at least `keep_tokens` kept, the authors' MIN_NUMBER_CLS_TOKEN) and, in every token,
+  the `num_segments` lowest-scoring segments (at least `keep_segments` kept,
+  MIN_NUMBER_CLS_TOKEN_PIECE), ties broken by index as the authors' stable sort."""
+  token_scores, segment_scores = np.asarray(token_scores), np.asarray(segment_scores)
+  m, s = segment_scores.shape
+  num_tokens = min(num_tokens, m - keep_tokens)
+  num_segments = min(num_segments, s - keep_segments)
+  tokens = tuple(sorted(int(t) for t in np.argsort(token_scores, kind="stable")[:num_tokens]))
+  segments = tuple((t, int(j)) for t in range(m)
+                   for j in sorted(np.argsort(segment_scores[t], kind="stable")[:num_segments]))
+  return tokens, segments

@@ -332,6 +332,55 @@ def test_e2vpt_kv_prompt_init_is_the_authors_kaiming_uniform():
   assert np.abs(kv).max() <= bound and np.abs(kv).max() > 0.9 * bound
 
 
+def test_e2vpt_pruning_scores_are_the_mask_gradients():
+  """prompt_scores: the batch-mean gradient of the loss with respect to each token's (and each
+  segment's) mask, checked by central differences of the pruned-field forward; `lowest` picks
+  the smallest scores; the rewind run's fields mask what the scores chose."""
+  from jvt.methods.e2vpt import lowest, prompt_scores
+  cfg = dict(method="e2vpt", num_prompts=3, num_kv_prompts=2, num_segments=4, dropout=0.0)
+  model = model_of(cfg)
+  params = random_params(model)
+  rng = np.random.default_rng(0)
+  batches = [(batch(seed=s), rng.integers(0, CLASSES, 2)) for s in (1, 2)]
+  tokens, segments = prompt_scores(model, params, batches)
+  assert tokens.shape == (3,) and segments.shape == (3, 4)
+
+  def mean_loss(scale_token=None, scale_segment=None, eps=0.0):
+    """The batch-mean loss with one token (or segment) of every block's prompts scaled."""
+    out = []
+    for x, y in batches:
+      ref = Reference(params, cfg)
+      p = dict(ref.p)
+      for i in range(DIMS["num_layers"]):
+        key = f"Transformer/prompts/block_{i}"
+        prompt = p[key].copy()
+        if scale_token is not None:
+          prompt[scale_token] *= 1.0 + eps
+        if scale_segment is not None:
+          t, j = scale_segment
+          prompt[t, np.arange(prompt.shape[1]) % 4 == j] *= 1.0 + eps
+        p[key] = prompt
+      ref.p = p
+      logits, _ = ref(x)
+      logp = logits - scipy.special.logsumexp(logits, axis=-1, keepdims=True)
+      out.append(-logp[np.arange(len(y)), y].mean())
+    return np.mean(out)
+
+  eps = 1e-4
+  for t in range(3):
+    fd = (mean_loss(scale_token=t, eps=eps) - mean_loss(scale_token=t, eps=-eps)) / (2 * eps)
+    np.testing.assert_allclose(tokens[t], fd, rtol=1e-3, atol=1e-5)
+  for t, j in ((0, 1), (2, 3)):
+    fd = (mean_loss(scale_segment=(t, j), eps=eps)
+          - mean_loss(scale_segment=(t, j), eps=-eps)) / (2 * eps)
+    np.testing.assert_allclose(segments[t, j], fd, rtol=1e-3, atol=1e-5)
+
+  pruned, pieces = lowest([0.3, -0.2, 0.1], np.array([[4, 3, 2, 1]] * 3, float), 2, 1,
+                          keep_segments=2)
+  assert pruned == (1, 2) and pieces == ((0, 3), (1, 3), (2, 3))
+  assert lowest([0.3, -0.2, 0.1], np.zeros((3, 4)), 5, 0)[0] == (1, 2)  # one token kept
+
+
 # ------------------------------------------------------------------ start, merge, compose
 ZERO_INIT = [dict(method="convpass"), dict(method="convpass", conv_init="xavier"),
              dict(method="fact"), dict(method="fact", variant="tk", rank=4),
