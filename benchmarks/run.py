@@ -37,8 +37,10 @@ DTYPES = ("float32", "bfloat16")
 # Benchmark method name -> the registry's method name (and fields set from the flags).
 PROMPT_METHODS = ("vpt_deep", "vpt_shallow", "da_vpt", "da_vpt_plus")
 FROZEN_BACKBONE = ("linear", "vpt_deep", "vpt_shallow", "da_vpt", "da_vpt_plus", "lora",
-                   "adapter", "adaptformer", "bitfit", "ssf", "layernorm")
-DEFAULT_METHODS = "full,linear,vpt_deep,da_vpt,lora,adapter,adaptformer,bitfit,ssf"
+                   "adapter", "adaptformer", "bitfit", "ssf", "layernorm", "convpass", "fact",
+                   "repadapter", "e2vpt", "vp", "dora", "difffit", "adapter_plus")
+DEFAULT_METHODS = ("full,linear,vpt_deep,da_vpt,lora,adapter,adaptformer,bitfit,ssf,convpass,"
+                   "fact,repadapter,e2vpt,vp,dora,difffit,adapter_plus")
 # Goals (docs/PERFORMANCE.md): frozen-backbone train step >= 1.4x full fine-tuning's images/s;
 # DA-VPT within 5% of VPT-Deep in time and memory.
 FROZEN_SPEEDUP_GOAL = 1.4
@@ -55,9 +57,12 @@ def tuning_for(method: str, num_prompts: int) -> dict:
     return dict(method="vpt", num_prompts=num_prompts, deep=False)
   if method in ("da_vpt", "da_vpt_plus"):
     return dict(method=method, num_prompts=num_prompts, num_proxy_prompts=num_prompts)
+  if method == "adapter_plus":
+    return dict(method="adapter", placement="adapter_plus")
   if method in known and method != "vpt":
     return dict(method=method)
   raise ValueError(f"--methods: unknown method {method!r}; allowed: vpt_deep, vpt_shallow, "
+                   "adapter_plus, "
                    f"{', '.join(sorted(set(known) - {'vpt'}))}.")
 
 

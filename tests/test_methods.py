@@ -31,6 +31,25 @@ def lora_params(rank, in_dim, out_dim):
   return in_dim * rank + rank * out_dim  # A [in, r] + B [r, out]
 
 
+def convpass_params(dim):  # Down [D, r] + b, 3x3 conv [3, 3, r, r] + b, Up [r, D] + b
+  return (D * dim + dim) + (9 * dim * dim + dim) + (dim * D + D)
+
+
+def fact_params(variant, rank):  # U, V shared; TT: a core per projection; TK: G and P
+  shared = 2 * D * rank
+  if variant == "tt":  # q, k, v, out [r, r]; Dense_0 [r, 4r]; Dense_1 [4r, r]
+    return shared + L * (4 * rank * rank + 2 * 4 * rank * rank)
+  return shared + rank ** 3 + rank * 12 * L  # G [r, r, r] + P [r, 12 L]
+
+
+def repadapter_params(dim, groups):  # Down [D, r] + b, group-wise Up [r/g, D/g] x g + b
+  return (D * dim + dim) + (dim // groups) * D + D
+
+
+def vp_params(pad, size=224):  # up, down [pad, W, 3]; left, right [H - 2 pad, pad, 3]
+  return 2 * pad * size * 3 + 2 * (size - 2 * pad) * pad * 3
+
+
 GOLDEN = {
     "linear": [(dict(method="linear"), HEAD)],
     "vpt": [(dict(method="vpt", num_prompts=50), L * 50 * D + HEAD),  # 537,700
@@ -62,7 +81,26 @@ GOLDEN = {
         (dict(method="da_vpt_plus", preset="code"),
          L * 10 * D + L * (5 * D + 2 * D) + D + D + HEAD)],
     "distill_proj": [(dict(method="distill_proj", dim=384, num=2), 2 * (D * 384 + 384) + HEAD)],
+    "convpass": [(dict(method="convpass"), L * 2 * convpass_params(8) + HEAD),
+                 (dict(method="convpass", dim=4, positions=("attn",)),
+                  L * convpass_params(4) + HEAD)],
+    "fact": [(dict(method="fact", rank=8), fact_params("tt", 8) + HEAD),
+             (dict(method="fact", variant="tk", rank=32), fact_params("tk", 32) + HEAD)],
+    "repadapter": [(dict(method="repadapter"), L * 2 * repadapter_params(8, 2) + HEAD)],
+    # deep visual prompts + key-value prompts [M_kv, H, Dh] in every attention
+    "e2vpt": [(dict(method="e2vpt", num_prompts=10, num_kv_prompts=5),
+               L * 10 * D + L * 5 * HEADS * (D // HEADS) + HEAD)],
+    "vp": [(dict(method="vp"), vp_params(30) + HEAD)],  # 69,840 + head
+    # LoRA's A, B plus a magnitude per output feature
+    "dora": [(dict(method="dora", rank=8), L * 2 * (lora_params(8, D, D) + D) + HEAD)],
+    # every bias (BitFit's), the scales of the block norms and the final norm, gamma per branch
+    "difffit": [(dict(method="difffit"),
+                 L * BLOCK_BIASES + D + D + L * 2 * D + D + L * 2 * D + HEAD)],
 }
+# The adapter placements: Pfeiffer adds the adapter's own norm, Adapter+ a channel scale.
+GOLDEN["adapter"] += [
+    (dict(method="adapter", placement="pfeiffer"), L * (ADAPTER + 2 * D) + HEAD),
+    (dict(method="adapter", placement="adapter_plus"), L * (ADAPTER + D) + HEAD)]
 HAND_NUMBERS = {  # the numbers quoted in the issue, as a check of the formulas above
     "linear": 76_900, "vpt": 537_700, "lora": 371_812, "bitfit": 179_812}
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jvt.methods.base import NotMergeableError
+from jvt.methods.base import NotMergeableError, ordered
 from jvt.methods.registry import resolve_tuning
 
 PyTree = Any
@@ -33,7 +33,7 @@ def merge(model, params: PyTree) -> tuple[Any, dict]:
         "such models with their plug-ins (checkpoints, export/trainable.npz); "
         "mergeable methods: LoRA, SSF, and those that only choose what trains.")
   merged = dict(params)
-  for m in model.methods:
+  for m in ordered(model.methods):  # hook order: each folds into the kernels left before it
     merged = m.merge(merged)
   linear = resolve_tuning(dict(method="linear"), model.num_layers)
   return model.clone(methods=linear.methods, partition_rules=linear.rules), merged

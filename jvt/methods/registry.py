@@ -19,19 +19,27 @@ from jvt.methods.adapter import Adapter
 from jvt.methods.adaptformer import AdaptFormer
 from jvt.methods.base import Method
 from jvt.methods.bitfit import BitFit
+from jvt.methods.convpass import Convpass
 from jvt.methods.da_vpt.settings import DAVPT, DAVPTPlus
+from jvt.methods.difffit import DiffFit
 from jvt.methods.distill.projection import DistillProj
+from jvt.methods.dora import DoRA
+from jvt.methods.e2vpt import E2VPT
+from jvt.methods.fact import FacT
 from jvt.methods.full import Full
 from jvt.methods.layernorm import LayerNormTuning
 from jvt.methods.leaves import BACKBONE_LEAVES, FROZEN, HEAD_LEAVES
 from jvt.methods.linear import Linear
 from jvt.methods.lora import LoRA
 from jvt.methods.partial import Partial
+from jvt.methods.repadapter import RepAdapter
 from jvt.methods.ssf import SSF
+from jvt.methods.vp import VP
 from jvt.methods.vpt import VPT
 
 _BUILT_IN = (VPT, DAVPT, DAVPTPlus, Adapter, AdaptFormer, LoRA, BitFit, SSF, LayerNormTuning,
-             Linear, Partial, Full, DistillProj)
+             Linear, Partial, Full, DistillProj, Convpass, FacT, RepAdapter, E2VPT, VP, DoRA,
+             DiffFit)
 
 
 def registry() -> dict[str, type[Method]]:

@@ -26,6 +26,14 @@ CONFIGS = {
     "partial": dict(method="partial", k=2, rules=(("cls", "cls"),)),
     "full": dict(method="full"),
     "distill_proj": dict(method="distill_proj", dim=8, num=2),
+    "convpass": dict(method="convpass", dim=4, scale=0.5, conv_init="xavier", positions=["attn"]),
+    "fact": dict(method="fact", variant="tk", rank=4, scale=10.0),
+    "repadapter": dict(method="repadapter", dim=4, groups=4, positions=["mlp"]),
+    "e2vpt": dict(method="e2vpt", num_prompts=3, num_kv_prompts=2, pruned_prompts=[1],
+                  pruned_segments=[[0, 5]]),
+    "vp": dict(method="vp", pad=4),
+    "dora": dict(method="dora", rank=2, targets=("key",), detach_norm=False),
+    "difffit": dict(method="difffit"),
 }
 
 
