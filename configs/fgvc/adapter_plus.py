@@ -20,13 +20,7 @@ with SSF (90.72) and VPT-Deep (89.11) run the same way.
 Recipe (authors' conf/): AdamW lr 1e-3, wd 1e-4, batch 64, 100 epochs with 10 warm-up epochs,
 cosine; drop-path 0.1 on the adapter; Houlsby init (truncated normal, std 0.01).
 """
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("jvt_configs_common", os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from configs import common
 
 # task -> bottleneck width, from the authors' FGVC adapter_plus_dim1-32 experiment.
 TASKS = {"cub": 2, "nabirds": 2, "flowers": 1, "dogs": 1, "cars": 32}

@@ -21,13 +21,7 @@ Recipe (the authors' VTAB-1k recipe, NOAH's practice): AdamW lr 1e-3, wd 1e-4, b
 epochs with 10 warm-up epochs, cosine; dim 8, s = 1 and the identity conv init (the authors'
 defaults; their VTAB runs choose s per task from {0.01, ..., 100}: `scale=X`), dropout 0.1.
 """
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("jvt_configs_common", os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from configs import common
 
 TUNING = dict(method="convpass", dim=8, scale=1.0, conv_init="identity")
 RECIPE = common.ADAMW

@@ -24,13 +24,7 @@ batch 64, 100 epochs with 10 warm-up epochs, cosine; grid lr in {1e-2 ... 1e-4} 
 {1e-2, 1e-3, 1e-4, 0} (20 runs). The scales start at 1; the scales fold into the out and
 Dense_1 kernels, so the run's export is a plain ViT-B/16.
 """
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("jvt_configs_common", os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from configs import common
 
 TUNING = dict(method="difffit")
 RECIPE = common.ADAMW

@@ -25,13 +25,7 @@ Rank 8, alpha 8, magnitude initialised to the column norms of the pretrained ker
 norm a constant for the gradient as the authors' default (`detach_norm`). Mergeable: the
 run's export is a plain ViT-B/16.
 """
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("jvt_configs_common", os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from configs import common
 
 TUNING = dict(method="dora", rank=8, alpha=8.0, targets=("query", "value"))
 RECIPE = common.ADAMW

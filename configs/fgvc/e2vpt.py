@@ -23,13 +23,7 @@ Recipe (the authors' command.txt for FGVC, VPT's SGD protocol): SGD momentum 0.9
 warm-up epochs of 100, batch 128, base lr x batch / 256 from {50 ... 0.05} x wd {0.01, 0.001,
 0.0001, 0}; 5 visual and 5 key-value prompts per block, dropout 0.1 on the visual prompts.
 """
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("jvt_configs_common", os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from configs import common
 
 TUNING = dict(method="e2vpt", num_prompts=5, num_kv_prompts=5, dropout=0.1, kv_dropout=0.0)
 RECIPE = common.SGD_FGVC

@@ -21,13 +21,7 @@ Recipe (the authors' VTAB-1k recipe): AdamW lr 1e-3, wd 1e-4, batch 64, 100 epoc
 warm-up epochs, cosine; FacT-TK rank 32, scale 1 (`variant=tt`, `rank=N`, `scale=X` change
 them), dropout 0.1. Mergeable into a plain ViT-B/16.
 """
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("jvt_configs_common", os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from configs import common
 
 TUNING = dict(method="fact", variant="tk", rank=32, scale=1.0)
 RECIPE = common.ADAMW

@@ -23,13 +23,7 @@ Recipe (the authors' VTAB-1k recipe): AdamW lr 1e-3, wd 1e-4, batch 64, 100 epoc
 warm-up epochs, cosine; dim 8, 2 groups, s = 1 (`scale=X` changes it), dropout 0.1. Merges
 exactly into a plain ViT-B/16.
 """
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("jvt_configs_common", os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from configs import common
 
 TUNING = dict(method="repadapter", dim=8, groups=2, scale=1.0)
 RECIPE = common.ADAMW

@@ -25,13 +25,7 @@ pretrained model's own labels); here the new head trains with the frame, so jvt 
 protocol, whose base-lr grid {50 ... 0.05} (x batch / 256) spans the authors' rate. Frame drawn
 from N(0, 1) as the authors' `torch.randn`; `pad=N` changes its width.
 """
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("jvt_configs_common", os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from configs import common
 
 TUNING = dict(method="vp", pad=30)
 RECIPE = common.SGD_FGVC

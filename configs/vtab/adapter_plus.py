@@ -23,13 +23,7 @@ cosine (theirs warms up from lr / 100 and ends at lr / 1000); drop-path 0.1 on t
 Houlsby init (truncated normal, std 0.01) of Down and Up. Difference: the authors' backbone has
 drop-path 0.1 too (jvt's frozen backbone has none).
 """
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("jvt_configs_common", os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from configs import common
 
 # task -> bottleneck width, from the authors' adapter_plus_dim1-32 experiment.
 TASKS = {

@@ -26,13 +26,7 @@ and ends at 1e-5 (jvt: from 0 to 0), and their README reports the best test accu
 evaluations every 10 epochs (jvt reports the last epoch; `protocol=vtab_legacy_max_test` keeps
 the maximum over epochs instead).
 """
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("jvt_configs_common", os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from configs import common
 
 # task -> (scale, conv_init), from the authors' per-task yaml files.
 TASKS = {

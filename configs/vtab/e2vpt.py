@@ -25,13 +25,7 @@ Recipe (VPT's, which E2VPT's tune_vtab follows): SGD momentum 0.9, cosine, 10 wa
 0.1 on the visual prompts (`DROPOUT_P`), none on the key-value prompts, one key-value tensor
 shared by keys and values (`SHARE_PARAM_KV`), kaiming-uniform init (`ORIGIN_INIT=2`).
 """
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("jvt_configs_common", os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from configs import common
 
 # task -> (visual prompts, key-value prompts), from the authors' command.txt.
 TASKS = {

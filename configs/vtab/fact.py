@@ -23,13 +23,7 @@ frozen kernels: the run's export is a plain ViT-B/16. Differences: the authors' 
 drop-path 0.1, and they report the best test accuracy of evaluations every 10 epochs (jvt: the
 last epoch; `protocol=vtab_legacy_max_test` keeps the maximum).
 """
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("jvt_configs_common", os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from configs import common
 
 # variant -> task -> (rank, scale), from the authors' per-task yaml files.
 TASKS = {

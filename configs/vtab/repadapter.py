@@ -22,13 +22,7 @@ Differences: the authors' backbone has drop-path 0.1, and they report the best t
 of evaluations every 10 epochs (jvt: the last epoch; `protocol=vtab_legacy_max_test` keeps the
 maximum).
 """
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("jvt_configs_common", os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from configs import common
 
 # task -> scale, from the authors' per-task yaml files.
 TASKS = {
