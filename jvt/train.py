@@ -36,7 +36,8 @@ from jvt import partition, sharding
 from jvt import protocols
 from jvt.losses import classification
 from jvt.models import build_model, init_params
-from jvt.run_io import MetricWriter, RunDirectory, RunWriteError, finished_steps
+from jvt.files import RunWriteError
+from jvt.run_io import MetricWriter, RunDirectory, finished_steps
 
 PyTree = Any
 log = logging.getLogger("jvt.train")

@@ -15,7 +15,7 @@ import numpy as np
 
 from jvt.checkpoints import formats
 from jvt.checkpoints.pretrained import flatten_params, tree_geometry
-from jvt.run_io import normal_file_mode
+from jvt.files import normal_file_mode
 
 PyTree = Any
 

@@ -33,7 +33,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jvt.run_io import RunWriteError, describe_cause
+from jvt.files import RunWriteError, describe_cause
 
 PyTree = Any
 log = logging.getLogger("jvt.checkpoints")
