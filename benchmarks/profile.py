@@ -27,7 +27,8 @@ def profile(spec: dict, out: str, trace_steps: int = 0) -> dict:
   import jax
   import numpy as np
   import run
-  from jvt import sharding, train
+  from jvt import train
+from jvt.train import sharding
 
   config = run.bench_config(spec)
   b, size, classes = spec["batch"], spec["image_size"], spec["num_classes"]

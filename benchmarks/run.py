@@ -131,7 +131,8 @@ def measure(spec: dict) -> dict:
   """One row: builds the method's run, compiles and times its train and eval steps."""
   import jax
   import numpy as np
-  from jvt import sharding, train
+  from jvt import train
+from jvt.train import sharding
 
   load_before = os.getloadavg()[0]
   config = bench_config(spec)

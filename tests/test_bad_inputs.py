@@ -31,9 +31,9 @@ import pytest
 from helpers_train import (REFERENCE, REPO, cli_args, cli_env, load_trainable,  # noqa: F401
                            read_jsonl, reference_run, run_cli, tiny_config, train_data_dir)
 from jvt import main as jvt_main
-from jvt import run_io, train
+from jvt.train import rundir as run_io, train
 from jvt.checkpoints import save_npz
-from jvt.run_io import RunDirectory, WorkdirLockedError
+from jvt.train.rundir import RunDirectory, WorkdirLockedError
 
 # The in-process run of the crash cases: 12 steps, checkpoints every 4, logs every 2.
 RUN = dict(steps=12, ckpt_every=4, log_every=2)
@@ -354,7 +354,7 @@ def test_second_run_on_a_locked_workdir_is_refused(train_data_dir, tmp_path):
 _CONTENDER = """
 import sys, time
 from helpers_train import tiny_config
-from jvt.run_io import RunDirectory, WorkdirLockedError
+from jvt.train.rundir import RunDirectory, WorkdirLockedError
 workdir, start_at, lr = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
 config = tiny_config(lr=lr)
 time.sleep(max(0.0, start_at - time.time()))

@@ -15,7 +15,7 @@ import optax
 import pytest
 
 import jvt
-from jvt import objectives, train
+from jvt.train import objectives, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "benchmarks", "run.py")

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 import jvt
-from jvt.checkpoints import RunCheckpointer, save_npz
+from jvt.checkpoints import save_npz
+from jvt.train.checkpointing import RunCheckpointer
 from helpers_train import (DATA, REFERENCE, REPO, TINY_VIT, cli_args, cli_env,  # noqa: F401
                            reference_run, run_cli, train_data_dir)
 

@@ -20,7 +20,7 @@ import jvt
 from jvt import config_lib, partition, sweep
 from jvt.config_lib import load_config
 from jvt.data import fgvc, vtab
-from jvt import train as train_lib
+from jvt.train import loop as train_lib
 from jvt.train import model_from_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -101,3 +101,51 @@ def test_no_import_circle_in_jvt():
   found = cycles(import_graph())
   assert not found, "import circles (each a set of modules importing each other): " + "; ".join(
       " <-> ".join(c) for c in found)
+
+
+# The layers of jvt, lowest first; a module may import its own layer and the ones below
+# (README, "How it fits together"). The longest matching prefix places a module.
+LAYERS = ("library", "training", "evaluation", "applications")
+LAYER_OF = {
+    # library: backbones, method plug-ins, pretrained formats, data, pure losses, file writing,
+    # plotting of metric rows, adapters as files and prediction
+    "jvt.models": "library", "jvt.methods": "library", "jvt.checkpoints": "library",
+    "jvt.data": "library", "jvt.losses": "library", "jvt.files": "library",
+    "jvt.viz": "library", "jvt.prediction": "library", "jvt.distill": "library",
+    "jvt.remap": "library",
+    # training: the loop, steps, objectives, run directory and checkpoints, optimizer and
+    # partition, the base config and the epoch selection a run reports
+    "jvt.train": "training", "jvt.partition": "training", "jvt.config_lib": "training",
+    "jvt.protocols": "training", "jvt.adapters": "training",
+    # evaluation and benchmark tooling
+    "jvt.sweep": "evaluation", "jvt.results": "evaluation",
+    # applications
+    "jvt.main": "applications", "jvt.demo": "applications", "jvt.distill_demo": "applications",
+}
+
+
+def layer_of(module: str) -> str | None:
+  matches = [p for p in LAYER_OF if module == p or module.startswith(p + ".")]
+  return LAYER_OF[max(matches, key=len)] if matches else None
+
+
+def test_every_module_has_a_layer():
+  unplaced = sorted(m for m in import_graph() if m != PACKAGE and layer_of(m) is None)
+  assert not unplaced, f"modules with no layer in LAYER_OF: {unplaced}"
+
+
+def test_imports_run_from_applications_down_to_the_library():
+  wrong = []
+  for module, targets in import_graph().items():
+    if module == PACKAGE:  # the public facade re-exports from every layer, lazily
+      continue
+    for target in targets:
+      if target != PACKAGE and LAYERS.index(layer_of(target)) > LAYERS.index(layer_of(module)):
+        wrong.append(f"{module} ({layer_of(module)}) imports {target} ({layer_of(target)})")
+  assert not wrong, "imports against the layers' direction:\n" + "\n".join(sorted(wrong))
+
+
+def test_the_layer_check_sees_an_upward_import():
+  assert layer_of("jvt.methods.lora") == "library"
+  assert layer_of("jvt.train.rundir") == "training"
+  assert LAYERS.index(layer_of("jvt.sweep")) > LAYERS.index(layer_of("jvt.train.loop"))

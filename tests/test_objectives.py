@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 import jvt
-from jvt import objectives, sharding
-from jvt import train as train_lib
+from jvt.train import objectives, sharding
+from jvt.train import loop as train_lib
 from jvt.checkpoints import save_npz
-from jvt.checkpoints.runs import RunCheckpointer
+from jvt.train.checkpointing import RunCheckpointer
 from jvt.config_lib import base_config
 from jvt.methods.terms import CrossEntropy, LossTerm
 

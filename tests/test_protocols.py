@@ -7,7 +7,8 @@ import logging
 import numpy as np
 import pytest
 
-from jvt import protocols, results, run_io
+from jvt import protocols, results
+from jvt.train import rundir as run_io
 
 HISTORY = [
     {"epoch": 1, "step": 10, "val_accuracy": 0.5, "test_accuracy": 0.40},

@@ -19,7 +19,7 @@ import pytest
 
 from helpers_train import (REFERENCE, REPO, cli_args, cli_env, load_trainable, read_jsonl,  # noqa: F401
                            reference_run, run_cli, tiny_config, train_data_dir)
-from jvt.run_io import RunDirectory
+from jvt.train.rundir import RunDirectory
 
 
 def _finished_steps(workdir) -> list[int]:

@@ -12,7 +12,7 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jvt.checkpoints import RunCheckpointer
+from jvt.train.checkpointing import RunCheckpointer
 
 
 def _state(seed):
@@ -130,7 +130,7 @@ pid, port, directory = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2, process_id=pid)
 import jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from jvt.checkpoints import RunCheckpointer
+from jvt.train.checkpointing import RunCheckpointer
 mesh = Mesh(np.asarray(jax.devices()), ("data",))
 sharded, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
 full = np.arange(8.0, dtype=np.float32)
@@ -175,7 +175,7 @@ def test_write_errors_name_the_step_and_the_cause(tmp_path, monkeypatch):
   naming the step's directory and the cause; any other exception keeps its type."""
   import errno
   import orbax.checkpoint as ocp
-  from jvt.checkpoints.runs import CheckpointWriteError
+  from jvt.train.checkpointing import CheckpointWriteError
 
   def denied(self, step, args=None):
     raise ValueError('PERMISSION_DENIED: Error writing "x/0" in OCDBT database: Failed to open '
@@ -197,7 +197,7 @@ def test_write_errors_name_the_step_and_the_cause(tmp_path, monkeypatch):
 
 def test_restore_newest_moves_a_damaged_newer_step_aside(tmp_path, caplog):
   import shutil
-  from jvt.checkpoints.runs import CheckpointRestoreError
+  from jvt.train.checkpointing import CheckpointRestoreError
   with RunCheckpointer(tmp_path / "ckpt") as ckpt:
     for step in (1, 2, 3):
       ckpt.save(step, {"x": jnp.full((2,), float(step))}, {"step": step})

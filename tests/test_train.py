@@ -23,8 +23,11 @@ from flax import traverse_util
 from tensorboardX.proto import event_pb2
 
 import jvt
-from jvt import partition, sharding, train
-from jvt.checkpoints import RunCheckpointer, save_npz
+from jvt import partition
+from jvt.train import loop as train
+from jvt.train import sharding
+from jvt.checkpoints import save_npz
+from jvt.train.checkpointing import RunCheckpointer
 from jvt.data import pipeline
 from jvt.data.sources import get_source
 from jvt.data.preprocess import get_preprocess

@@ -1,7 +1,7 @@
 """Loss terms and task losses: how a method adds to the training loss and what state it keeps.
 
 The training loss is a task loss (`CrossEntropy`, or distillation's blend) plus the loss term
-of every active method (`Method.loss_term()`); `jvt.objectives` composes them. A term:
+of every active method (`Method.loss_term()`); `jvt.train.objectives` composes them. A term:
 
   * `capture`, `capture_layers`: the intermediates it reads from `aux["blocks"][layer]`;
   * `init_state(ctx) -> dict` once before training (host side): its state, kept in the train

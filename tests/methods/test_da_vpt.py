@@ -18,9 +18,10 @@ import pytest
 import scipy.special
 
 import jvt
-from jvt import config_lib, partition, sharding
+from jvt import config_lib, partition
+from jvt.train import sharding
 from jvt import train as train_lib
-from jvt import objectives
+from jvt.train import objectives
 from jvt.losses import da_vpt_terms
 from jvt.methods import find
 from jvt.methods.da_vpt import DAVPT

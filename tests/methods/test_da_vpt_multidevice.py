@@ -17,7 +17,8 @@ _WORKER = r"""
 import json, sys
 import jax, numpy as np
 from flax import traverse_util
-from jvt import config_lib, partition, sharding, train
+from jvt import config_lib, partition, train
+from jvt.train import sharding
 from jvt.losses import da_vpt_terms
 
 out = sys.argv[1]

@@ -16,7 +16,8 @@ from conftest import IMAGE, NUM_CLASSES, NumpyViT, flat, images, small_model, sm
 from helpers_train import train_data_dir  # noqa: F401  (session fixture)
 
 import jvt
-from jvt import distill, objectives, partition, sharding
+from jvt import distill, partition
+from jvt.train import objectives, sharding
 from jvt import train as train_lib
 from jvt.checkpoints import save_npz
 from jvt.config_lib import base_config
@@ -295,7 +296,7 @@ def test_workdir_teacher_is_the_run_it_names(tmp_path):
   c.distill.teacher.workdir = str(run)
   obj = distill.DistillationObjective(student, c, teacher=t)
   out = tmp_path / "student_run"
-  ctx = jvt.objectives.ObjectiveContext(model=student, params=None, config=c,
+  ctx = jvt.train.objectives.ObjectiveContext(model=student, params=None, config=c,
                                         num_classes=NUM_CLASSES, class_examples=None,
                                         apply_fn=None, workdir=str(out))
   obj.constants(ctx)

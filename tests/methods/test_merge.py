@@ -52,7 +52,7 @@ def test_export_writes_the_merged_vit(tmp_path):
   """The run directory's export goes through jvt.merge (merged_vit.npz loads as a plain ViT)."""
   from jvt import partition
   from jvt.config_lib import base_config
-  from jvt.run_io import RunDirectory
+  from jvt.train.rundir import RunDirectory
   model = small_model([dict(method="lora", rank=2), dict(method="ssf")], num_layers=2)
   params = small_params(model, seed=3)
   trainable, frozen = partition.split_params(params, partition.trainable_mask(params, model))

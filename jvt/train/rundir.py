@@ -36,7 +36,7 @@ from flax import traverse_util
 from jvt import protocols
 from jvt.files import atomic_file, atomic_write_text, write_error
 
-log = logging.getLogger("jvt.run_io")
+log = logging.getLogger("jvt.train.rundir")
 
 # Fields that may differ between a run and its resumption (they do not change the result).
 _RESUMABLE_FIELDS = ("progress_bar", "overwrite", "write_plots", "log_every_steps",
@@ -394,7 +394,7 @@ class RunDirectory:
     self._started = True
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices("jvt.run_io.RunDirectory.start")
+      multihost_utils.sync_global_devices("jvt.train.rundir.RunDirectory.start")
 
   def close(self) -> None:
     """Releases the lock; before `start`, also removes the directories construction made."""

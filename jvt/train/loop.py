@@ -4,7 +4,7 @@ The flow: build the model from `config.model` + `config.tuning`, load the pretra
 split the parameters into a trainable and a frozen tree (gradients are taken of the trainable
 tree only), build the `optax.partition` optimizer, and run a jitted, donated, data-parallel
 train step over a mesh of all devices. The objective of the method (cross-entropy, DA-VPT's
-metric losses, distillation) plugs in through `jvt.objectives`. Orbax checkpoints hold the
+metric losses, distillation) plugs in through `jvt.train.objectives`. Orbax checkpoints hold the
 trainable tree, optimizer and method state, the data position and the config; running the same
 command again resumes exactly (bit-identical on CPU).
 
@@ -31,13 +31,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jvt import objectives as objectives_lib
-from jvt import partition, sharding
+from jvt.train import objectives as objectives_lib
+from jvt import partition
+from jvt.train import sharding
 from jvt import protocols
 from jvt.losses import classification
 from jvt.models import build_model, init_params
 from jvt.files import RunWriteError
-from jvt.run_io import MetricWriter, RunDirectory, finished_steps
+from jvt.train.rundir import MetricWriter, RunDirectory, finished_steps
 
 PyTree = Any
 log = logging.getLogger("jvt.train")
@@ -472,7 +473,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
 
   Every check of the config, the data and the checkpoint runs before the workdir is claimed
   (config.json written), so a bad input changes nothing there (and a workdir it had to create
-  is removed again). The workdir is locked for the whole run (`jvt.run_io.WorkdirLock`).
+  is removed again). The workdir is locked for the whole run (`jvt.train.rundir.WorkdirLock`).
   Resumes from the newest checkpoint in `workdir` that restores (damaged newer ones are moved
   to `checkpoints_damaged/`) when the config matches the one stored there; refuses a workdir
   holding a run of a different config unless `config.overwrite`.
@@ -524,7 +525,7 @@ def _train_and_evaluate(config, run_dir: RunDirectory, stop: _StopSignals):
       raise RunPreempted(f"stopped by {stop.name} before training started; nothing was "
                          "written. Run the same command again to start.", None)
     run_dir.start()
-    from jvt.checkpoints.runs import RunCheckpointer
+    from jvt.train.checkpointing import RunCheckpointer
     ckpt = RunCheckpointer(run_dir.checkpoint_dir, max_to_keep=config.max_to_keep)
     state, history, start = s.state, [], None
     restored = ckpt.restore_newest(

@@ -249,7 +249,7 @@ class RunCheckpointer:
                     "one.", os.path.join(self.directory, str(step)), reasons[step], dest)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices("jvt.checkpoints.runs.move_aside")
+      multihost_utils.sync_global_devices("jvt.train.checkpointing.move_aside")
     self._manager.reload()
 
   def check_for_errors(self) -> None:
