@@ -28,7 +28,7 @@ def profile(spec: dict, out: str, trace_steps: int = 0) -> dict:
   import numpy as np
   import run
   from jvt import train
-from jvt.train import sharding
+  from jvt.train import sharding
 
   config = run.bench_config(spec)
   b, size, classes = spec["batch"], spec["image_size"], spec["num_classes"]

@@ -132,7 +132,7 @@ def measure(spec: dict) -> dict:
   import jax
   import numpy as np
   from jvt import train
-from jvt.train import sharding
+  from jvt.train import sharding
 
   load_before = os.getloadavg()[0]
   config = bench_config(spec)
