@@ -4,6 +4,10 @@ Loading is a tree merge: the file (converted to Linen names by `formats.py`) pro
 backbone leaf of the model; by design the head, the tuning parameters and any leaf the file
 cannot have (`fc_norm` for MAE-style models, `pre_logits` the file lacks) keep their initial
 values. Anything else that does not fit raises one `CheckpointMismatchError` naming every key.
+Before any array is read, the model's architectural options (GELU form, layer-norm eps, [CLS],
+registers, layer scale, pre-norm, patch bias, MAP pooling) are checked against those the file
+implies (`formats.checkpoint_options`); options the model was explicitly built with
+(`ViT.explicit_options`) are the user's choice and are not checked.
 """
 from __future__ import annotations
 
@@ -23,7 +27,9 @@ from jvt.checkpoints import posemb as posemb_lib
 
 PyTree = Any
 
-HF_LAYER_NORM_EPS = 1e-12
+# Options a file fixes and a model must share (unless chosen explicitly at build time).
+CHECKED_OPTIONS = ("gelu_approximate", "layer_norm_eps", "class_token", "num_registers",
+                   "layer_scale", "pre_norm", "patch_bias", "activation")
 
 # (hidden, layers, mlp) -> variant name, to suggest which model a file was trained as.
 _VARIANTS = {
@@ -76,8 +82,8 @@ def _likely_cause(loaded: dict, target: dict, fmt: str) -> str:
     causes.append("the file has fc_norm (MAE-style global pool): build the model with "
                   "pool='gap' and fc_norm=True")
   if "cls" in target and "cls" not in loaded:
-    causes.append("the file has no cls token (a 'gap' model without a class token); jvt's ViT "
-                  "always has one, so this model cannot be reproduced")
+    causes.append("the file has no cls token: build the model with class_token=False (and "
+                  "pool='gap' or 'map'), or with checkpoint=PATH")
   expected = [k for k in target if formats.is_backbone_leaf(k) and not k.startswith("head/")]
   if sum(k in loaded for k in expected) < len(expected) / 2:  # names, whatever the shapes
     causes.append(f"wrong format? the file was read as {fmt!r}; pass format= one of "
@@ -110,22 +116,57 @@ def _posemb_fits(file_shape, model_shape) -> bool:
   return True
 
 
+def default_posemb_interpolation(options: dict) -> str:
+  """How the file's own family resizes its position grid (see docs/checkpoints.md)."""
+  family, fmt = options["family"], options["format"]
+  if family == "dinov2":
+    return "bicubic" if options.get("num_registers") else "dinov2"
+  if family == "clip" or (family == "siglip" and fmt not in ("vit_npz", "big_vision_npz")):
+    return "bicubic"
+  return "linear"
+
+
+def check_options(path: str | os.PathLike, model: Any, options: dict) -> None:
+  """Raises CheckpointMismatchError naming each option of `model` the file contradicts."""
+  explicit = set(getattr(model, "explicit_options", ()))
+  wrong = []
+  for name in CHECKED_OPTIONS:
+    if name not in options or name in explicit or not hasattr(model, name):
+      continue
+    have, want = getattr(model, name), options[name]
+    same = math.isclose(have, want) if isinstance(want, float) else have == want
+    if not same:
+      wrong.append(f"{name}={have!r} in the model, the file implies {name}={want!r}")
+  file_map, model_map = options.get("pool") == "map", getattr(model, "pool", "tok") == "map"
+  if file_map != model_map and "pool" not in explicit:
+    wrong.append(f"pool={model.pool!r} in the model, the file "
+                 + ("pools with a MAP head (pool='map')" if file_map else "has no MAP head"))
+  if wrong:
+    raise CheckpointMismatchError(
+        f"checkpoint {os.fspath(path)} ({options['family']} weights, {options['format']} "
+        f"layout) does not fit the model's options: {'; '.join(wrong)}. Build the model with "
+        f"jvt.build_model(variant, num_classes, checkpoint={os.fspath(path)!r}), which sets "
+        "every option the file implies, or pass the option to build_model explicitly to "
+        "override it on purpose.")
+
+
 def load_pretrained(path: str | os.PathLike, params: PyTree, model: Any, *,
-                    format: str | None = None, posemb_interpolation: str = "linear",
+                    format: str | None = None, posemb_interpolation: str | None = None,
                     keep_head: bool = False,
                     log: Callable[[str], Any] = logging.info) -> PyTree:
   """Returns `params` with every backbone leaf replaced by the checkpoint's.
 
   Args:
-    path: a `.npz` (vision_transformer, big_vision) or `.safetensors` (timm, HuggingFace
-      ViTModel) file. Pickles (`.pth`, `.pt`, `.pkl`, torch `.bin`) are refused unread.
+    path: a `.npz` (vision_transformer, big_vision) or `.safetensors` (timm, HuggingFace,
+      OpenAI / OpenCLIP) file. Pickles (`.pth`, `.pt`, `.pkl`, torch `.bin`) are refused unread.
     params: the model's freshly initialised parameter tree (`variables["params"]`); it fixes
       the structure, shapes, dtypes and shardings of the result.
-    model: the jvt ViT module (`num_heads` splits fused torch projections; `layer_norm_eps`
-      is checked against HuggingFace's 1e-12).
-    format: one of "vit_npz", "big_vision_npz", "timm", "hf"; None detects it from the keys.
-    posemb_interpolation: "linear" (scipy.ndimage.zoom order=1, as vision_transformer) or
-      "bicubic" (jax.image.resize cubic) when the position grid size differs.
+    model: the jvt ViT module (`num_heads` splits fused torch projections; its options are
+      checked against those the file implies, see `check_options`).
+    format: one of formats.FORMATS; None detects it from the keys.
+    posemb_interpolation: when the position grid size differs: "linear" (scipy.ndimage.zoom
+      order=1, as vision_transformer and big_vision), "bicubic" (antialiased cubic, as timm and
+      OpenCLIP) or "dinov2" (DINOv2's interpolate_pos_encoding); None: the file's family's own.
     keep_head: keep the file's head when its shapes match the model's (pre_logits is loaded
       whenever the model has a representation layer and the file holds one).
     log: where the one-line summaries go (ignored arrays, leaves kept from init).
@@ -133,21 +174,20 @@ def load_pretrained(path: str | os.PathLike, params: PyTree, model: Any, *,
   Raises:
     FileNotFoundError: `path` does not exist.
     formats.CheckpointFormatError: unreadable, pickled, corrupt or unknown file.
-    CheckpointMismatchError: missing, unexpected or mis-shaped leaves (all named at once).
+    CheckpointMismatchError: an option the file contradicts, or missing, unexpected or
+      mis-shaped leaves (all named at once).
   """
   if isinstance(params, dict | flax.core.FrozenDict) and set(params) == {"params"}:
     raise ValueError("pass the parameter collection variables['params'], not the variables dict.")
-  fmt, loaded, notes = formats.read_checkpoint(path, num_heads=model.num_heads, format=format)
-  if posemb_interpolation not in posemb_lib.METHODS:
+  if posemb_interpolation is not None and posemb_interpolation not in posemb_lib.METHODS:
     raise ValueError(f"unknown posemb_interpolation {posemb_interpolation!r}; "
-                     f"choose one of {posemb_lib.METHODS}.")
+                     f"choose one of {posemb_lib.METHODS} or None (the file's family's own).")
+  fmt, loaded, notes = formats.read_checkpoint(path, num_heads=model.num_heads, format=format)
+  options = formats.checkpoint_options(path, format=fmt)
+  check_options(path, model, options)
+  posemb_interpolation = posemb_interpolation or default_posemb_interpolation(options)
   for note in notes:
     log(f"{os.fspath(path)}: {note}")
-  if fmt == "hf" and not math.isclose(model.layer_norm_eps, HF_LAYER_NORM_EPS):
-    logging.warning(
-        "%s is a HuggingFace ViT, trained with layer-norm eps 1e-12, but the model uses %g; "
-        "build it with layer_norm_eps=1e-12 to reproduce HuggingFace's outputs exactly.",
-        os.fspath(path), model.layer_norm_eps)
 
   target = flatten_params(params)
   from_file: dict[str, np.ndarray] = {}
@@ -170,7 +210,7 @@ def load_pretrained(path: str | os.PathLike, params: PyTree, model: Any, *,
                           "initial head.", key, _shape(loaded[key]) if in_file else "absent",
                           _shape(like))
         from_init.append(key)
-    elif not in_file and (key.startswith("pre_logits/") or key.startswith("fc_norm/")):
+    elif not in_file and key.startswith(("pre_logits/", "fc_norm/", "projection/")):
       from_init.append(key)
     elif not in_file:
       missing.append(f"{key}: model {_shape(like)}")
@@ -183,7 +223,7 @@ def load_pretrained(path: str | os.PathLike, params: PyTree, model: Any, *,
 
   unexpected = []
   for key in sorted(set(loaded) - set(target)):
-    if key.startswith(("head/", "pre_logits/")):
+    if key.startswith(("head/", "pre_logits/", "projection/")):
       dropped.append(key)
     elif (key.startswith("Transformer/encoder_norm/") and not model_has_encoder_norm
           and not file_has_fc_norm and any(k.startswith("fc_norm/") for k in target)):
@@ -207,7 +247,8 @@ def load_pretrained(path: str | os.PathLike, params: PyTree, model: Any, *,
     raise CheckpointMismatchError("\n".join(lines))
 
   if dropped:
-    log(f"{os.fspath(path)}: not loaded by design (head / pre_logits / MAE encoder_norm): "
+    log(f"{os.fspath(path)}: not loaded by design (head / pre_logits / projection / MAE "
+        "encoder_norm): "
         f"{dropped}")
   log(f"{os.fspath(path)}: {len(from_file)} leaves from the {fmt} file; "
       f"from init by design: {from_init}")
