@@ -17,7 +17,8 @@ norm2 biases, all of norm1, [CLS], the patch-embedding bias (matched by the rele
 `proj.bias` name test) and, where `bias_k` is true, the K biases (the K bias is frozen on
 patch_camelyon, eurosat, resisc45, retinopathy, clevr_count, clevr_dist, dmlab, dsprites_ori,
 smallnorb_azi through a `rules` entry). preset=paper trains the K and V biases and [CLS].
-Every other paper / released-code difference is as in configs/vtab/da_vpt.py.
+Stochastic depth and every other paper / released-code difference are as in
+configs/vtab/da_vpt.py.
 """
 import importlib.util
 import os
@@ -31,5 +32,8 @@ PUBLISHED = 76.14  # VTAB-1k mean of the three group means (%)
 
 
 def get_config(arg=None):
-  return _vtab._base.make_config(arg, benchmark="vtab", table=RELEASED, num_classes=NUM_CLASSES,
-                                 plus=True, default_task="cifar100")
+  c = _vtab._base.make_config(arg, benchmark="vtab", table=RELEASED, num_classes=NUM_CLASSES,
+                              plus=True, default_task="cifar100")
+  c.model.drop_path_rate = _vtab.DROP_PATH.get(_vtab._base._arg_value(arg, "task", "cifar100"),
+                                               0.0)
+  return c
