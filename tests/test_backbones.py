@@ -459,3 +459,27 @@ def test_read_checkpoint_names_every_leaf_in_jvt_layout(tmp_path):
     for k in want:
       np.testing.assert_allclose(arrays[k], want[k], atol=1e-6, err_msg=f"{case}: {k}")
   assert "MAPHead_0/MultiHeadDotProductAttention_0/key/kernel" in want and "cls" not in want
+
+
+# ----------------------------------------------------------------------------- configs
+@pytest.mark.parametrize("variant,preprocess", [
+    ("B/16", "vtab"), ("dinov2-reg4-B/14", "vtab"), ("clip-B/16", "vtab:clip"),
+    ("openclip-H/14", "vtab:clip"), ("siglip-So400m/14", "vtab:minus_one_one")])
+def test_configs_take_a_backbone_with_its_normalisation(variant, preprocess):
+  from jvt.config_lib import load_config
+  c = load_config(f"configs/vtab/vpt_deep.py:task=dtd,backbone={variant},pretrained=x")
+  assert (c.model.variant, c.model.image_size, c.dataset.preprocess) == (variant, 224, preprocess)
+  fgvc = load_config(f"configs/fgvc/lora.py:backbone={variant},pretrained=x")
+  assert fgvc.dataset.preprocess == preprocess.replace("vtab", "fgvc")
+
+
+@pytest.mark.parametrize("norm,mean,std", [
+    ("clip", (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    ("minus_one_one", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+def test_preprocess_normalisation_suffix(norm, mean, std):
+  from jvt.data import preprocess
+  image = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+  out = preprocess.get_preprocess(f"vtab:{norm}", 224, train=False)(image, None)
+  np.testing.assert_allclose(out, (image / 255.0 - np.array(mean)) / np.array(std), atol=1e-5)
+  with pytest.raises(ValueError, match="normalisation 'lab'"):
+    preprocess.get_preprocess("vtab:lab", 224, train=False)

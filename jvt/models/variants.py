@@ -72,14 +72,13 @@ FAMILY_VARIANTS: dict[str, tuple[str, dict]] = {
     **{f"siglip-{s}": ("siglip", {**_SIGLIP, **d}) for s, d in _SIGLIP_SIZES.items()},
 }
 
-# Input normalisation and resolution each family was trained with (what configs feed it).
-FAMILY_INPUTS = {
-    "vit": dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), image_size=224),
-    "dinov2": dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), image_size=224),
-    "clip": dict(mean=(0.48145466, 0.4578275, 0.40821073),
-                 std=(0.26862954, 0.26130258, 0.27577711), image_size=224),
-    "siglip": dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), image_size=224),  # [-1, 1]
-}
+# The input normalisation each family was trained with (a `jvt.data.preprocess.NORMALISATIONS`
+# name: ImageNet mean / std for the supervised ViTs as VPT feeds them and for DINOv2, OpenAI's
+# CLIP mean / std for CLIP and OpenCLIP, [-1, 1] for SigLIP) and the resolution configs use
+# (224 px: every family's 224 px models; other grids are resized at load).
+FAMILY_NORMALISATION = {"vit": "imagenet", "dinov2": "imagenet", "clip": "clip",
+                        "siglip": "minus_one_one"}
+FAMILY_IMAGE_SIZE = 224
 
 
 def variant_family(variant: str) -> str:
