@@ -16,6 +16,9 @@ import pytest
 import safetensors.numpy
 import scipy.special
 
+from flax import traverse_util
+from helpers_train import build_data
+
 import jvt
 from jvt.checkpoints import formats, load_pretrained
 from jvt.checkpoints.pretrained import CheckpointMismatchError
@@ -483,3 +486,198 @@ def test_preprocess_normalisation_suffix(norm, mean, std):
   np.testing.assert_allclose(out, (image / 255.0 - np.array(mean)) / np.array(std), atol=1e-5)
   with pytest.raises(ValueError, match="normalisation 'lab'"):
     preprocess.get_preprocess("vtab:lab", 224, train=False)
+
+
+# ----------------------------------------------------------------------------- parameter counts
+def _expected_count(variant, image=224):
+  """The architecture formula: patch embedding, [CLS], registers, position table, pre-norm,
+  blocks (norms, attention, MLP or SwiGLU, layer scale), final norm, MAP head, projection."""
+  from jvt.models.variants import variant_config
+  v = variant_config(variant)
+  d, f, depth, p = v["hidden_size"], v["mlp_dim"], v["num_layers"], v["patch_size"]
+  cls, reg = int(v.get("class_token", True)), v.get("num_registers", 0)
+  n = (image // p) ** 2
+  mlp_in = 2 * f if v.get("activation") == "swiglu" else f
+  block = 4 * d + 4 * (d * d + d) + d * mlp_in + mlp_in + f * d + d
+  block += 2 * d if v.get("layer_scale") else 0
+  total = p * p * 3 * d + (d if v.get("patch_bias", True) else 0) + (cls + reg) * d
+  total += (cls + n) * d + (2 * d if v.get("pre_norm") else 0) + depth * block + 2 * d
+  if v.get("pool") == "map":
+    total += d + 4 * (d * d + d) + 2 * d + d * f + f + f * d + d
+  return total + d * v.get("projection_dim", 0)
+
+
+# variant -> published size of the image tower (DINOv2 paper Table; SigLIP "So400m"; CLIP
+# ViT-B/16 image tower 86M), and how far a 224 px count may be from it.
+PUBLISHED_SIZES = {"dinov2-S/14": (21e6, 0.05), "dinov2-B/14": (86e6, 0.05),
+                   "dinov2-L/14": (300e6, 0.05), "dinov2-g/14": (1.1e9, 0.05),
+                   "siglip-So400m/14": (400e6, 0.1), "clip-B/16": (86e6, 0.05)}
+
+
+@pytest.mark.parametrize("variant", sorted(__import__("jvt.models.variants", fromlist=["x"])
+                                           .FAMILY_VARIANTS))
+def test_golden_parameter_counts(variant):
+  model = jvt.build_model(variant, 1000)
+  shapes = jvt.param_shapes(model, 224)  # jax.eval_shape: nothing is allocated
+  flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
+  backbone = sum(math.prod(s.shape) for path, s in flat
+                 if getattr(path[0], "key", None) != "head")
+  assert backbone == _expected_count(variant)
+  if variant in PUBLISHED_SIZES:
+    size, tolerance = PUBLISHED_SIZES[variant]
+    assert abs(backbone - size) <= tolerance * size, (variant, backbone)
+
+
+# ----------------------------------------------------------------------------- stochastic depth
+def test_drop_path_rates_are_linear_over_depth_as_timm():
+  from jvt.models.vit import drop_path_rates
+  # timm / DA-VPT: [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
+  np.testing.assert_allclose(drop_path_rates(0.1, 12), np.linspace(0.0, 0.1, 12), atol=1e-12)
+  assert drop_path_rates(0.3, 1) == (0.0,) and drop_path_rates(0.0, 4) == (0.0,) * 4
+
+
+def test_drop_path_is_per_sample_bernoulli_scaled_by_survival():
+  from jvt.models.vit import drop_path
+  p, batch = 0.3, 4000
+  x = np.random.default_rng(0).normal(size=(batch, 5, 3)).astype(np.float32)
+  y = np.asarray(drop_path(x, p, jax.random.key(0)))
+  kept = np.all(y != 0, axis=(1, 2))
+  dropped = np.all(y == 0, axis=(1, 2))
+  assert np.all(kept | dropped)  # one draw per sample: all of its tokens kept or dropped
+  np.testing.assert_allclose(y[kept], x[kept] / (1 - p), rtol=1e-6)
+  # survival 1 - p: binomial standard deviation sqrt(p (1 - p) / n) ~ 0.007
+  assert abs(kept.mean() - (1 - p)) < 0.03
+  np.testing.assert_array_equal(np.asarray(drop_path(x, 0.0, jax.random.key(0))), x)
+
+
+def test_stochastic_depth_is_off_in_evaluation_and_on_in_training():
+  images = _images(batch=8)
+  base = jvt.build_model("dinov2-S/14", C, **TINY)
+  model = jvt.build_model("dinov2-S/14", C, drop_path_rate=0.5, **TINY)
+  params = jvt.init_params(model, jax.random.key(0), IMAGE)
+  params = jax.tree.map(lambda v: v + 0.1, params)  # layer scale and head away from zero
+  _, aux0 = base.apply({"params": params}, images)
+  _, aux1 = model.apply({"params": params}, images)
+  np.testing.assert_array_equal(np.asarray(aux0["pre_logits"]), np.asarray(aux1["pre_logits"]))
+  _, train = model.apply({"params": params}, images, train=True,
+                         rngs={"dropout": jax.random.key(1)})
+  assert not np.allclose(np.asarray(train["pre_logits"]), np.asarray(aux0["pre_logits"]))
+  _, train0 = base.apply({"params": params}, images, train=True,
+                         rngs={"dropout": jax.random.key(1)})
+  np.testing.assert_allclose(np.asarray(train0["pre_logits"]), np.asarray(aux0["pre_logits"]),
+                             atol=1e-6)  # rate 0: training changes nothing
+
+
+# ----------------------------------------------------------------------------- parity
+# case -> the activation that family's code runs for that file's origin
+CASE_ACT = {"dinov2_timm": "erf", "dinov2_reg4_timm": "erf", "dinov2_g_original": "erf",
+            "dinov2_hf": "erf", "dinov2_g_hf": "erf", "clip_timm": "quick", "clip_hf": "quick",
+            "openclip": "erf", "siglip_timm": "erf", "siglip_hf": "tanh",
+            "siglip_big_vision": "tanh"}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_pre_logit_and_logit_parity_with_the_family_reference(tmp_path, case):
+  family, kw, writer, variant, _ = CASES[case]
+  resized = family == "dinov2"
+  c, path = _write(case, tmp_path, grid=FILE_GRID if resized else 4)
+  model, params = _load(variant, path)
+  if writer is write_timm and c["proj"] is None:  # timm files with a classifier head
+    params = load_pretrained(path, params, model, keep_head=True, log=lambda _: None)
+  images = _images()
+  logits, aux = _run(model, params, images)
+  eps = {"dinov2": 1e-6, "clip": 1e-5, "siglip": 1e-6}[family]
+  pos = _dinov2_pos(c, "aa" if c["reg"] is not None else "offset") if resized else None
+  pooled, proj = reference(c, images, act=CASE_ACT[case], eps=eps, pos=pos)
+  np.testing.assert_allclose(np.asarray(aux["pre_logits"]), pooled, rtol=2e-4, atol=2e-4)
+  if proj is not None:
+    np.testing.assert_allclose(np.asarray(aux["projection"]), proj, rtol=2e-4, atol=2e-4)
+  if writer is write_timm and c["proj"] is None:
+    np.testing.assert_allclose(logits, pooled @ c["head_w"].T.astype(np.float64) + c["head_b"],
+                               rtol=2e-4, atol=2e-4)
+
+
+def test_dinov2_linear_eval_pool_concatenates_cls_and_mean_patch(tmp_path):
+  """pool="tok_gap": [CLS] after the norm ++ mean of the normed patch tokens (registers and
+  prompts excluded), DINOv2's linear-evaluation feature."""
+  c, path = _write("dinov2_reg4_timm", tmp_path)
+  model, params = _load("dinov2-reg4-B/14", path, pool="tok_gap")
+  _, aux = _run(model, params, _images())
+  cls_only, _ = reference(c, _images(), act="erf", eps=1e-6)
+  feat = np.asarray(aux["pre_logits"])
+  assert feat.shape == (2, 2 * D)
+  np.testing.assert_allclose(feat[:, :D], cls_only, rtol=2e-4, atol=2e-4)
+  _, aux_t = model.apply({"params": params}, _images(), capture=("tokens",), capture_layers=(-1,))
+  last = np.asarray(aux_t["blocks"][L - 1]["tokens"], np.float64)
+  normed = _ln(last, (np.asarray(params["Transformer"]["encoder_norm"]["scale"]),
+                      np.asarray(params["Transformer"]["encoder_norm"]["bias"])), 1e-6)
+  np.testing.assert_allclose(feat[:, D:], normed[:, 1 + 4:].mean(1), rtol=2e-4, atol=2e-4)
+
+
+def test_explicit_override_wins_and_contradicting_load_is_an_error(tmp_path):
+  _, path = _write("siglip_big_vision", tmp_path)
+  assert jvt.build_model("siglip-B/16", C, checkpoint=path, **TINY).gelu_approximate is True
+  exact = jvt.build_model("siglip-B/16", C, checkpoint=path, gelu_approximate=False, **TINY)
+  assert exact.gelu_approximate is False  # the explicit choice wins ...
+  load_pretrained(path, jvt.init_params(exact, jax.random.key(0), IMAGE), exact,
+                  log=lambda _: None)  # ... and loads: the user asked for it
+  _, timm_path = _write("siglip_timm", tmp_path)
+  tanh = jvt.build_model("siglip-B/16", C, **TINY)  # the variant's tanh, a timm (erf) file
+  with pytest.raises(CheckpointMismatchError, match=r"gelu_approximate=True in the model, the "
+                     r"file implies gelu_approximate=False.*checkpoint="):
+    load_pretrained(timm_path, jvt.init_params(tanh, jax.random.key(0), IMAGE), tanh)
+  _, dino = _write("dinov2_timm", tmp_path)
+  plain = jvt.build_model("B/16", C, **TINY)
+  with pytest.raises(CheckpointMismatchError, match=r"layer_scale=False in the model, the file "
+                     r"implies layer_scale=True"):
+    load_pretrained(dino, jvt.init_params(plain, jax.random.key(0), IMAGE), plain)
+
+
+def test_google_npz_builds_a_tanh_model(tmp_path):
+  model = jvt.build_model("B/16", C, **TINY)
+  params = jax.tree.map(np.asarray, jvt.init_params(model, jax.random.key(0), IMAGE))
+  from jvt.checkpoints import save_npz
+  flat = traverse_util.flatten_dict(params, sep="/")
+  np.savez(tmp_path / "google.npz", **flat)  # Linen names: also read as vision_transformer npz
+  assert jvt.build_model("B/16", C, checkpoint=tmp_path / "google.npz", **TINY).gelu_approximate
+  save_npz(tmp_path / "jvt.npz", params, model=model)  # jvt's own export records erf
+  assert not jvt.build_model("B/16", C, checkpoint=tmp_path / "jvt.npz", **TINY).gelu_approximate
+
+
+# ----------------------------------------------------------------------------- tuning runs
+TUNINGS = {"vpt": dict(method="vpt", num_prompts=2, deep=True),
+           "lora": dict(method="lora", rank=2),
+           "da_vpt": dict(method="da_vpt", num_prompts=2, num_proxy_prompts=2, proxy_layers=(1,))}
+FAMILY_FILES = {"dinov2-reg4-S/14": "dinov2_reg4_timm", "clip-B/16": "openclip",
+                "siglip-B/16": "siglip_big_vision", "dinov2-S/14": "dinov2_hf"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(TUNINGS))
+@pytest.mark.parametrize("variant", sorted(FAMILY_FILES))
+def test_short_tuning_run_on_each_family(tmp_path_factory, variant, method):
+  """A few steps of VPT, LoRA and DA-VPT on each family through the trainer, the backbone loaded
+  from a file in the family's layout (the trainer builds the model with checkpoint=)."""
+  from jvt import config_lib, train
+  root = tmp_path_factory.getbasetemp()
+  data_dir = build_data(root)
+  case = FAMILY_FILES[variant]
+  _, path = _write(case, tmp_path_factory.mktemp("ckpt"))
+  c = config_lib.base_config()
+  c.model.variant = variant
+  c.model.image_size = 16
+  c.model.overrides = dict(TINY)
+  c.model.drop_path_rate = 0.1
+  c.pretrained.path = path
+  c.tuning = TUNINGS[method]
+  c.dataset.data_dir = data_dir
+  c.dataset.task = "shape"
+  c.dataset.preprocess = "vit"
+  c.batch_size = 16
+  c.total_steps = 4
+  c.optimizer.warmup_steps = 0
+  c.eval_every_epochs = 0.0
+  c.progress_bar = False
+  c.write_plots = False
+  _, final = train.train_and_evaluate(c, str(tmp_path_factory.mktemp("run")))
+  assert np.isfinite(final["train_loss"]) and 0.0 <= final["test_accuracy"] <= 1.0
