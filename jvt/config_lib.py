@@ -34,7 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.pretrained = ml_collections.ConfigDict()
   c.pretrained.path = ""  # "" = random init (a warning is logged)
   c.pretrained.format = ""  # "" = detect from the file
-  c.pretrained.posemb_interpolation = "linear"
+  c.pretrained.posemb_interpolation = ""  # "" = the file's family's; "linear" | "bicubic" | "dinov2"
 
   # A method dict, or a list of them for a composition (see docs/methods.md).
   c.tuning = None  # None = dict(method="linear")

@@ -89,7 +89,9 @@ def model_from_config(config, num_classes: int):
   """The ViT of `config.model` with the tuning of `config.tuning`."""
   overrides = dict(config.model.get("overrides", {}) or {})
   return build_model(config.model.variant, num_classes, tuning=config.get("tuning"),
-                     dtype=_dtype(config.model.dtype), remat=config.model.remat, **overrides)
+                     checkpoint=config.pretrained.path or None, dtype=_dtype(config.model.dtype),
+                     remat=config.model.remat, drop_path_rate=config.model.drop_path_rate,
+                     **overrides)
 
 
 def _durations(config, steps_per_epoch: int) -> tuple[int, int]:
@@ -240,7 +242,7 @@ def _load_backbone(config, model, key) -> PyTree:
     return jax.device_get(params)
   from jvt.checkpoints import load_pretrained
   return load_pretrained(path, params, model, format=config.pretrained.format or None,
-                         posemb_interpolation=config.pretrained.posemb_interpolation)
+                         posemb_interpolation=config.pretrained.posemb_interpolation or None)
 
 
 def _check_batch_sizes(config, mesh) -> None:

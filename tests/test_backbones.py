@@ -358,15 +358,22 @@ def _dinov2_pos(c, method):
 
 
 # ----------------------------------------------------------------------------- loading helpers
-def _load(variant, path, **kw):
+def _zeros_for_shapes(params):
+  """Leaves load_pretrained left as ShapeDtypeStructs (head, tuning) -> zeros."""
+  return jax.tree.map(lambda v: jax.numpy.zeros(v.shape, v.dtype)
+                      if isinstance(v, jax.ShapeDtypeStruct) else v, params)
+
+
+def _load(variant, path, keep_head=False, **kw):
+  """The model `checkpoint=path` builds, and the file's weights (abstract init: no compile)."""
   model = jvt.build_model(variant, C, checkpoint=path, **{**TINY, **kw})
-  params = jvt.init_params(model, jax.random.key(0), IMAGE)
-  params = load_pretrained(path, params, model, log=lambda _: None)
-  return model, params
+  params = load_pretrained(path, jvt.param_shapes(model, IMAGE), model, keep_head=keep_head,
+                           log=lambda _: None)
+  return model, _zeros_for_shapes(params)
 
 
 def _run(model, params, images):
-  logits, aux = model.apply({"params": params}, images)
+  logits, aux = jax.jit(model.apply)({"params": params}, images)
   return np.asarray(logits), aux
 
 
@@ -554,16 +561,16 @@ def test_stochastic_depth_is_off_in_evaluation_and_on_in_training():
   images = _images(batch=8)
   base = jvt.build_model("dinov2-S/14", C, **TINY)
   model = jvt.build_model("dinov2-S/14", C, drop_path_rate=0.5, **TINY)
-  params = jvt.init_params(model, jax.random.key(0), IMAGE)
-  params = jax.tree.map(lambda v: v + 0.1, params)  # layer scale and head away from zero
-  _, aux0 = base.apply({"params": params}, images)
-  _, aux1 = model.apply({"params": params}, images)
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda v: rng.normal(0.0, 0.3, v.shape).astype(np.float32),
+                        jvt.param_shapes(model, IMAGE))  # layer scale far from zero
+  run = lambda m, train: jax.jit(lambda p, x, k: m.apply(  # noqa: E731
+      {"params": p}, x, train=train, rngs={"dropout": k}))(params, images, jax.random.key(1))[1]
+  aux0, aux1 = run(base, False), run(model, False)
   np.testing.assert_array_equal(np.asarray(aux0["pre_logits"]), np.asarray(aux1["pre_logits"]))
-  _, train = model.apply({"params": params}, images, train=True,
-                         rngs={"dropout": jax.random.key(1)})
+  train = run(model, True)
   assert not np.allclose(np.asarray(train["pre_logits"]), np.asarray(aux0["pre_logits"]))
-  _, train0 = base.apply({"params": params}, images, train=True,
-                         rngs={"dropout": jax.random.key(1)})
+  train0 = run(base, True)
   np.testing.assert_allclose(np.asarray(train0["pre_logits"]), np.asarray(aux0["pre_logits"]),
                              atol=1e-6)  # rate 0: training changes nothing
 
@@ -581,9 +588,8 @@ def test_pre_logit_and_logit_parity_with_the_family_reference(tmp_path, case):
   family, kw, writer, variant, _ = CASES[case]
   resized = family == "dinov2"
   c, path = _write(case, tmp_path, grid=FILE_GRID if resized else 4)
-  model, params = _load(variant, path)
-  if writer is write_timm and c["proj"] is None:  # timm files with a classifier head
-    params = load_pretrained(path, params, model, keep_head=True, log=lambda _: None)
+  has_head = writer is write_timm and c["proj"] is None  # timm files with a classifier head
+  model, params = _load(variant, path, keep_head=has_head)
   images = _images()
   logits, aux = _run(model, params, images)
   eps = {"dinov2": 1e-6, "clip": 1e-5, "siglip": 1e-6}[family]
@@ -592,7 +598,7 @@ def test_pre_logit_and_logit_parity_with_the_family_reference(tmp_path, case):
   np.testing.assert_allclose(np.asarray(aux["pre_logits"]), pooled, rtol=2e-4, atol=2e-4)
   if proj is not None:
     np.testing.assert_allclose(np.asarray(aux["projection"]), proj, rtol=2e-4, atol=2e-4)
-  if writer is write_timm and c["proj"] is None:
+  if has_head:
     np.testing.assert_allclose(logits, pooled @ c["head_w"].T.astype(np.float64) + c["head_b"],
                                rtol=2e-4, atol=2e-4)
 
@@ -607,7 +613,8 @@ def test_dinov2_linear_eval_pool_concatenates_cls_and_mean_patch(tmp_path):
   feat = np.asarray(aux["pre_logits"])
   assert feat.shape == (2, 2 * D)
   np.testing.assert_allclose(feat[:, :D], cls_only, rtol=2e-4, atol=2e-4)
-  _, aux_t = model.apply({"params": params}, _images(), capture=("tokens",), capture_layers=(-1,))
+  _, aux_t = jax.jit(lambda p, x: model.apply({"params": p}, x, capture=("tokens",),
+                                              capture_layers=(-1,)))(params, _images())
   last = np.asarray(aux_t["blocks"][L - 1]["tokens"], np.float64)
   normed = _ln(last, (np.asarray(params["Transformer"]["encoder_norm"]["scale"]),
                       np.asarray(params["Transformer"]["encoder_norm"]["bias"])), 1e-6)
@@ -619,23 +626,25 @@ def test_explicit_override_wins_and_contradicting_load_is_an_error(tmp_path):
   assert jvt.build_model("siglip-B/16", C, checkpoint=path, **TINY).gelu_approximate is True
   exact = jvt.build_model("siglip-B/16", C, checkpoint=path, gelu_approximate=False, **TINY)
   assert exact.gelu_approximate is False  # the explicit choice wins ...
-  load_pretrained(path, jvt.init_params(exact, jax.random.key(0), IMAGE), exact,
+  load_pretrained(path, jvt.param_shapes(exact, IMAGE), exact,
                   log=lambda _: None)  # ... and loads: the user asked for it
   _, timm_path = _write("siglip_timm", tmp_path)
   tanh = jvt.build_model("siglip-B/16", C, **TINY)  # the variant's tanh, a timm (erf) file
-  with pytest.raises(CheckpointMismatchError, match=r"gelu_approximate=True in the model, the "
+  with pytest.raises(CheckpointMismatchError, match=r"(?s)gelu_approximate=True in the model, the "
                      r"file implies gelu_approximate=False.*checkpoint="):
-    load_pretrained(timm_path, jvt.init_params(tanh, jax.random.key(0), IMAGE), tanh)
+    load_pretrained(timm_path, jvt.param_shapes(tanh, IMAGE), tanh)
   _, dino = _write("dinov2_timm", tmp_path)
   plain = jvt.build_model("B/16", C, **TINY)
   with pytest.raises(CheckpointMismatchError, match=r"layer_scale=False in the model, the file "
                      r"implies layer_scale=True"):
-    load_pretrained(dino, jvt.init_params(plain, jax.random.key(0), IMAGE), plain)
+    load_pretrained(dino, jvt.param_shapes(plain, IMAGE), plain)
 
 
 def test_google_npz_builds_a_tanh_model(tmp_path):
   model = jvt.build_model("B/16", C, **TINY)
-  params = jax.tree.map(np.asarray, jvt.init_params(model, jax.random.key(0), IMAGE))
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda v: rng.normal(size=v.shape).astype(np.float32),
+                        jvt.param_shapes(model, IMAGE))
   from jvt.checkpoints import save_npz
   flat = traverse_util.flatten_dict(params, sep="/")
   np.savez(tmp_path / "google.npz", **flat)  # Linen names: also read as vision_transformer npz
@@ -679,5 +688,9 @@ def test_short_tuning_run_on_each_family(tmp_path_factory, variant, method):
   c.eval_every_epochs = 0.0
   c.progress_bar = False
   c.write_plots = False
-  _, final = train.train_and_evaluate(c, str(tmp_path_factory.mktemp("run")))
-  assert np.isfinite(final["train_loss"]) and 0.0 <= final["test_accuracy"] <= 1.0
+  workdir = str(tmp_path_factory.mktemp("run"))
+  _, final = train.train_and_evaluate(c, workdir)  # raises on a non-finite loss
+  assert final["total_steps"] == 4 and 0.0 <= final["test_accuracy"] <= 1.0
+  with np.load(f"{workdir}/export/trainable.npz") as f:
+    trained = " ".join(f.files)
+  assert {"vpt": "prompts", "lora": "lora_b", "da_vpt": "prompts"}[method] in trained

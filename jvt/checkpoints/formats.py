@@ -586,8 +586,9 @@ def checkpoint_options(path: str | os.PathLike, *, format: str | None = None) ->
   other HuggingFace models and OpenAI / OpenCLIP; an npz written by jvt's `save_npz` records
   its model's form), "layer_norm_eps", "class_token", "num_registers", "layer_scale",
   "pre_norm", "patch_bias". "pool" / "fc_norm" when the file fixes them (MAP head; MAE-style
-  fc_norm), "activation" "swiglu" for DINOv2-g. CLIP files cannot tell QuickGELU (OpenAI) from
-  GELU (OpenCLIP LAION): the variant (`clip-*` / `openclip-*`) decides.
+  fc_norm), "activation" "swiglu" for DINOv2-g, "projection_dim" when the file holds CLIP's
+  image projection. CLIP files cannot tell QuickGELU (OpenAI) from GELU (OpenCLIP LAION): the
+  variant (`clip-*` / `openclip-*`) decides.
   """
   path = os.fspath(path)
   if not os.path.exists(path):
@@ -630,6 +631,12 @@ def checkpoint_options(path: str | os.PathLike, *, format: str | None = None) ->
     opts.update(pool="gap", fc_norm=True)
   elif not opts["class_token"]:
     opts["pool"] = "gap"
+  projection = next(((shapes[k], k) for k in keys if re.fullmatch(
+      r"(visual\.)?proj|visual_projection\.weight|projection/kernel", k)
+      or (family == "clip" and k == "head.weight")), None)
+  if projection is not None:  # CLIP's image projection: [D, E] as `proj`, else (E, D)
+    shape, key = projection
+    opts["projection_dim"] = int(shape[-1] if key.endswith(("proj", "kernel")) else shape[0])
   if has(r"mlp\.(w12|weights_in)\.weight$"):
     opts["activation"] = "swiglu"
   else:

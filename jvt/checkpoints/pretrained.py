@@ -4,10 +4,11 @@ Loading is a tree merge: the file (converted to Linen names by `formats.py`) pro
 backbone leaf of the model; by design the head, the tuning parameters and any leaf the file
 cannot have (`fc_norm` for MAE-style models, `pre_logits` the file lacks) keep their initial
 values. Anything else that does not fit raises one `CheckpointMismatchError` naming every key.
-Before any array is read, the model's architectural options (GELU form, layer-norm eps, [CLS],
+Before the arrays are matched, the model's architectural options (GELU form, layer-norm eps, [CLS],
 registers, layer scale, pre-norm, patch bias, MAP pooling) are checked against those the file
 implies (`formats.checkpoint_options`); options the model was explicitly built with
-(`ViT.explicit_options`) are the user's choice and are not checked.
+(`ViT.explicit_options`) are the user's choice and are not checked. A contradicted option is
+reported in the same error as the keys that do not fit.
 """
 from __future__ import annotations
 
@@ -126,8 +127,8 @@ def default_posemb_interpolation(options: dict) -> str:
   return "linear"
 
 
-def check_options(path: str | os.PathLike, model: Any, options: dict) -> None:
-  """Raises CheckpointMismatchError naming each option of `model` the file contradicts."""
+def option_conflicts(model: Any, options: dict) -> list[str]:
+  """Each option of `model` that the file (its `checkpoint_options`) contradicts, as text."""
   explicit = set(getattr(model, "explicit_options", ()))
   wrong = []
   for name in CHECKED_OPTIONS:
@@ -141,13 +142,7 @@ def check_options(path: str | os.PathLike, model: Any, options: dict) -> None:
   if file_map != model_map and "pool" not in explicit:
     wrong.append(f"pool={model.pool!r} in the model, the file "
                  + ("pools with a MAP head (pool='map')" if file_map else "has no MAP head"))
-  if wrong:
-    raise CheckpointMismatchError(
-        f"checkpoint {os.fspath(path)} ({options['family']} weights, {options['format']} "
-        f"layout) does not fit the model's options: {'; '.join(wrong)}. Build the model with "
-        f"jvt.build_model(variant, num_classes, checkpoint={os.fspath(path)!r}), which sets "
-        "every option the file implies, or pass the option to build_model explicitly to "
-        "override it on purpose.")
+  return wrong
 
 
 def load_pretrained(path: str | os.PathLike, params: PyTree, model: Any, *,
@@ -162,11 +157,12 @@ def load_pretrained(path: str | os.PathLike, params: PyTree, model: Any, *,
     params: the model's freshly initialised parameter tree (`variables["params"]`); it fixes
       the structure, shapes, dtypes and shardings of the result.
     model: the jvt ViT module (`num_heads` splits fused torch projections; its options are
-      checked against those the file implies, see `check_options`).
+      checked against those the file implies, see `option_conflicts`).
     format: one of formats.FORMATS; None detects it from the keys.
     posemb_interpolation: when the position grid size differs: "linear" (scipy.ndimage.zoom
       order=1, as vision_transformer and big_vision), "bicubic" (antialiased cubic, as timm and
-      OpenCLIP) or "dinov2" (DINOv2's interpolate_pos_encoding); None: the file's family's own.
+      OpenCLIP) or "dinov2" (DINOv2's interpolate_pos_encoding); None or "": the file's
+      family's own.
     keep_head: keep the file's head when its shapes match the model's (pre_logits is loaded
       whenever the model has a representation layer and the file holds one).
     log: where the one-line summaries go (ignored arrays, leaves kept from init).
@@ -174,17 +170,17 @@ def load_pretrained(path: str | os.PathLike, params: PyTree, model: Any, *,
   Raises:
     FileNotFoundError: `path` does not exist.
     formats.CheckpointFormatError: unreadable, pickled, corrupt or unknown file.
-    CheckpointMismatchError: an option the file contradicts, or missing, unexpected or
+    CheckpointMismatchError: options the file contradicts, missing, unexpected or
       mis-shaped leaves (all named at once).
   """
   if isinstance(params, dict | flax.core.FrozenDict) and set(params) == {"params"}:
     raise ValueError("pass the parameter collection variables['params'], not the variables dict.")
-  if posemb_interpolation is not None and posemb_interpolation not in posemb_lib.METHODS:
+  if posemb_interpolation and posemb_interpolation not in posemb_lib.METHODS:
     raise ValueError(f"unknown posemb_interpolation {posemb_interpolation!r}; "
                      f"choose one of {posemb_lib.METHODS} or None (the file's family's own).")
   fmt, loaded, notes = formats.read_checkpoint(path, num_heads=model.num_heads, format=format)
   options = formats.checkpoint_options(path, format=fmt)
-  check_options(path, model, options)
+  conflicts = option_conflicts(model, options)
   posemb_interpolation = posemb_interpolation or default_posemb_interpolation(options)
   for note in notes:
     log(f"{os.fspath(path)}: {note}")
@@ -235,15 +231,23 @@ def load_pretrained(path: str | os.PathLike, params: PyTree, model: Any, *,
       unexpected.append(f"{key}: file {_shape(loaded[key])} (a tuning parameter, not a "
                         "checkpoint leaf)")
 
-  if missing or unexpected or mismatched:
-    sections = [(f"missing from the file ({len(missing)})", missing),
+  if conflicts or missing or unexpected or mismatched:
+    sections = [(f"options the file contradicts ({len(conflicts)})", conflicts),
+                (f"missing from the file ({len(missing)})", missing),
                 (f"unexpected in the file ({len(unexpected)})", unexpected),
                 (f"shape mismatch ({len(mismatched)})", mismatched)]
-    lines = [f"checkpoint {os.fspath(path)} (read as {fmt!r}) does not fit the model:"]
+    lines = [f"checkpoint {os.fspath(path)} ({options['family']} weights, read as {fmt!r}) "
+             "does not fit the model:"]
     for title, items in sections:
       if items:
         lines += [f"  {title}:"] + [f"    {item}" for item in items]
-    lines.append("likely cause: " + _likely_cause(loaded, target, fmt))
+    if conflicts:
+      lines.append(f"fix: build the model with jvt.build_model(variant, num_classes, "
+                   f"checkpoint={os.fspath(path)!r}), which sets every option the file "
+                   "implies, or pass the option to build_model explicitly to override it on "
+                   "purpose")
+    if missing or unexpected or mismatched:
+      lines.append("likely cause: " + _likely_cause(loaded, target, fmt))
     raise CheckpointMismatchError("\n".join(lines))
 
   if dropped:
