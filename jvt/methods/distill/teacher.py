@@ -114,7 +114,8 @@ def _from_workdir(workdir: str, image_size: int, dtype) -> Teacher:
       raise ValueError(f"{_FIELD}.workdir={workdir!r}: cannot tell the teacher's number of "
                        "classes (no trained head, no num_classes in final_metrics.json).")
   model = _build(model_cfg["variant"], num_classes, cfg.get("tuning"), dtype,
-                 dict(model_cfg.get("overrides") or {}), pre.get("path"))
+                 dict(model_cfg.get("overrides") or {}),
+                 pre.get("path") if os.path.isfile(pre.get("path") or "") else None)
   own_size = int(model_cfg["image_size"])
   backbone = pre.get("path") or ""
   shapes = traverse_util.flatten_dict(param_shapes(model, own_size), sep="/")
