@@ -176,7 +176,7 @@ class Encoder1DBlock(nn.Module):
   drop_path: float = 0.0  # this block's stochastic-depth rate
 
   @nn.compact
-  def __call__(self, x, mask=None, deterministic=True):
+  def __call__(self, x, mask=None, deterministic=True, shared=None):
     p = self.num_prompts
     k = self.num_prefix
     ms = self.methods
@@ -184,7 +184,7 @@ class Encoder1DBlock(nn.Module):
     site = Site(layer=self.layer, num_layers=self.num_layers, num_prompts=p, num_prefix=k,
                 num_tokens=x.shape[1], grid=tuple(self.grid), train=not deterministic,
                 hidden_size=x.shape[-1], dtype=self.dtype, capture=self.capture,
-                captured=captured)
+                captured=captured, shared=shared or {})
     z = LayerNorm(self.layer_norm_eps, methods=ms, dtype=self.dtype, name="LayerNorm_0")(x, site)
     y, probs, q = MultiHeadDotProductAttention(
         self.num_heads, ms, dtype=self.dtype, attention_dropout=self.attention_dropout,
@@ -246,7 +246,7 @@ class Encoder(nn.Module):
   drop_path_rate: float = 0.0
 
   @nn.compact
-  def __call__(self, x, grid, deterministic=True, registers=None):
+  def __call__(self, x, grid, deterministic=True, shared=None, registers=None):
     b, _, d = x.shape
     n = grid[0] * grid[1]  # image tokens, always the last n of the sequence
     ms = self.methods
@@ -256,13 +256,15 @@ class Encoder(nn.Module):
       x = jnp.concatenate([x[:, :1], jnp.broadcast_to(registers.astype(x.dtype),
                                                       (b, *registers.shape[1:])), x[:, 1:]], 1)
     k = x.shape[1] - n  # prefix tokens: [CLS] and registers
+    shared = shared or {}
     site = Site(num_layers=self.num_layers, grid=tuple(grid), train=not deterministic,
-                hidden_size=d, patch_size=self.patch_size, dtype=self.dtype, num_prefix=k)
+                hidden_size=d, patch_size=self.patch_size, dtype=self.dtype, shared=shared,
+                num_prefix=k)
     if self.pre_norm:
       x = LayerNorm(self.layer_norm_eps, methods=ms, dtype=self.dtype,
                     name="pre_norm")(x, site.at(name="pre_norm"))
     rates = drop_path_rates(self.drop_path_rate, self.num_layers)
-    shared = [m.on_encoder(self, site) for m in ms]
+    encoder_state = [m.on_encoder(self, site) for m in ms]
     block_cls = Encoder1DBlock
     if self.remat != "none":
       policy = {"full": None,
@@ -273,7 +275,7 @@ class Encoder(nn.Module):
     for i in range(self.num_layers):
       want = self.capture if i in self.capture_layers else ()
       captured = {}
-      for m, own in zip(ms, shared):
+      for m, own in zip(ms, encoder_state):
         x = m.on_tokens(own, x, site.at(layer=i, num_prompts=x.shape[1] - k - n,
                                      num_tokens=x.shape[1], capture=want, captured=captured))
       p = x.shape[1] - k - n
@@ -286,7 +288,7 @@ class Encoder(nn.Module):
           attention_dropout=self.attention_dropout, layer_norm_eps=self.layer_norm_eps,
           gelu_approximate=self.gelu_approximate, capture=want, num_prefix=k,
           layer_scale=self.layer_scale, activation=self.activation, drop_path=rates[i],
-          name=f"encoderblock_{i}")(x, mask, deterministic)
+          name=f"encoderblock_{i}")(x, mask, deterministic, shared)
       if want:
         blocks[i] = {**own_captured, **captured}
     if self.final_norm:
@@ -416,6 +418,13 @@ class ViT(nn.Module):
     ms = ordered(self.methods)
     site = Site(num_layers=self.num_layers, train=train, hidden_size=self.hidden_size,
                 patch_size=self.patch_size, dtype=self.dtype)
+    # Arrays a method shares between hook points (e.g. factors common to every block).
+    shared = {}
+    for m in ms:
+      value = m.on_model(self, site)
+      if value is not None:
+        shared[m.name] = value
+    site = site.at(shared=shared)
     for m in ms:
       images = m.on_image(self, images, site)
     x = nn.Conv(self.hidden_size, (self.patch_size, self.patch_size),
@@ -442,7 +451,7 @@ class ViT(nn.Module):
         final_norm=use_encoder_norm, remat=self.remat, capture=tuple(capture),
         capture_layers=layers, pre_norm=self.pre_norm, layer_scale=self.layer_scale,
         activation=self.activation, drop_path_rate=self.drop_path_rate,
-        name="Transformer")(x, (h, w), deterministic, registers)
+        name="Transformer")(x, (h, w), deterministic, shared, registers)
     patches = x[:, x.shape[1] - n:]  # [B, N, D]: pooling never reads prompt tokens
     if self.pool == "tok":
       feat = x[:, 0]
