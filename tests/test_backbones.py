@@ -294,7 +294,7 @@ def torch_bicubic(grid, out, scale):
   return res
 
 
-def reference(c, images, *, act, eps, pos=None):
+def reference(c, images, *, act, eps, pos=None, prompts=None):
   """The family's forward pass in float64: returns (pooled feature, projection or None).
 
   DINOv2 (facebookresearch/dinov2 `DinoVisionTransformer`): patches, [CLS] + position, then the
@@ -302,6 +302,8 @@ def reference(c, images, *, act, eps, pos=None):
   CLIP): [CLS] + position, ln_pre, blocks, ln_post on [CLS], `@ proj`. SigLIP (big_vision):
   patches + position, blocks, encoder_norm, MAP head (probe attends to every token, then
   `x + MLP(LN(x))`). `pos`: the position table to use (resized), default the file's.
+  `prompts`: VPT-Deep prompts per block ([M, D] each), written after [CLS] and the registers
+  (first without [CLS]), replacing the previous block's; pooling skips them.
   """
   c = jax.tree.map(lambda v: None if v is None else np.asarray(v, np.float64), c,
                    is_leaf=lambda v: v is None)
@@ -320,7 +322,13 @@ def reference(c, images, *, act, eps, pos=None):
                        axis=1)
   if c["pre_norm"] is not None:
     x = _ln(x, c["pre_norm"], eps)
-  for b in c["blocks"]:
+  k = int(c["cls"] is not None) + (0 if c["reg"] is None else len(c["reg"]))
+  carried = 0
+  for i, b in enumerate(c["blocks"]):
+    if prompts is not None:
+      new = np.broadcast_to(np.asarray(prompts[i], np.float64), (bsz, *prompts[i].shape))
+      x = np.concatenate([x[:, :k], new, x[:, k + carried:]], axis=1)
+      carried = len(prompts[i])
     y = _attend(_ln(x, b["n1"], eps), _ln(x, b["n1"], eps), b)
     x = x + (y * b["ls1"] if b["ls1"] is not None else y)
     h = _ln(x, b["n2"], eps) @ b["fc1_w"].T + b["fc1_b"]
@@ -332,6 +340,7 @@ def reference(c, images, *, act, eps, pos=None):
     y = h @ b["fc2_w"].T + b["fc2_b"]
     x = x + (y * b["ls2"] if b["ls2"] is not None else y)
   x = _ln(x, c["norm"], eps)
+  x = np.concatenate([x[:, :k], x[:, k + carried:]], axis=1)  # pooling never reads prompts
   if "map" in c:
     m = c["map"]
     y = _attend(np.broadcast_to(m["probe"], (bsz, 1, D)), x, m)
@@ -601,6 +610,26 @@ def test_pre_logit_and_logit_parity_with_the_family_reference(tmp_path, case):
   if has_head:
     np.testing.assert_allclose(logits, pooled @ c["head_w"].T.astype(np.float64) + c["head_b"],
                                rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("case,variant", [("dinov2_reg4_timm", "dinov2-reg4-B/14"),
+                                          ("siglip_big_vision", "siglip-B/16"),
+                                          ("clip_hf", "clip-B/16")])
+def test_prompts_go_after_cls_and_registers_and_first_without_cls(tmp_path, case, variant):
+  """VPT-Deep on each family against the reference with prompts placed by hand."""
+  c, path = _write(case, tmp_path)
+  model = jvt.build_model(variant, C, tuning=dict(method="vpt", num_prompts=3, deep=True),
+                          checkpoint=path, **TINY)
+  params = load_pretrained(path, jvt.param_shapes(model, IMAGE), model, log=lambda _: None)
+  rng = np.random.default_rng(5)
+  prompts = [rng.normal(size=(3, D)).astype(np.float32) for _ in range(L)]
+  params = _zeros_for_shapes(params)
+  params["Transformer"]["prompts"] = {f"block_{i}": p for i, p in enumerate(prompts)}
+  _, aux = _run(model, params, _images())
+  act = {"dinov2": "erf", "clip": "quick", "siglip": "tanh"}[CASES[case][0]]
+  eps = {"dinov2": 1e-6, "clip": 1e-5, "siglip": 1e-6}[CASES[case][0]]
+  pooled, _ = reference(c, _images(), act=act, eps=eps, prompts=prompts)
+  np.testing.assert_allclose(np.asarray(aux["pre_logits"]), pooled, rtol=2e-4, atol=2e-4)
 
 
 def test_dinov2_linear_eval_pool_concatenates_cls_and_mean_patch(tmp_path):
