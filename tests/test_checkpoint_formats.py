@@ -6,7 +6,6 @@ additionally checked by a numpy forward pass that reads the torch-layout state d
 timm / HuggingFace do, so a transposition error shared by a writer and a reader still fails.
 """
 import json
-import logging
 import math
 import os
 import pickle
