@@ -20,7 +20,8 @@ its `TUNING` dict, its `RECIPE` (one of the presets below) and `PUBLISHED`, and 
               --sweep is given: nested fields whose leaves are lists of values (the grid:
               lr x wd, plus the file's `tune_grid`, e.g. VPT's prompt lengths)
 
-`arg` keys (e.g. "task=dtd,protocol=vtab_tune"): task, protocol, seed, pretrained, data_dir
+`arg` keys (e.g. "task=dtd,protocol=vtab_tune"): task, protocol, seed, backbone (a variant of
+`jvt.models.variants`, default B/16; see `set_backbone`), pretrained, data_dir
 (TFDS data directory, or the FGVC json root; "" = TFDS's default), lists (VTAB only: a folder
 of NOAH-format task folders, read as `list:<lists>/<task>` instead of TFDS), lr, wd, sweep
 ("" = the protocol's: `grid` under vtab_tune, `seeds` otherwise; or `grid` / `seeds`), and
@@ -36,6 +37,7 @@ import ml_collections
 
 from jvt.config_lib import base_config, parse_arg
 from jvt.data import fgvc, vtab
+from jvt.models import variants
 from jvt.protocols import PROTOCOLS, get_protocol
 from jvt.methods import method_defaults, registry
 
@@ -105,6 +107,17 @@ def _set(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
   node[leaf] = value
 
 
+def set_backbone(c: ml_collections.ConfigDict, variant: str, preprocess: str) -> None:
+  """`backbone=<variant>`: the model, and the resolution and input normalisation its family was
+  trained with (`preprocess` keeps its resizing and augmentation; CLIP and SigLIP get their own
+  mean / std, SigLIP [-1, 1]). Pass the family's file as `pretrained=PATH`."""
+  family = variants.variant_family(variant)
+  c.model.variant = variant
+  c.model.image_size = variants.FAMILY_IMAGE_SIZE
+  norm = variants.FAMILY_NORMALISATION[family]
+  c.dataset.preprocess = preprocess if norm == "imagenet" else f"{preprocess}:{norm}"
+
+
 def _tuning_args(tuning: Mapping[str, Any]) -> dict[str, Any]:
   """The scalar fields of the method (its registry defaults, then the file's values): arg keys."""
   name = tuning["method"]
@@ -136,7 +149,8 @@ def _make(arg: str | None, *, benchmark: str, tasks: Mapping[str, Any], default_
           default_protocol: str, name: str, tuning: Mapping[str, Any], recipe: Recipe,
           tune_grid: Mapping[str, Sequence[Any]] | None = None) -> ml_collections.ConfigDict:
   tuning_args = _tuning_args(tuning)
-  common = dict(task=default_task, protocol=default_protocol, seed=0, pretrained=PRETRAINED,
+  common = dict(task=default_task, protocol=default_protocol, seed=0, backbone="B/16",
+                pretrained=PRETRAINED,
                 data_dir="", lr=float(recipe.lr), wd=float(recipe.weight_decay), sweep="")
   if benchmark == "vtab":
     common["lists"] = ""
@@ -159,15 +173,13 @@ def _make(arg: str | None, *, benchmark: str, tasks: Mapping[str, Any], default_
   c = base_config()
   c.method = name
   c.seed = a.seed
-  c.model.variant = "B/16"
-  c.model.image_size = 224
   c.pretrained.path = a.pretrained
   c.tuning = {**tuning, **{k: a[k] for k in tuning_args
                            if k in tuning or a[k] != tuning_args[k]}}
   lists = a.get("lists", "")
   c.dataset.name = f"list:{lists.rstrip('/')}/{a.task}" if lists else f"{benchmark}/{a.task}"
   c.dataset.data_dir = a.data_dir
-  c.dataset.preprocess = benchmark
+  set_backbone(c, a.backbone, benchmark)
   c.dataset.num_classes = -1
   for key, value in protocol.config_overrides().items():
     _set(c, key, value)

@@ -33,13 +33,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.image_size = 224
   c.model.dtype = "float32"  # compute dtype: "float32" | "bfloat16"; parameters stay fp32
   c.model.remat = "none"  # "none" | "full" | "dots" | "nothing"
+  c.model.drop_path_rate = 0.0  # stochastic depth of the last block (linear over depth from 0)
   # Other ViT fields (e.g. hidden_size, num_layers, pool, layer_norm_eps), as a dict.
   c.model.overrides = ml_collections.ConfigDict()
 
   c.pretrained = ml_collections.ConfigDict()
   c.pretrained.path = ""  # "" = random init (a warning is logged)
   c.pretrained.format = ""  # "" = detect from the file
-  c.pretrained.posemb_interpolation = "linear"
+  c.pretrained.posemb_interpolation = ""  # "" = the file's family's; "linear" | "bicubic" | "dinov2"
 
   # A method dict, or a list of them for a composition (see docs/methods.md).
   c.tuning = None  # None = dict(method="linear")

@@ -80,10 +80,14 @@ def export_backbone(run_workdir: str, npz_path: str) -> str:
   from jvt.checkpoints import save_npz
   if os.path.exists(npz_path):
     return npz_path
+  from jvt.train import model_from_config
   with np.load(os.path.join(run_workdir, "export", "trainable.npz")) as exported:
     params = traverse_util.unflatten_dict(dict(exported), sep="/")
   params.pop("head")  # the pretraining task's head is not part of a backbone checkpoint
-  save_npz(npz_path, params)
+  with open(os.path.join(run_workdir, "config.json")) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  # With the run's model, the file records its GELU form (exact erf), which loading implies.
+  save_npz(npz_path, params, model=model_from_config(config, num_classes=1))
   return npz_path
 
 

@@ -48,10 +48,22 @@ def import_graph() -> dict[str, set[str]]:
                    for a in node.names]
       else:
         continue
-      edges.update(t for t in (_target(x, modules) for x in targets if x.startswith(PACKAGE))
-                   if t and t != name)
+      for t in (_target(x, modules) for x in targets if x.startswith(PACKAGE)):
+        if t and t != name:
+          edges.add(t)
+          edges.update(_packages_run_first(t, name, modules))
     graph[name] = edges
   return graph
+
+
+def _packages_run_first(target: str, importer: str, modules) -> set[str]:
+  """The packages whose `__init__` importing `target` runs first: each parent package of
+  `target` that is not already being imported around `importer` (its own ancestors), the root
+  package aside. `import jvt.models.vit` runs `jvt/models/__init__.py` before `vit.py`."""
+  parts = target.split(".")
+  parents = {".".join(parts[:i]) for i in range(2, len(parts))}
+  ancestors = {".".join(importer.split(".")[:i]) for i in range(1, importer.count(".") + 1)}
+  return {p for p in parents - ancestors if p in modules}
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -95,6 +107,14 @@ def test_the_graph_sees_deferred_and_relative_imports():
   graph = import_graph()
   assert "jvt.methods.registry" in graph["jvt.models"]  # deferred, inside build_model
   assert "jvt.methods.distill.teacher" in graph["jvt.methods.distill.objective"]
+
+
+def test_the_graph_sees_the_package_inits_an_import_runs():
+  graph = import_graph()
+  # vit.py imports jvt.methods.base, which runs jvt/methods/__init__.py (the registry) first.
+  assert "jvt.methods" in graph["jvt.models.vit"]
+  # A package's own submodules do not count their package: it is being imported already.
+  assert "jvt.methods" not in graph["jvt.methods.registry"]
 
 
 def test_no_import_circle_in_jvt():

@@ -391,7 +391,7 @@ def test_build_model_bad_input(kwargs, match):
 
 
 @pytest.mark.parametrize("overrides,apply_kwargs,match", [
-    (dict(pool="cls"), {}, r"pool='cls'; allowed: \('tok', 'gap'\)"),
+    (dict(pool="cls"), {}, r"pool='cls'; allowed: \('tok', 'gap', 'map', 'tok_gap'\)"),
     (dict(fc_norm=True), {}, r"fc_norm=True .* pool='gap'"),
     (dict(remat="some"), {}, r"remat='some'; allowed: .*'dots'"),
     ({}, dict(capture=("tokenz",)), r"capture: unknown keys \['tokenz'\]; allowed"),

@@ -45,11 +45,14 @@ Choices where the released files differ from what their code reads (docs/davpt.m
     them).
   * warmup_lr / min_lr are 1e-8 / 1e-9 except flowers102 and dsprites_loc (1e-7 / 1e-8) and
     smallnorb_ele (min_lr 1e-8, the parser's warmup_lr 1e-7).
+Stochastic depth as released: `drop_path` 0.1 on caltech101, cifar100, clevr_count, clevr_dist,
+dmlab, dtd, pets, smallnorb_azi (`DROP_PATH`; 0 or absent in the other files), as
+`model.drop_path_rate` (the rate linear over depth, as the released `models/vpt.py`); the
+borrowed tasks take their source task's.
 Paper / released-code differences (preset=code, the default) and the released training recipe
 (timm's per-update cosine, [CLS] decay in DA-VPT+): see configs/fgvc/da_vpt.py. The
 preprocess is the released VTAB transform `da_vpt_vtab` (bicubic shorter-side resize to 224 +
-center crop). Not reproduced: stochastic depth (`drop_path` 0.1 on caltech101, cifar100,
-clevr_count, clevr_dist, dmlab, dtd, pets, smallnorb_azi), fp16 autocast.
+center crop). Not reproduced: fp16 autocast.
 """
 from configs.fgvc import da_vpt as _base
 from jvt.data import vtab
@@ -116,9 +119,19 @@ BORROWED_GRID = {"optimizer.lr": (5e-3, 1e-3, 5e-4), "tuning.patch_weight": (0.0
 BORROWED = {task: {**RELEASED[source], "tune": BORROWED_GRID}
             for task, source in BORROWED_FROM.items()}
 NUM_CLASSES = {task: vtab.VTAB_TASKS[task].num_classes for task in {**RELEASED, **BORROWED}}
+# `drop_path` of Noahsark/DA-VPT configs/vtab/vitb_<task>.yaml (0 or absent elsewhere); a
+# borrowed task takes its source task's.
+DROP_PATH = {task: 0.1 for task in ("caltech101", "cifar100", "clevr_count", "clevr_dist", "dmlab",
+                                    "dtd", "pets", "smallnorb_azi")}
+
+
+def drop_path_rate(task: str) -> float:
+  return DROP_PATH.get(BORROWED_FROM.get(task, task), 0.0)
 PUBLISHED = 74.69  # VTAB-1k mean of the three group means (%)
 
 
 def get_config(arg=None):
-  return _base.make_config(arg, benchmark="vtab", table={**RELEASED, **BORROWED},
-                           num_classes=NUM_CLASSES, plus=False, default_task="cifar100")
+  c = _base.make_config(arg, benchmark="vtab", table={**RELEASED, **BORROWED},
+                        num_classes=NUM_CLASSES, plus=False, default_task="cifar100")
+  c.model.drop_path_rate = drop_path_rate(_base._arg_value(arg, "task", "cifar100"))
+  return c

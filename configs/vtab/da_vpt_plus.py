@@ -19,7 +19,8 @@ norm2 biases, all of norm1, [CLS], the patch-embedding bias (matched by the rele
 patch_camelyon, eurosat, resisc45, retinopathy, clevr_count, clevr_dist, dmlab, dsprites_ori,
 smallnorb_azi through a `rules` entry). preset=paper trains the K and V biases and [CLS]. As in
 the released code, the trained [CLS] gets the prompts' weight decay (`optimizer.decay_cls`).
-Every other paper / released-code difference is as in configs/vtab/da_vpt.py.
+Stochastic depth and every other paper / released-code difference are as in
+configs/vtab/da_vpt.py.
 """
 from configs.vtab import da_vpt as _vtab
 RELEASED, BORROWED, NUM_CLASSES = _vtab.RELEASED, _vtab.BORROWED, _vtab.NUM_CLASSES
@@ -27,5 +28,7 @@ PUBLISHED = 76.14  # VTAB-1k mean of the three group means (%)
 
 
 def get_config(arg=None):
-  return _vtab._base.make_config(arg, benchmark="vtab", table={**RELEASED, **BORROWED},
-                                 num_classes=NUM_CLASSES, plus=True, default_task="cifar100")
+  c = _vtab._base.make_config(arg, benchmark="vtab", table={**RELEASED, **BORROWED},
+                              num_classes=NUM_CLASSES, plus=True, default_task="cifar100")
+  c.model.drop_path_rate = _vtab.drop_path_rate(_vtab._base._arg_value(arg, "task", "cifar100"))
+  return c

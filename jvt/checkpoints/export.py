@@ -65,7 +65,9 @@ def save_npz(path: str | os.PathLike, params: PyTree, *, model: Any = None) -> N
   Args:
     path: destination file (written as given; use a `.npz` suffix).
     params: backbone + head leaves only, fully addressable (gather sharded trees first).
-    model: optional jvt ViT; when given, the tree's shapes are checked against it.
+    model: optional jvt ViT; when given, the tree's shapes are checked against it and its
+      GELU form is recorded in the file (`jvt/gelu`), so that loading it back implies the
+      same form (without it the file reads as a Google npz: tanh GELU).
 
   Raises ValueError for tuning leaves (`jvt.merge` folds LoRA / SSF into the backbone first;
   prompts and adapters have no place in this layout) or a tree that does not fit `model`.
@@ -88,4 +90,6 @@ def save_npz(path: str | os.PathLike, params: PyTree, *, model: Any = None) -> N
       raise ValueError(f"save_npz: {key} is sharded across processes; gather it first "
                        "(jax.experimental.multihost_utils.process_allgather) on one process.")
     arrays[_pre_linen(key)] = np.asarray(value).astype(np.float32)
+  if model is not None:  # the GELU form the weights were trained with (formats.GELU_MARKER)
+    arrays[formats.GELU_MARKER] = np.array("tanh" if model.gelu_approximate else "erf")
   _write_atomically(path, arrays)

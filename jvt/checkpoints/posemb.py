@@ -9,7 +9,14 @@ Interpolation:
   semantics of `scipy.ndimage.zoom(grid, (h/gh, w/gw, 1), order=1)` that
   google-research/vision_transformer uses; written in numpy (a [h, gh] weight matrix per axis).
 - "bicubic": `jax.image.resize(..., method="cubic")`: Keys cubic (a=-0.5), half-pixel centres,
-  antialiased when shrinking. Close to, not identical with, timm's torch bicubic resize.
+  antialiased when shrinking (the kernel widened by the scale, weights renormalised at the
+  borders): the formula of torch's `interpolate(mode="bicubic", antialias=True)`, which timm,
+  OpenCLIP and DINOv2's register models use.
+- "dinov2": torch's `interpolate(mode="bicubic", antialias=False, scale_factor=(new + 0.1) /
+  old)` as DINOv2's `interpolate_pos_encoding` calls it for its models without registers
+  (interpolate_offset 0.1): cubic convolution with a=-0.75, half-pixel centres, source
+  coordinates `(i + 0.5) * old / (new + 0.1) - 0.5`, border samples repeated. Written in
+  numpy (a [new, old] weight matrix per axis).
 """
 from __future__ import annotations
 
@@ -18,7 +25,9 @@ import math
 import jax
 import numpy as np
 
-METHODS = ("linear", "bicubic")
+METHODS = ("linear", "bicubic", "dinov2")
+DINOV2_OFFSET = 0.1  # DINOv2's interpolate_offset (models without registers)
+_TORCH_CUBIC_A = -0.75
 
 
 def num_prefix_tokens(num_tokens: int) -> int:
@@ -47,6 +56,24 @@ def _linear_weights(n_in: int, n_out: int) -> np.ndarray:
   return weights
 
 
+def _torch_cubic_weights(n_in: int, n_out: int, inv_scale: float) -> np.ndarray:
+  """[n_out, n_in] matrix of torch's non-antialiased bicubic (a=-0.75, clamped borders)."""
+  a = _TORCH_CUBIC_A
+  src = (np.arange(n_out, dtype=np.float64) + 0.5) * inv_scale - 0.5
+  base = np.floor(src)
+  t = src - base
+  coeffs = [((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a,  # offset -1
+            ((a + 2) * t - (a + 3)) * t * t + 1,  # offset 0
+            ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1,  # offset +1
+            ((a * (2 - t) - 5 * a) * (2 - t) + 8 * a) * (2 - t) - 4 * a]  # offset +2
+  weights = np.zeros((n_out, n_in), np.float64)
+  rows = np.arange(n_out)
+  for offset, coeff in zip(range(-1, 3), coeffs):
+    cols = np.clip(base.astype(np.int64) + offset, 0, n_in - 1)
+    np.add.at(weights, (rows, cols), coeff)
+  return weights
+
+
 def resize_grid(grid: np.ndarray, size: tuple[int, int], method: str = "linear") -> np.ndarray:
   """Resamples a `[gh, gw, D]` grid to `[h, w, D]` (float32)."""
   if method not in METHODS:
@@ -58,6 +85,10 @@ def resize_grid(grid: np.ndarray, size: tuple[int, int], method: str = "linear")
   if method == "linear":
     wh = _linear_weights(grid.shape[0], h)  # [h, gh]
     ww = _linear_weights(grid.shape[1], w)  # [w, gw]
+    return np.einsum("hi,wj,ijd->hwd", wh, ww, grid.astype(np.float64)).astype(np.float32)
+  if method == "dinov2":
+    wh = _torch_cubic_weights(grid.shape[0], h, grid.shape[0] / (h + DINOV2_OFFSET))
+    ww = _torch_cubic_weights(grid.shape[1], w, grid.shape[1] / (w + DINOV2_OFFSET))
     return np.einsum("hi,wj,ijd->hwd", wh, ww, grid.astype(np.float64)).astype(np.float32)
   resized = jax.image.resize(grid, (h, w, grid.shape[2]), method="cubic")
   return np.asarray(resized, np.float32)

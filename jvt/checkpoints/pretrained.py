@@ -4,6 +4,11 @@ Loading is a tree merge: the file (converted to Linen names by `formats.py`) pro
 backbone leaf of the model; by design the head, the tuning parameters and any leaf the file
 cannot have (`fc_norm` for MAE-style models, `pre_logits` the file lacks) keep their initial
 values. Anything else that does not fit raises one `CheckpointMismatchError` naming every key.
+Before the arrays are matched, the model's architectural options (GELU form, layer-norm eps, [CLS],
+registers, layer scale, pre-norm, patch bias, MAP pooling) are checked against those the file
+implies (`formats.checkpoint_options`); options the model was explicitly built with
+(`ViT.explicit_options`) are the user's choice and are not checked. A contradicted option is
+reported in the same error as the keys that do not fit.
 """
 from __future__ import annotations
 
@@ -25,7 +30,9 @@ from jvt.checkpoints import posemb as posemb_lib
 
 PyTree = Any
 
-HF_LAYER_NORM_EPS = 1e-12
+# Options a file fixes and a model must share (unless chosen explicitly at build time).
+CHECKED_OPTIONS = ("gelu_approximate", "layer_norm_eps", "class_token", "num_registers",
+                   "layer_scale", "pre_norm", "patch_bias", "activation")
 
 # (hidden, layers, mlp) -> variant name, to suggest which model a file was trained as.
 _VARIANTS = {
@@ -86,8 +93,8 @@ def _likely_cause(loaded: dict, target: dict, fmt: str) -> str:
     causes.append("the file has fc_norm (MAE-style global pool): build the model with "
                   "pool='gap' and fc_norm=True")
   if "cls" in target and "cls" not in loaded:
-    causes.append("the file has no cls token (a 'gap' model without a class token); jvt's ViT "
-                  "always has one, so this model cannot be reproduced")
+    causes.append("the file has no cls token: build the model with class_token=False (and "
+                  "pool='gap' or 'map'), or with checkpoint=PATH")
   expected = [k for k in target if formats.is_backbone_leaf(k) and not k.startswith("head/")]
   if sum(k in loaded for k in expected) < len(expected) / 2:  # names, whatever the shapes
     causes.append(f"wrong format? the file was read as {fmt!r}; pass format= one of "
@@ -140,24 +147,54 @@ def _posemb_fits(file_shape, model_shape) -> bool:
   return True
 
 
+def default_posemb_interpolation(options: dict) -> str:
+  """How the file's own family resizes its position grid (see docs/checkpoints.md)."""
+  family, fmt = options["family"], options["format"]
+  if family == "dinov2":
+    return "bicubic" if options.get("num_registers") else "dinov2"
+  if family == "clip" or (family == "siglip" and fmt not in ("vit_npz", "big_vision_npz")):
+    return "bicubic"
+  return "linear"
+
+
+def option_conflicts(model: Any, options: dict) -> list[str]:
+  """Each option of `model` that the file (its `checkpoint_options`) contradicts, as text."""
+  explicit = set(getattr(model, "explicit_options", ()))
+  wrong = []
+  for name in CHECKED_OPTIONS:
+    if name not in options or name in explicit or not hasattr(model, name):
+      continue
+    have, want = getattr(model, name), options[name]
+    same = math.isclose(have, want) if isinstance(want, float) else have == want
+    if not same:
+      wrong.append(f"{name}={have!r} in the model, the file implies {name}={want!r}")
+  file_map, model_map = options.get("pool") == "map", getattr(model, "pool", "tok") == "map"
+  if file_map != model_map and "pool" not in explicit:
+    wrong.append(f"pool={model.pool!r} in the model, the file "
+                 + ("pools with a MAP head (pool='map')" if file_map else "has no MAP head"))
+  return wrong
+
+
 def load_pretrained(path: str | os.PathLike, params: PyTree, model: Any, *,
-                    format: str | None = None, posemb_interpolation: str = "linear",
+                    format: str | None = None, posemb_interpolation: str | None = None,
                     keep_head: bool = False,
                     log: Callable[[str], Any] = logging.info) -> PyTree:
   """Returns `params` with every backbone leaf replaced by the checkpoint's.
 
   Args:
-    path: a `.npz` (vision_transformer, big_vision) or `.safetensors` (timm, HuggingFace
-      ViTModel) file, or a hub name `hf-hub:<org>/<repo>` / `timm:<model>.<tag>` read through
-      the Hugging Face cache (jvt.checkpoints.hub). Pickles (`.pth`, `.pt`, `.pkl`, torch
-      `.bin`) are refused unread.
+    path: a `.npz` (vision_transformer, big_vision) or `.safetensors` (timm, HuggingFace,
+      OpenAI / OpenCLIP) file, or a hub name `hf-hub:<org>/<repo>` / `timm:<model>.<tag>` read
+      through the Hugging Face cache (jvt.checkpoints.hub). Pickles (`.pth`, `.pt`, `.pkl`,
+      torch `.bin`) are refused unread.
     params: the model's freshly initialised parameter tree (`variables["params"]`); it fixes
       the structure, shapes, dtypes and shardings of the result.
-    model: the jvt ViT module (`num_heads` splits fused torch projections; `layer_norm_eps`
-      is checked against HuggingFace's 1e-12).
-    format: one of "vit_npz", "big_vision_npz", "timm", "hf"; None detects it from the keys.
-    posemb_interpolation: "linear" (scipy.ndimage.zoom order=1, as vision_transformer) or
-      "bicubic" (jax.image.resize cubic) when the position grid size differs.
+    model: the jvt ViT module (`num_heads` splits fused torch projections; its options are
+      checked against those the file implies, see `option_conflicts`).
+    format: one of formats.FORMATS; None detects it from the keys.
+    posemb_interpolation: when the position grid size differs: "linear" (scipy.ndimage.zoom
+      order=1, as vision_transformer and big_vision), "bicubic" (antialiased cubic, as timm and
+      OpenCLIP) or "dinov2" (DINOv2's interpolate_pos_encoding); None or "": the file's
+      family's own.
     keep_head: keep the file's head when its shapes match the model's (pre_logits is loaded
       whenever the model has a representation layer and the file holds one).
     log: where the one-line summaries go (ignored arrays, leaves kept from init).
@@ -165,23 +202,22 @@ def load_pretrained(path: str | os.PathLike, params: PyTree, model: Any, *,
   Raises:
     FileNotFoundError: `path` does not exist.
     formats.CheckpointFormatError: unreadable, pickled, corrupt or unknown file.
-    CheckpointMismatchError: missing, unexpected or mis-shaped leaves (all named at once).
+    CheckpointMismatchError: options the file contradicts, missing, unexpected or
+      mis-shaped leaves (all named at once).
   """
   if isinstance(params, dict | flax.core.FrozenDict) and set(params) == {"params"}:
     raise ValueError("pass the parameter collection variables['params'], not the variables dict.")
   if hub.is_hub_name(path):
     path = hub.resolve(path)
-  fmt, loaded, notes = formats.read_checkpoint(path, num_heads=model.num_heads, format=format)
-  if posemb_interpolation not in posemb_lib.METHODS:
+  if posemb_interpolation and posemb_interpolation not in posemb_lib.METHODS:
     raise ValueError(f"unknown posemb_interpolation {posemb_interpolation!r}; "
-                     f"choose one of {posemb_lib.METHODS}.")
+                     f"choose one of {posemb_lib.METHODS} or None (the file's family's own).")
+  fmt, loaded, notes = formats.read_checkpoint(path, num_heads=model.num_heads, format=format)
+  options = formats.checkpoint_options(path, format=fmt)
+  conflicts = option_conflicts(model, options)
+  posemb_interpolation = posemb_interpolation or default_posemb_interpolation(options)
   for note in notes:
     log(f"{os.fspath(path)}: {note}")
-  if fmt == "hf" and not math.isclose(model.layer_norm_eps, HF_LAYER_NORM_EPS):
-    logging.warning(
-        "%s is a HuggingFace ViT, trained with layer-norm eps 1e-12, but the model uses %g; "
-        "build it with layer_norm_eps=1e-12 to reproduce HuggingFace's outputs exactly.",
-        os.fspath(path), model.layer_norm_eps)
 
   target = flatten_params(params)
   from_file: dict[str, np.ndarray] = {}
@@ -204,7 +240,7 @@ def load_pretrained(path: str | os.PathLike, params: PyTree, model: Any, *,
                           "initial head.", key, _shape(loaded[key]) if in_file else "absent",
                           _shape(like))
         from_init.append(key)
-    elif not in_file and (key.startswith("pre_logits/") or key.startswith("fc_norm/")):
+    elif not in_file and key.startswith(("pre_logits/", "fc_norm/", "projection/")):
       from_init.append(key)
     elif not in_file:
       missing.append(f"{key}: model {_shape(like)}")
@@ -217,7 +253,7 @@ def load_pretrained(path: str | os.PathLike, params: PyTree, model: Any, *,
 
   unexpected = []
   for key in sorted(set(loaded) - set(target)):
-    if key.startswith(("head/", "pre_logits/")):
+    if key.startswith(("head/", "pre_logits/", "projection/")):
       dropped.append(key)
     elif (key.startswith("Transformer/encoder_norm/") and not model_has_encoder_norm
           and not file_has_fc_norm and any(k.startswith("fc_norm/") for k in target)):
@@ -229,15 +265,25 @@ def load_pretrained(path: str | os.PathLike, params: PyTree, model: Any, *,
       unexpected.append(f"{key}: file {_shape(loaded[key])} (a tuning parameter, not a "
                         "checkpoint leaf)")
 
-  if missing or unexpected or mismatched:
-    sections = [(f"missing from the file ({len(missing)})", missing),
+  if conflicts or missing or unexpected or mismatched:
+    sections = [(f"options the file contradicts ({len(conflicts)})", conflicts),
+                (f"missing from the file ({len(missing)})", missing),
                 (f"unexpected in the file ({len(unexpected)})", unexpected),
                 (f"shape mismatch ({len(mismatched)})", mismatched)]
-    raise _mismatch_message(f"checkpoint {os.fspath(path)} (read as {fmt!r}) does not fit the "
-                            "model", _likely_cause(loaded, target, fmt), sections)
+    causes = []
+    if conflicts:
+      causes.append(f"the model's options differ from the file's; build it with "
+                    f"jvt.build_model(variant, num_classes, checkpoint={os.fspath(path)!r}), which "
+                    "sets every option the file implies (or pass an option explicitly to "
+                    "override it on purpose)")
+    if missing or unexpected or mismatched:
+      causes.append(_likely_cause(loaded, target, fmt))
+    raise _mismatch_message(f"checkpoint {os.fspath(path)} ({options['family']} weights, read as "
+                            f"{fmt!r}) does not fit the model", "; ".join(causes), sections)
 
   if dropped:
-    log(f"{os.fspath(path)}: not loaded by design (head / pre_logits / MAE encoder_norm): "
+    log(f"{os.fspath(path)}: not loaded by design (head / pre_logits / projection / MAE "
+        "encoder_norm): "
         f"{dropped}")
   log(f"{os.fspath(path)}: {len(from_file)} leaves from the {fmt} file; "
       f"from init by design: {from_init}")

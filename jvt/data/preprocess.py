@@ -45,6 +45,12 @@ INTERPOLATIONS = {"bilinear": PIL.Image.Resampling.BILINEAR,
 # torchvision's RandomResizedCrop defaults: area fraction and aspect-ratio (w / h) ranges.
 RRC_SCALE = (0.08, 1.0)
 RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+# Input normalisations a preset name may end with ("vtab:clip"): the pretrained families' own.
+NORMALISATIONS = {
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "minus_one_one": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # x / 127.5 - 1 (SigLIP)
+}
 
 # (image uint8 [H, W, C], rng or None) -> float32 [S, S, 3]
 Preprocess = Callable[[np.ndarray, Optional[np.random.Generator]], np.ndarray]
@@ -221,6 +227,13 @@ class Preprocessor:
 
 def get_preprocess(name: str, image_size: int, *, train: bool) -> Preprocessor:
   """Returns the preset `name` (one of PRESETS) for square outputs of side `image_size`."""
+  base, sep, norm = name.partition(":")
+  if sep:  # "<preset>:<normalisation>": the preset's resizing and augmentation, another mean/std
+    if norm not in NORMALISATIONS:
+      raise ValueError(f"Unknown normalisation {norm!r} in preprocess {name!r}; choose one of "
+                       f"{list(NORMALISATIONS)}.")
+    mean, std = NORMALISATIONS[norm]
+    return dataclasses.replace(get_preprocess(base, image_size, train=train), mean=mean, std=std)
   s = int(image_size)
   r = int(round(s * 256 / 224))
   imagenet = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD)

@@ -27,7 +27,7 @@ by all blocks there).
 | `on_image(scope, images, site)` | ViT | [B, H, W, 3] input | images |
 | `on_patch_embedding(scope, x, site)` | ViT | [B, h, w, D] patch embedding | x |
 | `on_encoder(scope, site)` | Transformer | once per forward | shared state for `on_tokens` |
-| `on_tokens(shared, x, site)` | Transformer | [B, 1+P+N, D] before block `site.layer` | x |
+| `on_tokens(shared, x, site)` | Transformer | [B, K+P+N, D] before block `site.layer` | x |
 | `on_attention_mask(mask, site)` | block | None or bool [1, 1, T, T] | mask |
 | `on_kernel(scope, kernel, site)` | Projection | its weight [*in, *out] | the weight used |
 | `on_projection(scope, x, y, site)` | Projection | input, output | output |
@@ -49,7 +49,9 @@ class Site:
   """Where a hook runs and what the plug-in may need there.
 
   layer: block index (-1 outside the blocks). num_prompts: prompt tokens in the sequence
-  ([CLS], P prompts, N image tokens), before insertion in `tokens`; num_tokens: 1 + P + N.
+  (K prefix tokens, P prompts, N image tokens), before insertion in `tokens`; num_tokens:
+  K + P + N. num_prefix: K, the tokens before the prompts: [CLS] and DINOv2's registers (1 for
+  a plain ViT, 0 for SigLIP, which has no [CLS]: prompts go first).
   grid: the token grid's
   (h, w), N = h * w. name: the projection ("query", "key", "value", "out", "mlp_in" (Dense_0),
   "mlp_out" (Dense_1)), the norm ("LayerNorm_0", "LayerNorm_1", "encoder_norm", "fc_norm"), or
@@ -63,6 +65,7 @@ class Site:
   num_layers: int = 0
   num_prompts: int = 0
   num_tokens: int = 0
+  num_prefix: int = 1
   grid: tuple[int, int] = (0, 0)
   name: str = ""
   train: bool = False

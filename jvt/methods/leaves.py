@@ -9,7 +9,13 @@ BACKBONE_LEAVES = (
     rf"{BLOCK}/(LayerNorm_[01]/(scale|bias)|"
     r"MultiHeadDotProductAttention_0/(query|key|value|out)/(kernel|bias)|"
     r"MlpBlock_0/Dense_[01]/(kernel|bias))|"
-    r"Transformer/encoder_norm/(scale|bias)|fc_norm/(scale|bias)|pre_logits/(kernel|bias)")
+    r"Transformer/encoder_norm/(scale|bias)|fc_norm/(scale|bias)|pre_logits/(kernel|bias)|"
+    # the pretrained families' leaves (docs/models.md): DINOv2's registers and layer scale,
+    # CLIP's pre-norm and projection, SigLIP's MAP head
+    rf"reg|Transformer/pre_norm/(scale|bias)|{BLOCK}/LayerScale_[01]/scale|projection/kernel|"
+    r"MAPHead_0/(probe|LayerNorm_0/(scale|bias)|"
+    r"MultiHeadDotProductAttention_0/(query|key|value|out)/(kernel|bias)|"
+    r"MlpBlock_0/Dense_[01]/(kernel|bias))")
 HEAD_LEAVES = r"head/(kernel|bias)"
 
 # Bias names usable in bitfit's `subset` -> the regex of those biases.

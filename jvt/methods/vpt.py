@@ -76,21 +76,23 @@ class Prompts(nn.Module):
 
 
 def insert_prompts(prompts: Prompts, x, count: int, site):
-  """[B, 1 + P + N, D] -> [B, 1 + count + N, D]: block `site.layer`'s prompts replace the P
-  prompt tokens in the sequence; captures "prompts" [count, D] when asked."""
-  parts = [x[:, :1]]
+  """[B, K + P + N, D] -> [B, K + count + N, D]: block `site.layer`'s prompts replace the P
+  prompt tokens after the K prefix tokens ([CLS], registers; none for SigLIP); captures
+  "prompts" [count, D] when asked."""
+  k = site.num_prefix
+  parts = [x[:, :k]]
   if count:
     parts.append(prompts(site.layer, x.shape[0], not site.train))
     if "prompts" in site.capture:
       site.captured["prompts"] = prompts(site.layer, 1, True)[0].astype(jnp.float32)
-  parts.append(x[:, 1 + site.num_prompts:])
+  parts.append(x[:, k + site.num_prompts:])
   return jnp.concatenate(parts, axis=1)
 
 
-def prompt_attention_mask(num_tokens: int, num_prompts: int):
+def prompt_attention_mask(num_tokens: int, num_prompts: int, num_prefix: int = 1):
   """[1, 1, T, T] bool: prompt queries attend to image tokens only (DA-VPT's optional mask)."""
   mask = np.ones((num_tokens, num_tokens), bool)
-  mask[1:1 + num_prompts, :1 + num_prompts] = False
+  mask[num_prefix:num_prefix + num_prompts, :num_prefix + num_prompts] = False
   return jnp.asarray(mask)[None, None]
 
 

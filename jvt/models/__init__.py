@@ -1,6 +1,7 @@
 """ViT backbone, its tuning plug-ins, and the factory `build_model` / `init_params`."""
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -11,17 +12,29 @@ from jvt.models.vit import CAPTURE_KEYS, ViT
 
 
 # ViT fields that build_model sets itself (or flax owns): not valid as overrides.
-_NOT_OVERRIDES = {"num_classes", "methods", "partition_rules", "parent", "name"}
+_NOT_OVERRIDES = {"num_classes", "methods", "partition_rules", "explicit_options", "parent",
+                  "name"}
+# Architectural options a checkpoint file implies (jvt.checkpoints.formats.checkpoint_options).
+_FILE_OPTIONS = ("gelu_approximate", "layer_norm_eps", "class_token", "num_registers",
+                 "layer_scale", "pre_norm", "patch_bias", "activation", "pool", "fc_norm",
+                 "projection_dim")
 
 
-def build_model(variant: str, num_classes: int, tuning: Any = None, **overrides) -> ViT:
-  """Builds a ViT by variant name ("B/16", ...) with the tuning methods of `tuning`.
+def build_model(variant: str, num_classes: int, tuning: Any = None, *,
+                checkpoint: str | os.PathLike | None = None, **overrides) -> ViT:
+  """Builds a ViT by variant name ("B/16", "dinov2-B/14", "siglip-B/16", ...; see
+  `jvt.models.variants`) with the tuning methods of `tuning`.
 
   tuning: a method dict such as `dict(method="vpt", num_prompts=50, deep=True)`, a ConfigDict,
     `jvt.methods.Method` settings, or a list of such (a composition); None is the plain
     backbone (trains the head only). `jvt.methods.tuning_config(model)` gives it back.
+  checkpoint: a pretrained file (any format `load_pretrained` reads): the options it implies
+    (GELU form, layer-norm eps, pooling, [CLS], registers, layer scale, pre-norm, patch bias,
+    fc_norm, projection width) replace the variant's. Only key names and shapes are read.
   overrides: any `ViT` field, e.g. `dtype=jnp.bfloat16`, `remat="dots"`, `pool="gap"`,
-    `representation_size=768`, or smaller dims for tests (`hidden_size=32, num_layers=2`).
+    `representation_size=768`, `gelu_approximate=False`, `drop_path_rate=0.1`, or smaller dims
+    for tests (`hidden_size=32, num_layers=2`). They win over the variant and the checkpoint,
+    and `load_pretrained` does not check them against the file.
   """
   from jvt.methods.registry import resolve_tuning
   allowed = sorted(set(ViT.__dataclass_fields__) - _NOT_OVERRIDES)
@@ -29,7 +42,12 @@ def build_model(variant: str, num_classes: int, tuning: Any = None, **overrides)
   if unknown:
     raise ValueError(f"build_model: unknown ViT field(s) {unknown}; allowed overrides: "
                      f"{allowed}.")
-  fields = {**variant_config(variant), **overrides}
+  implied = {}
+  if checkpoint is not None:
+    from jvt.checkpoints.formats import checkpoint_options  # models/ stays light at import
+    implied = {k: v for k, v in checkpoint_options(checkpoint).items() if k in _FILE_OPTIONS}
+  fields = {**variant_config(variant), **implied, **overrides}
+  fields["explicit_options"] = tuple(sorted(k for k in overrides if k in _FILE_OPTIONS))
   if fields["hidden_size"] % fields["num_heads"]:
     raise ValueError(f"hidden_size={fields['hidden_size']} is not divisible by "
                      f"num_heads={fields['num_heads']}.")

@@ -12,6 +12,14 @@ residual branches (block scope), keys and values (attention scope), every projec
 and output (query, key, value, out, Dense_0 = "mlp_in", Dense_1 = "mlp_out") and every norm.
 Parameters a hook creates belong to the calling module. The backbone knows no method by name.
 
+Pretrained families (fields below; `jvt.models.variants` sets them per variant): no [CLS]
+(`class_token=False`, SigLIP), register tokens after [CLS] without position embedding
+(`reg` [1, R, D], DINOv2), layer scale on both residual branches (`LayerScale_{0,1}/scale`),
+CLIP's pre-norm (`Transformer/pre_norm`) and patch embedding without bias, QuickGELU / SwiGLU
+MLPs, a MAP head (`MAPHead_0`, big_vision's names), CLIP's image projection (`projection`,
+aux["projection"]) and per-sample stochastic depth. The sequence is [CLS?, registers, prompts,
+image tokens]: `Site.num_prefix` tells plug-ins where prompts go.
+
 `ViT.__call__` returns `(logits, aux)`; aux holds "pre_logits" [B, D'], "cls" (final normed
 [CLS], or the pooled feature) [B, D] and, for blocks asked for via `capture`, their
 intermediates under aux["blocks"][i].
@@ -29,7 +37,8 @@ from jvt.models.layers import LayerNorm, Projection
 
 Dtype = Any
 
-POOLS = ("tok", "gap")
+POOLS = ("tok", "gap", "map", "tok_gap")
+ACTIVATIONS = ("gelu", "quick_gelu", "swiglu")
 # Per-block jax.checkpoint policies ("none": no rematerialisation).
 REMAT_POLICIES = ("none", "full", "dots", "nothing")
 # What a block can be asked to capture (see `Encoder1DBlock`; "prompts" comes from the plug-in
@@ -78,30 +87,72 @@ class MultiHeadDotProductAttention(nn.Module):
     return out, probs, query
 
 
+def activate(h, activation: str, gelu_approximate: bool):
+  """The MLP nonlinearity: GELU (exact erf, or tanh when `gelu_approximate`), QuickGELU
+  (OpenAI CLIP: h * sigmoid(1.702 h)) or SwiGLU (DINOv2-g: silu(h1) * h2 over the two halves of
+  the fused first layer)."""
+  if activation == "quick_gelu":
+    return h * jax.nn.sigmoid(1.702 * h)
+  if activation == "swiglu":
+    h1, h2 = jnp.split(h, 2, axis=-1)
+    return jax.nn.silu(h1) * h2
+  return nn.gelu(h, approximate=gelu_approximate)
+
+
 class MlpBlock(nn.Module):
-  """Dense_0 -> GELU -> Dense_1, both `Projection`s (sites "mlp_in" / "mlp_out")."""
+  """Dense_0 -> activation -> Dense_1, both `Projection`s (sites "mlp_in" / "mlp_out").
+
+  With SwiGLU, Dense_0 has 2 * mlp_dim outputs (the two halves) and Dense_1 mlp_dim inputs.
+  """
   mlp_dim: int
   methods: tuple = ()
   dtype: Dtype = jnp.float32
   dropout_rate: float = 0.0
   gelu_approximate: bool = False
+  activation: str = "gelu"
 
   @nn.compact
   def __call__(self, x, deterministic, site):
     d = x.shape[-1]
-    h = Projection((self.mlp_dim,), methods=self.methods, dtype=self.dtype,
+    width = 2 * self.mlp_dim if self.activation == "swiglu" else self.mlp_dim
+    h = Projection((width,), methods=self.methods, dtype=self.dtype,
                    name="Dense_0")(x, site.at(name="mlp_in"))
-    h = nn.gelu(h, approximate=self.gelu_approximate)
+    h = activate(h, self.activation, self.gelu_approximate)
     h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
     y = Projection((d,), methods=self.methods, dtype=self.dtype,
                    name="Dense_1")(h, site.at(name="mlp_out"))
     return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
 
 
+class LayerScale(nn.Module):
+  """DINOv2's per-channel scale of a residual branch: `scale` [D] (init 1e-5, as DINOv2)."""
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, y):
+    scale = self.param("scale", nn.initializers.constant(1e-5), (y.shape[-1],))
+    return y * scale.astype(self.dtype)
+
+
+def drop_path_rates(rate: float, depth: int) -> tuple[float, ...]:
+  """Per-block stochastic-depth rates: linear from 0 at the first block to `rate` at the last
+  (timm's `torch.linspace(0, drop_path_rate, depth)`)."""
+  if depth == 1:
+    return (0.0,)
+  return tuple(float(rate) * i / (depth - 1) for i in range(depth))
+
+
+def drop_path(y, rate: float, key):
+  """Stochastic depth: each sample's branch output is kept with probability 1 - rate and then
+  scaled by 1 / (1 - rate), else zeroed (one Bernoulli draw per sample, all tokens alike)."""
+  keep = jax.random.bernoulli(key, 1.0 - rate, (y.shape[0],) + (1,) * (y.ndim - 1))
+  return jnp.where(keep, y / (1.0 - rate), jnp.zeros_like(y))
+
+
 class Encoder1DBlock(nn.Module):
   """Pre-LN transformer block.
 
-  Input x: [B, 1 + P + N, D] ([CLS], P prompts, N image tokens). Returns (x, captured) where
+  Input x: [B, K + P + N, D] (K prefix tokens: [CLS] and registers, P prompts, N image tokens). Returns (x, captured) where
   `captured` holds the intermediates named in `capture` (see CAPTURE_KEYS). The `branch` hooks
   see each residual branch ("attn", "mlp") with the stream x it adds to, the normed input z of
   the branch and its output y.
@@ -119,13 +170,18 @@ class Encoder1DBlock(nn.Module):
   layer_norm_eps: float = 1e-6
   gelu_approximate: bool = False
   capture: tuple[str, ...] = ()
+  num_prefix: int = 1  # [CLS] and registers before the prompts (0 for SigLIP)
+  layer_scale: bool = False
+  activation: str = "gelu"
+  drop_path: float = 0.0  # this block's stochastic-depth rate
 
   @nn.compact
   def __call__(self, x, mask=None, deterministic=True, shared=None):
     p = self.num_prompts
+    k = self.num_prefix
     ms = self.methods
     captured = {}
-    site = Site(layer=self.layer, num_layers=self.num_layers, num_prompts=p,
+    site = Site(layer=self.layer, num_layers=self.num_layers, num_prompts=p, num_prefix=k,
                 num_tokens=x.shape[1], grid=tuple(self.grid), train=not deterministic,
                 hidden_size=x.shape[-1], dtype=self.dtype, capture=self.capture,
                 captured=captured, shared=shared or {})
@@ -134,25 +190,34 @@ class Encoder1DBlock(nn.Module):
         self.num_heads, ms, dtype=self.dtype, attention_dropout=self.attention_dropout,
         name="MultiHeadDotProductAttention_0")(z, mask, deterministic, site)
     if "input_patch_mean" in self.capture:
-      captured["input_patch_mean"] = jnp.mean(x[:, 1 + p:].astype(jnp.float32), axis=1)
+      captured["input_patch_mean"] = jnp.mean(x[:, k + p:].astype(jnp.float32), axis=1)
     if "attn_out_mean" in self.capture:
-      captured["attn_out_mean"] = jnp.mean(y[:, 1 + p:].astype(jnp.float32), axis=1)
+      captured["attn_out_mean"] = jnp.mean(y[:, k + p:].astype(jnp.float32), axis=1)
     if "cls_query" in self.capture:
       captured["cls_query"] = q[:, 0].reshape(q.shape[0], -1).astype(jnp.float32)  # [B, H*Dh]
     if "prompt_query" in self.capture:
       width = q.shape[2] * q.shape[3]  # H * Dh (explicit: p may be 0)
-      captured["prompt_query"] = q[0, 1:1 + p].reshape(p, width).astype(jnp.float32)  # [P, H*Dh]
+      captured["prompt_query"] = q[0, k:k + p].reshape(p, width).astype(jnp.float32)  # [P, H*Dh]
     if "attention" in self.capture:
       captured["attention"] = probs  # [B, H, T, T]
     y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    if self.layer_scale:  # DINOv2: the pretrained branch's scale, before any plug-in
+      y = LayerScale(dtype=self.dtype, name="LayerScale_0")(y)
     for m in ms:
       y = m.on_branch(self, x, z, y, site.at(name="attn"))
+    if self.drop_path and not deterministic:
+      y = drop_path(y, self.drop_path, self.make_rng("dropout"))
     x = x + y
     z = LayerNorm(self.layer_norm_eps, methods=ms, dtype=self.dtype, name="LayerNorm_1")(x, site)
     y = MlpBlock(self.mlp_dim, ms, dtype=self.dtype, dropout_rate=self.dropout_rate,
-                 gelu_approximate=self.gelu_approximate, name="MlpBlock_0")(z, deterministic, site)
+                 gelu_approximate=self.gelu_approximate, activation=self.activation,
+                 name="MlpBlock_0")(z, deterministic, site)
+    if self.layer_scale:
+      y = LayerScale(dtype=self.dtype, name="LayerScale_1")(y)
     for m in ms:
       y = m.on_branch(self, x, z, y, site.at(name="mlp"))
+    if self.drop_path and not deterministic:
+      y = drop_path(y, self.drop_path, self.make_rng("dropout"))
     x = x + y
     if "tokens" in self.capture:
       captured["tokens"] = x
@@ -175,17 +240,30 @@ class Encoder(nn.Module):
   remat: str = "none"
   capture: tuple[str, ...] = ()
   capture_layers: tuple[int, ...] = ()
+  pre_norm: bool = False  # CLIP's ln_pre after the position embedding
+  layer_scale: bool = False
+  activation: str = "gelu"
+  drop_path_rate: float = 0.0
 
   @nn.compact
-  def __call__(self, x, grid, deterministic=True, shared=None):
-    _, _, d = x.shape
+  def __call__(self, x, grid, deterministic=True, shared=None, registers=None):
+    b, _, d = x.shape
     n = grid[0] * grid[1]  # image tokens, always the last n of the sequence
     ms = self.methods
     posemb = PositionEmbedding(name="posembed_input")(x)
     x = x + posemb.astype(x.dtype)
+    if registers is not None:  # DINOv2: after [CLS], without position embedding
+      x = jnp.concatenate([x[:, :1], jnp.broadcast_to(registers.astype(x.dtype),
+                                                      (b, *registers.shape[1:])), x[:, 1:]], 1)
+    k = x.shape[1] - n  # prefix tokens: [CLS] and registers
     shared = shared or {}
     site = Site(num_layers=self.num_layers, grid=tuple(grid), train=not deterministic,
-                hidden_size=d, patch_size=self.patch_size, dtype=self.dtype, shared=shared)
+                hidden_size=d, patch_size=self.patch_size, dtype=self.dtype, shared=shared,
+                num_prefix=k)
+    if self.pre_norm:
+      x = LayerNorm(self.layer_norm_eps, methods=ms, dtype=self.dtype,
+                    name="pre_norm")(x, site.at(name="pre_norm"))
+    rates = drop_path_rates(self.drop_path_rate, self.num_layers)
     encoder_state = [m.on_encoder(self, site) for m in ms]
     block_cls = Encoder1DBlock
     if self.remat != "none":
@@ -198,9 +276,9 @@ class Encoder(nn.Module):
       want = self.capture if i in self.capture_layers else ()
       captured = {}
       for m, own in zip(ms, encoder_state):
-        x = m.on_tokens(own, x, site.at(layer=i, num_prompts=x.shape[1] - 1 - n,
+        x = m.on_tokens(own, x, site.at(layer=i, num_prompts=x.shape[1] - k - n,
                                      num_tokens=x.shape[1], capture=want, captured=captured))
-      p = x.shape[1] - 1 - n
+      p = x.shape[1] - k - n
       mask = None
       for m in ms:
         mask = m.on_attention_mask(mask, site.at(layer=i, num_prompts=p, num_tokens=x.shape[1]))
@@ -208,7 +286,8 @@ class Encoder(nn.Module):
           self.num_heads, self.mlp_dim, ms, layer=i, num_layers=self.num_layers, num_prompts=p,
           grid=tuple(grid), dtype=self.dtype, dropout_rate=self.dropout_rate,
           attention_dropout=self.attention_dropout, layer_norm_eps=self.layer_norm_eps,
-          gelu_approximate=self.gelu_approximate, capture=want,
+          gelu_approximate=self.gelu_approximate, capture=want, num_prefix=k,
+          layer_scale=self.layer_scale, activation=self.activation, drop_path=rates[i],
           name=f"encoderblock_{i}")(x, mask, deterministic, shared)
       if want:
         blocks[i] = {**own_captured, **captured}
@@ -224,6 +303,52 @@ class PositionEmbedding(nn.Module):
   @nn.compact
   def __call__(self, x):
     return self.param("pos_embedding", nn.initializers.normal(stddev=0.02), (1, *x.shape[1:]))
+
+
+class MAPHead(nn.Module):
+  """Multi-head attention pooling as big_vision's `MAPHead` (SigLIP): a learned `probe` [1, 1, D]
+  attends to the tokens (no residual around the attention), then `y + MLP(LN(y))`.
+  Parameters: `probe`, `MultiHeadDotProductAttention_0/{query,key,value,out}`, `LayerNorm_0`,
+  `MlpBlock_0/Dense_{0,1}`; the projections and norm are hook sites like the blocks' (layer -1)."""
+  num_heads: int
+  mlp_dim: int
+  methods: tuple = ()
+  dtype: Dtype = jnp.float32
+  layer_norm_eps: float = 1e-6
+  gelu_approximate: bool = True
+
+  @nn.compact
+  def __call__(self, x, site):  # x: [B, T, D] -> [B, D]
+    b, _, d = x.shape
+    probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, d))
+    probe = jnp.broadcast_to(probe.astype(self.dtype), (b, 1, d))
+    y = _AttentionPool(self.num_heads, self.methods, dtype=self.dtype,
+                       name="MultiHeadDotProductAttention_0")(probe, x, site)  # [B, 1, D]
+    z = LayerNorm(self.layer_norm_eps, methods=self.methods, dtype=self.dtype,
+                  name="LayerNorm_0")(y, site.at(name="map_norm"))
+    y = y + MlpBlock(self.mlp_dim, self.methods, dtype=self.dtype,
+                     gelu_approximate=self.gelu_approximate, name="MlpBlock_0")(z, True, site)
+    return y[:, 0]
+
+
+class _AttentionPool(nn.Module):
+  """Cross-attention of the probe over the tokens, with Linen's query/key/value/out names."""
+  num_heads: int
+  methods: tuple = ()
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, q_in, kv_in, site):
+    d = q_in.shape[-1]
+    heads = (self.num_heads, d // self.num_heads)
+    proj = lambda name, feats, axes=1: Projection(  # noqa: E731
+        feats, in_axes=axes, methods=self.methods, dtype=self.dtype, name=name)
+    q = proj("query", heads)(q_in, site.at(name="query")) / jnp.sqrt(heads[1]).astype(self.dtype)
+    k = proj("key", heads)(kv_in, site.at(name="key"))
+    v = proj("value", heads)(kv_in, site.at(name="value"))
+    probs = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32), axis=-1)
+    y = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)  # [B, 1, H, Dh]
+    return proj("out", (d,), 2)(y, site.at(name="out"))
 
 
 class ViT(nn.Module):
@@ -244,6 +369,18 @@ class ViT(nn.Module):
   dtype: Dtype = jnp.float32
   remat: str = "none"  # "none" | "full" | "dots" | "nothing": per-block jax.checkpoint policy
   head_zero_init: bool = True
+  # Pretrained-family options (jvt.models.variants sets them per variant; docs/models.md).
+  class_token: bool = True  # False: no [CLS] (SigLIP; pool "gap" or "map")
+  num_registers: int = 0  # DINOv2's register tokens after [CLS], without position embedding
+  layer_scale: bool = False  # DINOv2's LayerScale_{0,1} on both residual branches
+  pre_norm: bool = False  # CLIP's ln_pre after the position embedding
+  patch_bias: bool = True  # False: patch embedding without bias (CLIP)
+  activation: str = "gelu"  # "gelu" | "quick_gelu" (OpenAI CLIP) | "swiglu" (DINOv2-g)
+  projection_dim: int | None = None  # CLIP's image projection, returned as aux["projection"]
+  drop_path_rate: float = 0.0  # stochastic depth of the last block (0 at the first, linear)
+  # Options `build_model` was given explicitly: `load_pretrained` does not check them against
+  # the file (the user chose them, e.g. exact GELU on Google's weights).
+  explicit_options: tuple[str, ...] = ()
   # The tuning methods' settings (`jvt.methods`), called at the hook points; () is the plain
   # backbone.
   methods: tuple = ()
@@ -261,6 +398,13 @@ class ViT(nn.Module):
     if self.fc_norm and self.pool != "gap":
       raise ValueError("fc_norm=True norms the pooled image tokens: it needs pool='gap' "
                        f"(got pool={self.pool!r}).")
+    if self.pool in ("tok", "tok_gap") and not self.class_token:
+      raise ValueError(f"pool={self.pool!r} reads [CLS], but class_token=False: use pool='gap' "
+                       "or 'map'.")
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f"activation={self.activation!r}; allowed: {ACTIVATIONS}.")
+    if not 0.0 <= self.drop_path_rate < 1.0:
+      raise ValueError(f"drop_path_rate={self.drop_path_rate}: must be in [0, 1).")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat={self.remat!r}; allowed: {REMAT_POLICIES}.")
     unknown = set(capture) - set(CAPTURE_KEYS)
@@ -285,30 +429,52 @@ class ViT(nn.Module):
       images = m.on_image(self, images, site)
     x = nn.Conv(self.hidden_size, (self.patch_size, self.patch_size),
                 strides=(self.patch_size, self.patch_size), padding="VALID", dtype=self.dtype,
-                name="embedding")(images.astype(self.dtype))
+                use_bias=self.patch_bias, name="embedding")(images.astype(self.dtype))
     b, h, w, d = x.shape
     site = site.at(grid=(h, w))
     for m in ms:
       x = m.on_patch_embedding(self, x, site)
     n = h * w
     x = x.reshape(b, n, d)  # [B, N, D]
-    cls = self.param("cls", nn.initializers.zeros, (1, 1, d))
-    x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, d)), x], axis=1)
+    if self.class_token:
+      cls = self.param("cls", nn.initializers.zeros, (1, 1, d))
+      x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, d)), x], axis=1)
+    registers = self.param("reg", nn.initializers.normal(1e-6), (1, self.num_registers, d)) \
+        if self.num_registers else None
+    num_prefix = int(self.class_token) + self.num_registers
+    site = site.at(num_prefix=num_prefix)
     use_encoder_norm = not self.fc_norm
     x, blocks = Encoder(
         self.num_layers, self.num_heads, self.mlp_dim, self.patch_size, ms, dtype=self.dtype,
         dropout_rate=self.dropout_rate, attention_dropout=self.attention_dropout,
         layer_norm_eps=self.layer_norm_eps, gelu_approximate=self.gelu_approximate,
         final_norm=use_encoder_norm, remat=self.remat, capture=tuple(capture),
-        capture_layers=layers, name="Transformer")(x, (h, w), deterministic, shared)
+        capture_layers=layers, pre_norm=self.pre_norm, layer_scale=self.layer_scale,
+        activation=self.activation, drop_path_rate=self.drop_path_rate,
+        name="Transformer")(x, (h, w), deterministic, shared, registers)
+    patches = x[:, x.shape[1] - n:]  # [B, N, D]: pooling never reads prompt tokens
     if self.pool == "tok":
       feat = x[:, 0]
+    elif self.pool == "tok_gap":  # DINOv2's linear evaluation: [CLS] ++ mean patch token
+      feat = jnp.concatenate([x[:, 0], jnp.mean(patches, axis=1)], axis=-1)
+    elif self.pool == "map":  # SigLIP: attention pooling over [CLS] / registers and patches
+      tokens = jnp.concatenate([x[:, :num_prefix], patches], axis=1)
+      feat = MAPHead(self.num_heads, self.mlp_dim, ms, dtype=self.dtype,
+                     layer_norm_eps=self.layer_norm_eps, gelu_approximate=self.gelu_approximate,
+                     name="MAPHead_0")(tokens, site)
     else:  # "gap": mean of the image tokens (prompts excluded)
-      feat = jnp.mean(x[:, x.shape[1] - n:], axis=1)
+      feat = jnp.mean(patches, axis=1)
       if self.fc_norm:
         feat = LayerNorm(self.layer_norm_eps, methods=ms, dtype=self.dtype,
                          name="fc_norm")(feat, site)
+    if not self.class_token:  # DA-VPT's [CLS]-side feature: the family's pooled feature
+      for block in blocks.values():
+        if "cls_query" in block:
+          block["cls_query"] = feat.astype(jnp.float32)
     aux = {"cls": feat.astype(jnp.float32), "blocks": blocks}
+    if self.projection_dim:  # CLIP's image embedding (`proj`, no bias)
+      aux["projection"] = nn.Dense(self.projection_dim, use_bias=False, dtype=self.dtype,
+                                   name="projection")(feat).astype(jnp.float32)
     if self.representation_size is not None:
       feat = nn.tanh(nn.Dense(self.representation_size, dtype=self.dtype, name="pre_logits")(feat))
     aux["pre_logits"] = feat.astype(jnp.float32)

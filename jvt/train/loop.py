@@ -150,10 +150,14 @@ def _dtype(name: str):
 
 
 def model_from_config(config, num_classes: int):
-  """The ViT of `config.model` with the tuning of `config.tuning`."""
+  """The ViT of `config.model` with the tuning of `config.tuning`, and the options its
+  `pretrained.path` implies when that file exists (the trainer refuses a missing one first)."""
   overrides = dict(config.model.get("overrides", {}) or {})
+  path = config.get("pretrained", {}).get("path") or ""
   return build_model(config.model.variant, num_classes, tuning=config.get("tuning"),
-                     dtype=_dtype(config.model.dtype), remat=config.model.remat, **overrides)
+                     checkpoint=path if os.path.isfile(path) else None,
+                     dtype=_dtype(config.model.dtype), remat=config.model.remat,
+                     drop_path_rate=config.model.get("drop_path_rate", 0.0), **overrides)
 
 
 def _durations(config, steps_per_epoch: int) -> tuple[int, int]:
@@ -311,7 +315,7 @@ def _load_backbone(config, model, key) -> PyTree:
     return jax.device_get(params)
   from jvt.checkpoints import load_pretrained
   return load_pretrained(path, params, model, format=config.pretrained.format or None,
-                         posemb_interpolation=config.pretrained.posemb_interpolation)
+                         posemb_interpolation=config.pretrained.posemb_interpolation or None)
 
 
 def _check_run_fields(config) -> None:

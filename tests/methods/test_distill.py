@@ -259,7 +259,7 @@ def test_workdir_teacher_is_the_run_it_names(tmp_path):
   params = flat(small_params(model, seed=7))
   trained = {k: v for k, v in params.items() if "lora" in k or k.startswith("head/")}
   backbone = {k: v for k, v in params.items() if k not in trained}
-  save_npz(tmp_path / "backbone.npz", unflat(backbone))
+  save_npz(tmp_path / "backbone.npz", unflat(backbone), model=model)  # records erf GELU
   run_cfg = base_config()
   run_cfg.model.variant = "B/16"
   run_cfg.model.overrides = TEACHER

@@ -154,7 +154,7 @@ class DAVPT(Method):
   def on_attention_mask(self, mask, site):
     if not self.attention_mask or not site.num_prompts:
       return mask
-    own = prompt_attention_mask(site.num_tokens, site.num_prompts)
+    own = prompt_attention_mask(site.num_tokens, site.num_prompts, site.num_prefix)
     return own if mask is None else mask & own
 
   # ------------------------------------------------------------------ loss

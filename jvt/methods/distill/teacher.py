@@ -62,10 +62,11 @@ def _resize_posemb(params: dict, model, image_size: int, method: str) -> dict:
   return params
 
 
-def _build(variant: str, num_classes: int, tuning, dtype, overrides: dict):
+def _build(variant: str, num_classes: int, tuning, dtype, overrides: dict, checkpoint=None):
   from jvt.models import build_model
   overrides = {k: v for k, v in overrides.items() if k not in ("dtype", "remat")}
-  return build_model(variant, num_classes, tuning=tuning, dtype=dtype, remat="none", **overrides)
+  return build_model(variant, num_classes, tuning=tuning, checkpoint=checkpoint or None,
+                     dtype=dtype, remat="none", **overrides)
 
 
 def _initial(model, key: jax.Array, image_size: int, covered: set[str]) -> PyTree:
@@ -113,7 +114,8 @@ def _from_workdir(workdir: str, image_size: int, dtype) -> Teacher:
       raise ValueError(f"{_FIELD}.workdir={workdir!r}: cannot tell the teacher's number of "
                        "classes (no trained head, no num_classes in final_metrics.json).")
   model = _build(model_cfg["variant"], num_classes, cfg.get("tuning"), dtype,
-                 dict(model_cfg.get("overrides") or {}))
+                 dict(model_cfg.get("overrides") or {}),
+                 pre.get("path") if os.path.isfile(pre.get("path") or "") else None)
   own_size = int(model_cfg["image_size"])
   backbone = pre.get("path") or ""
   shapes = traverse_util.flatten_dict(param_shapes(model, own_size), sep="/")
@@ -158,7 +160,7 @@ def _from_path(path: str, fmt: str, variant: str, overrides: dict, image_size: i
   if not os.path.exists(path):
     raise FileNotFoundError(f"{_FIELD}.path={path!r}: no such file. Give an existing checkpoint "
                             f"(.npz / .safetensors) or a finished run with {_FIELD}.workdir.")
-  probe = _build(variant, 1, None, dtype, overrides)
+  probe = _build(variant, 1, None, dtype, overrides, path)
   _, arrays, _ = formats.read_checkpoint(path, num_heads=probe.num_heads, format=fmt or None)
   head = arrays.get("head/kernel")
   has_head = head is not None
