@@ -438,3 +438,13 @@ def test_davpt_on_all_19_vtab_tasks_with_documented_borrowed_values():
   assert sweep.config_spec(dmlab) == {"optimizer.lr": [5e-3]}
   sweep.apply_overrides(dmlab, sweep.expand_sweep(sweep.config_spec(dmlab))[0])
   assert dmlab.optimizer.weight_decay == 0.05
+
+
+@pytest.mark.parametrize("path,expected", [
+    ("configs/vtab/da_vpt.py:task=cifar100,backbone=clip-B/16", "da_vpt_vtab:clip"),
+    ("configs/fgvc/da_vpt_plus.py:task=cub,backbone=siglip-B/16", "da_vpt_fgvc:minus_one_one"),
+    ("configs/vtab/da_vpt.py:task=cifar100", "da_vpt_vtab"),
+])
+def test_da_vpt_keeps_the_released_transform_and_the_backbone_normalisation(path, expected):
+  config = load_config(str(REPO / path))
+  assert config.dataset.preprocess == expected

@@ -137,7 +137,8 @@ def make_config(arg, *, benchmark: str, table: dict, num_classes: dict, plus: bo
             recipe=recipe, tune_grid=hp.get("tune", {"optimizer.lr": (hp["lr"],)}))
   # The released transforms (Dataset/transforms.py): FGVC random-resized crop + flip / bicubic
   # resize 256 + center crop; VTAB bicubic shorter-side resize + center crop.
-  c.dataset.preprocess = f"da_vpt_{benchmark}"
+  _, sep, norm = c.dataset.preprocess.partition(":")  # a `backbone=` family's own mean / std
+  c.dataset.preprocess = f"da_vpt_{benchmark}" + (f":{norm}" if sep else "")
   # timm's CosineLRScheduler stepped per update (sched_on_updates), warm-up from warmup_lr over
   # the start of a cosine spanning all epochs down to min_lr.
   c.optimizer.schedule = "cosine_timm"
