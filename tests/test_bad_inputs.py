@@ -31,7 +31,8 @@ import pytest
 from helpers_train import (REFERENCE, REPO, cli_args, cli_env, load_trainable,  # noqa: F401
                            read_jsonl, reference_run, run_cli, tiny_config, train_data_dir)
 from jvt import main as jvt_main
-from jvt.train import rundir as run_io, train
+from jvt.train import loop as train
+from jvt.train import rundir as run_io
 from jvt.checkpoints import save_npz
 from jvt.train.rundir import RunDirectory, WorkdirLockedError
 

@@ -15,7 +15,8 @@ import optax
 import pytest
 
 import jvt
-from jvt.train import objectives, train
+from jvt.train import loop as train
+from jvt.train import objectives
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "benchmarks", "run.py")

@@ -208,8 +208,8 @@ def test_other_tasks(tmp_path, capsys):
                             "trainable_params": 10, "methods": ["linear"]}, config=config)
   rows = results.summarize(results.load_records(root))
   assert [(r.protocol.name, r.method) for r in rows] == [
-      ("other_best_val_val", "linear"), ("other_last_test", "linear"),
-      ("other_last_test", "vpt")]
+      ("other_best_val_epoch_val", "linear"), ("other_last_epoch_test", "linear"),
+      ("other_last_epoch_test", "vpt")]
   vpt = rows[2].cells["jvt_synthetic/count"]
   assert (vpt.n, vpt.trainable_params) == (3, 1924)
   assert vpt.mean == pytest.approx(0.48) and vpt.std == pytest.approx((0.0008 / 3) ** 0.5)

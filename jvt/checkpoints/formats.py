@@ -557,6 +557,11 @@ def _key_shapes(path: str | os.PathLike) -> tuple[str, dict[str, tuple[int, ...]
       return container, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, None
   shapes, marker = {}, None
   with np.load(path, allow_pickle=False) as f:
+    others = sorted(n for n in f.zip.namelist() if not n.endswith(".npy"))
+    if others:
+      raise CheckpointFormatError(
+          f"{path}: a zip archive whose members {others[:3]} are not numpy arrays; an .npz "
+          "checkpoint holds .npy arrays (np.savez).")
     for k in f.files:
       with f.zip.open(k + ".npy") as member:  # the .npy header only, not the array
         major, _ = np.lib.format.read_magic(member)
