@@ -1,6 +1,7 @@
 """jvt: parameter-efficient visual tuning of Vision Transformers in JAX/Flax.
 
-    model = jvt.build_model("B/16", num_classes=100, tuning=dict(method="vpt", num_prompts=50))
+    model = jvt.build_model("B/16", num_classes=100, tuning=dict(method="vpt", num_prompts=50),
+                            checkpoint="ViT-B_16.npz")
     params = jvt.init_params(model, jax.random.key(0), image_size=224)
     params = jvt.load_pretrained("ViT-B_16.npz", params, model)
     logits, aux = model.apply({"params": params}, images)

@@ -29,7 +29,7 @@ FORMAT = "jvt-adapter"
 VERSION = 1
 METADATA_KEY = "jvt_adapter"
 # ViT fields that are not model options: set by build_model from the tuning config or by flax.
-_NOT_OPTIONS = ("num_classes", "methods", "partition_rules", "parent", "name")
+_NOT_OPTIONS = ("num_classes", "methods", "partition_rules", "explicit_options", "parent", "name")
 
 
 def fingerprint(path: str | os.PathLike) -> dict:

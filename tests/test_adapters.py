@@ -27,7 +27,7 @@ def base_files(tmp_path_factory):
   for seed in (0, 1):
     params = jvt.init_params(plain, jax.random.key(seed), image_size=32)
     paths.append(str(folder / f"base{seed}.npz"))
-    save_npz(paths[-1], {k: v for k, v in params.items() if k != "head"})
+    save_npz(paths[-1], {k: v for k, v in params.items() if k != "head"}, model=plain)
   return paths
 
 

@@ -54,7 +54,7 @@ def test_load_by_name_from_offline_cache(offline_cache):
   source = jvt.init_params(model, jax.random.key(1), image_size=32)
   backbone = {k: v for k, v in source.items() if k != "head"}
   snapshot = _cache_repo(offline_cache, "me/tiny-vit",
-                         {"weights/vit.npz": lambda p: save_npz(p, backbone)})
+                         {"weights/vit.npz": lambda p: save_npz(p, backbone, model=model)})
   assert hub.resolve("hf-hub:me/tiny-vit/weights/vit.npz") == str(snapshot / "weights/vit.npz")
   loaded = load_pretrained("hf-hub:me/tiny-vit/weights/vit.npz", params, model)
   for key in ("cls", "embedding"):  # from the cached file, not the init
@@ -77,9 +77,12 @@ def test_mismatch_error_is_short_with_the_diagnosis_first(tmp_path):
   """A 12-block width-384 (S/16) file into a 2-block width-32 model: > 40 keys differ."""
   model = jvt.build_model("Ti/16", num_classes=3, **TINY)
   params = jvt.init_params(model, jax.random.key(0), image_size=32)
-  shapes = jvt.param_shapes(jvt.build_model("S/16", num_classes=3), image_size=32)
+  s16_model = jvt.build_model("S/16", num_classes=3)
+  shapes = jvt.param_shapes(s16_model, image_size=32)
   s16 = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), shapes)
-  save_npz(str(tmp_path / "s16.npz"), {k: v for k, v in s16.items() if k != "head"})
+  # Written as jvt writes exports (with its model's GELU form): only the variant differs.
+  save_npz(str(tmp_path / "s16.npz"), {k: v for k, v in s16.items() if k != "head"},
+           model=s16_model)
   with pytest.raises(CheckpointMismatchError) as err:
     load_pretrained(str(tmp_path / "s16.npz"), params, model)
   lines = str(err.value).splitlines()
