@@ -111,9 +111,17 @@ class Preprocessor:
 
   def __call__(self, image: np.ndarray,
                rng: Optional[np.random.Generator] = None) -> np.ndarray:
+    return self.finish(self.prepare(image), rng)
+
+  def prepare(self, image: np.ndarray) -> np.ndarray:
+    """The deterministic part: uint8 [H, W, C] -> uint8 [R, R, 3] (the loader can cache it)."""
+    return resize(to_rgb(image), self.resize_to, self.resize_to)
+
+  def finish(self, image: np.ndarray,
+             rng: Optional[np.random.Generator] = None) -> np.ndarray:
+    """The rest, per draw: uint8 [R, R, 3] from `prepare` -> crop, flip, float32 [S, S, 3]."""
     if self.needs_rng and rng is None:
       raise ValueError("This training preprocess is random: pass an np.random.Generator.")
-    image = resize(to_rgb(image), self.resize_to, self.resize_to)  # [R, R, 3]
     if self.random_crop:
       image = random_crop(image, self.crop_size, rng)
     else:
