@@ -47,17 +47,18 @@ DAVPT_OVERHEAD_GOAL = 0.05
 
 def tuning_for(method: str, num_prompts: int) -> dict:
   """The tuning config of a benchmark method name (registry names pass through)."""
-  from jvt.tuning.methods import METHODS
+  from jvt.methods import registry
+  known = registry()
   if method == "vpt_deep":
     return dict(method="vpt", num_prompts=num_prompts, deep=True)
   if method == "vpt_shallow":
     return dict(method="vpt", num_prompts=num_prompts, deep=False)
   if method in ("da_vpt", "da_vpt_plus"):
     return dict(method=method, num_prompts=num_prompts, num_proxy_prompts=num_prompts)
-  if method in METHODS and method != "vpt":
+  if method in known and method != "vpt":
     return dict(method=method)
   raise ValueError(f"--methods: unknown method {method!r}; allowed: vpt_deep, vpt_shallow, "
-                   f"{', '.join(sorted(set(METHODS) - {'vpt'}))}.")
+                   f"{', '.join(sorted(set(known) - {'vpt'}))}.")
 
 
 def bench_config(spec: dict):

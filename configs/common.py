@@ -35,7 +35,7 @@ import ml_collections
 from jvt.config_lib import base_config, parse_arg
 from jvt.data import fgvc, vtab
 from jvt.protocols import PROTOCOLS, get_protocol
-from jvt.tuning.methods import METHODS
+from jvt.methods import method_defaults, registry
 
 PRETRAINED = "ViT-B_16.npz"  # vision_transformer's ImageNet-21k ViT-B/16 (FORMATS.md)
 SWEEPS = ("", "grid", "seeds")
@@ -103,9 +103,9 @@ def _set(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
 def _tuning_args(tuning: Mapping[str, Any]) -> dict[str, Any]:
   """The scalar fields of the method (its registry defaults, then the file's values): arg keys."""
   name = tuning["method"]
-  if name not in METHODS:
-    raise ValueError(f"tuning method {name!r} unknown; allowed: {sorted(METHODS)}.")
-  fields = {**METHODS[name].fields, **{k: v for k, v in tuning.items() if k != "method"}}
+  if name not in registry():
+    raise ValueError(f"tuning method {name!r} unknown; allowed: {sorted(registry())}.")
+  fields = {**method_defaults(name), **{k: v for k, v in tuning.items() if k != "method"}}
   return {k: v for k, v in fields.items() if type(v) in (bool, int, float, str)}
 
 

@@ -6,6 +6,7 @@
     logits, aux = model.apply({"params": params}, images)
 """
 from jvt import partition
+from jvt.methods.merge import merge
 from jvt.models import build_model, init_params, param_shapes
 
 __version__ = "0.1.0"

@@ -1,86 +1,106 @@
-"""Training objectives: what a method adds to the loss, and the state it keeps.
+"""Training objectives: the task loss plus every active method's loss term.
+
+    loss = task loss (cross-entropy, or distillation's blend when config.distill.enabled)
+           + sum over the model's methods of `method.loss_term()`'s loss
 
 The trainer is the same for every method: it asks `make_objective` for the objective of the
-model and config, captures the intermediates the objective names, and calls its hooks:
+model and config, captures the intermediates the task and the terms name, and calls:
 
-  * `init_state(ctx)` once before training (host side) -> method state, a dict of arrays kept
-    in the train state and checkpointed (e.g. DA-VPT's class -> prompt mapping);
-  * `constants(ctx)` -> arrays the loss reads but never trains or saves (e.g. a teacher);
+  * `init_state(ctx)` once before training (host side) -> {method name: term state}, kept in
+    the train state and checkpointed (e.g. DA-VPT's class -> prompt mapping under "da_vpt");
+  * `constants(ctx)` -> arrays the task loss reads but never trains or saves (a teacher);
   * `loss(logits, aux, batch, state, constants)` inside the jitted step ->
-    (loss, metrics, new state);
+    (loss, metrics, new state); metrics hold the task's and every term's entries;
   * `end_of_epoch(state, epoch)` on the host after each epoch -> new state.
 
-A new method that needs its own loss adds an objective here and touches neither the trainer nor
-the backbone.
+Loss terms and task losses are defined by the methods (`jvt.methods.terms`); a new method adds
+its term in its own module and touches neither this file nor the trainer.
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jvt.losses import classification
+from jvt.methods.distill.objective import DistillationObjective
+from jvt.methods.terms import CrossEntropy, LossTerm, ObjectiveContext, chunked_apply
 
 PyTree = Any
+__all__ = ["Objective", "ObjectiveContext", "CrossEntropy", "LossTerm", "make_objective",
+           "global_norm", "chunked_apply"]
 
 
-@dataclasses.dataclass
-class ObjectiveContext:
-  """What an objective may use to set itself up (host side, before training)."""
-  model: Any
-  params: PyTree  # the full (pretrained + plug-in) parameters
-  config: Any
-  num_classes: int
-  # (images per class K) -> (images [C*K', S, S, 3] float32, labels [C*K']) from the train split
-  class_examples: Callable[[int], tuple[Any, Any]]
-  # jitted forward on a big host batch, in chunks: (params, images) -> (logits, aux)
-  apply_fn: Callable[..., Any]
-  workdir: str = ""
+class Objective:
+  """A task loss plus named loss terms; state {name: term state}."""
 
-
-class CrossEntropy:
-  """Softmax cross-entropy on the labels (with optional label smoothing)."""
-  capture: tuple[str, ...] = ()
-  capture_layers: tuple[int, ...] = ()
-
-  def __init__(self, label_smoothing: float = 0.0):
-    self.label_smoothing = label_smoothing
+  def __init__(self, task, terms: dict[str, LossTerm]):
+    self.task = task
+    self.terms = dict(terms)
+    capture, layers = list(task.capture), set(task.capture_layers)
+    for term in self.terms.values():
+      capture.extend(term.capture)
+      layers.update(term.capture_layers)
+    self.capture = tuple(dict.fromkeys(capture))
+    self.capture_layers = tuple(sorted(layers))
 
   def init_state(self, ctx: ObjectiveContext) -> dict:
-    del ctx
-    return {}
+    return {name: term.init_state(ctx) for name, term in self.terms.items()}
 
   def constants(self, ctx: ObjectiveContext) -> dict:
-    del ctx
-    return {}
-
-  def classification_loss(self, logits, batch):
-    return classification.softmax_cross_entropy(
-        logits, batch["label"], label_smoothing=self.label_smoothing)
+    return self.task.constants(ctx)
 
   def loss(self, logits, aux, batch, state, constants):
-    del aux, constants
-    loss = self.classification_loss(logits, batch)
-    return loss, {"ce_loss": loss}, state
+    total, metrics = self.task.loss(logits, aux, batch, constants)
+    metrics, state = dict(metrics), dict(state)
+    owner = {k: "the task loss" for k in metrics}
+    for name, term in self.terms.items():
+      value, term_metrics, state[name] = term.loss(logits, aux, batch, state[name])
+      clash = sorted(set(term_metrics) & set(metrics))
+      if clash:
+        raise ValueError(f"methods {owner[clash[0]]!r} and {name!r} cannot train together: "
+                         f"both report the metric(s) {clash}.")
+      total = total + value
+      metrics.update(term_metrics)
+      owner.update(dict.fromkeys(term_metrics, name))
+    return total, metrics, state
 
   def end_of_epoch(self, state: dict, epoch: int) -> dict:
-    del epoch
-    return state
+    return {name: term.end_of_epoch(state[name], epoch) for name, term in self.terms.items()}
+
+  def legacy_state(self, state: dict) -> dict | None:
+    """The method-state layout of runs saved before loss terms were named: the one stateful
+    term's state at the top (DA-VPT's `mapping`, ...), or None when no such layout existed."""
+    stateful = [name for name, value in state.items() if value]
+    if len(stateful) != 1 or len(state) != 1:
+      return None
+    return state[stateful[0]]
+
+  def from_legacy_state(self, legacy: dict) -> dict:
+    """Inverse of `legacy_state`."""
+    (name,) = self.terms
+    return {name: legacy}
 
 
-def make_objective(model, config) -> CrossEntropy:
-  """The objective of a model (from its tuning) and a config (distillation, smoothing)."""
+def make_objective(model, config) -> Objective:
+  """The objective of a model (its methods' loss terms) and a config (distillation,
+  label smoothing)."""
   smoothing = float(config.get("label_smoothing", 0.0))
   distill = config.get("distill")
   if distill is not None and distill.get("enabled", False):
-    from jvt.distill import DistillationObjective
-    return DistillationObjective(model, config, label_smoothing=smoothing)
-  if model.tuning.davpt is not None:
-    from jvt.davpt.objective import DAVPTObjective
-    return DAVPTObjective(model.tuning.davpt, label_smoothing=smoothing)
-  return CrossEntropy(smoothing)
+    task = DistillationObjective(model, config, label_smoothing=smoothing)
+  else:
+    task = CrossEntropy(smoothing)
+  terms = {}
+  for m in model.methods:
+    term = m.loss_term()
+    if term is None:
+      continue
+    if m.name in terms:
+      raise ValueError(f"two methods named {m.name!r} add a loss term: their states would share "
+                       "one name in the train state. Give one of them another name.")
+    terms[m.name] = term
+  return Objective(task, terms)
 
 
 def global_norm(tree: PyTree) -> jax.Array:

@@ -20,7 +20,8 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from jvt.tuning.methods import FROZEN, resolve_tuning
+from jvt.methods.leaves import BACKBONE_LEAVES, FROZEN
+from jvt.methods.registry import resolve_tuning
 
 PyTree = Any
 Rule = tuple  # (regex, label) or (regex, label, required)
@@ -122,7 +123,6 @@ def summary(params: PyTree, cfg_or_model) -> str:
 
 
 def _is_backbone(path: str) -> bool:
-  from jvt.tuning.methods import BACKBONE_LEAVES
   return re.fullmatch(BACKBONE_LEAVES, path) is not None
 
 

@@ -126,23 +126,18 @@ class RunDirectory:
   def export(self, model, trainable, frozen) -> None:
     """export/trainable.npz always; export/merged_vit.npz when the method merges away."""
     from jvt.checkpoints import save_npz
+    from jvt.methods import merge, mergeable
     from jvt.partition import merge_params
-    from jvt.tuning import merge_lora, merge_ssf
     out = os.path.join(self.path, "export")
     os.makedirs(out, exist_ok=True)
     flat = traverse_util.flatten_dict(trainable, sep="/")
     tmp = os.path.join(out, ".trainable.tmp.npz")
     np.savez(tmp, **{k: np.asarray(v) for k, v in flat.items()})
     os.replace(tmp, os.path.join(out, "trainable.npz"))
-    spec = model.tuning
-    if any(spec.prompt_tokens) or spec.adapter_dim or spec.adaptformer_dim:
+    if not mergeable(model):
       return  # prompts and adapters add computation: nothing to merge into the backbone
-    params = merge_params(trainable, frozen)
-    if spec.lora_rank:
-      params = merge_lora(params, alpha=spec.lora_alpha, rank=spec.lora_rank)
-    if spec.ssf:
-      params = merge_ssf(params)
-    save_npz(os.path.join(out, "merged_vit.npz"), params)
+    plain, params = merge(model, merge_params(trainable, frozen))
+    save_npz(os.path.join(out, "merged_vit.npz"), params, model=plain)
 
   def plot_curves(self) -> None:
     from jvt import viz

@@ -276,7 +276,7 @@ def setup(config, *, num_classes: int, steps_per_epoch: int,
   frozen_r, trainable_r = replicate(frozen), replicate(trainable)
   ctx = objectives_lib.ObjectiveContext(
       model=model, params=params, config=config, num_classes=num_classes,
-      class_examples=class_examples, apply_fn=_chunked_apply(model), workdir=workdir)
+      class_examples=class_examples, apply_fn=objectives_lib.chunked_apply, workdir=workdir)
   method_state = replicate(objective.init_state(ctx))
   constants = replicate(objective.constants(ctx))
   opt_state = jax.jit(tx.init, out_shardings=sharding.replicated(mesh))(trainable_r)
@@ -289,25 +289,6 @@ def setup(config, *, num_classes: int, steps_per_epoch: int,
                eval_step=make_eval_step(model), total_steps=total_steps,
                steps_per_epoch=steps_per_epoch, num_classes=num_classes,
                trainable_params=partition.count_params(trainable), schedule=schedule)
-
-
-def _chunked_apply(model, chunk: int = 64):
-  """A forward over a large host batch in fixed-size chunks (for objective set-up)."""
-  fwd = jax.jit(lambda params, images: model.apply({"params": params}, images, train=False))
-
-  def apply(params, images):
-    outs = []
-    for i in range(0, len(images), chunk):
-      part = np.asarray(images[i:i + chunk])
-      pad = chunk - len(part)
-      if pad:
-        part = np.concatenate([part, np.zeros((pad, *part.shape[1:]), part.dtype)])
-      logits, aux = jax.device_get(fwd(params, part))
-      outs.append(jax.tree.map(lambda x: np.asarray(x)[:chunk - pad] if np.ndim(x) and
-                               np.shape(x)[0] == chunk else np.asarray(x), (logits, aux)))
-    return jax.tree.map(lambda *xs: np.concatenate(xs) if np.ndim(xs[0]) else xs[0], *outs)
-
-  return apply
 
 
 def _fetch(tree: PyTree) -> PyTree:
@@ -470,7 +451,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     ckpt = RunCheckpointer(run_dir.checkpoint_dir, max_to_keep=config.max_to_keep)
     state, history, start = s.state, [], ckpt.latest_step()
     if start is not None:
-      state, meta = ckpt.restore(start, target=state)
+      state, meta = _restore(ckpt, start, state, s.objective)
       loader.set_state(meta["data"])
       history = meta.get("history", [])
       log.info("Resumed from step %d in %s", start, run_dir.path)
@@ -500,6 +481,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     if not config.keep_checkpoints:
       shutil.rmtree(run_dir.checkpoint_dir, ignore_errors=True)
   return state, final
+
+
+def _restore(ckpt, step: int, state: TrainState, objective):
+  """Restores `step` into `state`'s layout, or into the method-state layout of runs saved
+  before loss-term states were kept under their method's name."""
+  try:
+    return ckpt.restore(step, target=state)
+  except ValueError:
+    legacy = objective.legacy_state(state.method_state)
+    if legacy is None:
+      raise
+  restored, meta = ckpt.restore(step, target=state.replace(method_state=legacy))
+  return restored.replace(method_state=objective.from_legacy_state(restored.method_state)), meta
 
 
 def _loop(s: Setup, state, loader, eval_sets, ckpt, writer, history, step):

@@ -85,16 +85,19 @@ class NumpyViT:
   """The ViT equations in float64 numpy, driven by the leaves present in `params`.
 
   Plug-ins: `lora_a`/`lora_b` (y += alpha/r * x A B), `ssf_scale`/`ssf_shift` (y*s + t),
-  `adapter_attn`/`adapter_mlp` (h + Up(gelu(Down h))), `adaptformer` (+ s * Up(relu(Down z))),
+  `adapter_attn`/`adapter_mlp` (h + Up(gelu(Down h))), `adaptformer` (+ s * Up(relu(Down u)),
+  u = the residual stream x with adaptformer_norm="none", its normed z with "ln"),
   prompts `Transformer/prompts/block_i` (deep: the sequence entering block i is
   [cls, P_i, image tokens]; shallow: only block 0 inserts, later blocks carry them).
   """
 
   def __init__(self, params, *, pool="tok", fc_norm=False, eps=1e-6, deep=True,
-               lora_alpha=8.0, adaptformer_scale=0.1, prompt_l2norm=False, prompt_mask=False):
+               lora_alpha=8.0, adaptformer_scale=0.1, adaptformer_norm="none", prompt_l2norm=False,
+               prompt_mask=False):
     self.p = {k: np.asarray(v, np.float64) for k, v in flat(params).items()}
     self.pool, self.fc_norm, self.eps = pool, fc_norm, eps
     self.deep, self.lora_alpha, self.adaptformer_scale = deep, lora_alpha, adaptformer_scale
+    self.adaptformer_norm = adaptformer_norm
     self.prompt_l2norm, self.prompt_mask = prompt_l2norm, prompt_mask
 
   def _ssf(self, y, owner):
@@ -149,8 +152,9 @@ class NumpyViT:
     if f"{pre}/adapter_mlp/down/kernel" in self.p:
       m = m + self._bottleneck(m, f"{pre}/adapter_mlp", _gelu)
     if f"{pre}/adaptformer/down/kernel" in self.p:
+      u = x if self.adaptformer_norm == "none" else z
       m = m + self.adaptformer_scale * self._bottleneck(
-          z, f"{pre}/adaptformer", lambda h: np.maximum(h, 0.0))
+          u, f"{pre}/adaptformer", lambda h: np.maximum(h, 0.0))
     rec["tokens"] = x + m
     return x + m
 

@@ -22,10 +22,12 @@ import scipy.special
 import jvt
 from jvt import config_lib, partition, sharding
 from jvt import train as train_lib
-from jvt.davpt import objective as davpt_objective
+from jvt import objectives
 from jvt.losses import da_vpt_terms
-from jvt.models.spec import DAVPTSpec, TuningSpec
-from jvt.models.vit import Prompts
+from jvt.methods import find
+from jvt.methods.da_vpt import DAVPT
+from jvt.methods.da_vpt import objective as davpt_objective
+from jvt.methods.vpt import Prompts
 
 from conftest import (IMAGE, NUM_CLASSES, SMALL, NumpyViT, flat, images, jit_apply, small_model,
                       small_params, unflat)
@@ -125,9 +127,13 @@ def _small(tuning, num_classes):
   return jvt.build_model("B/16", num_classes, tuning, **SMALL)
 
 
+def _spec(model):
+  """The model's resolved DA-VPT settings."""
+  return find(model, DAVPT)
+
+
 def _ref_kwargs(model):
-  return dict(prompt_l2norm=model.tuning.prompt_l2norm,
-              prompt_mask=model.tuning.prompt_attention_mask)
+  return dict(prompt_l2norm=_spec(model).l2norm, prompt_mask=_spec(model).attention_mask)
 
 
 LOSS_CASES = {
@@ -143,7 +149,7 @@ LOSS_CASES = {
 def test_terms_match_numpy_transcriptions(case):
   preset, fields = LOSS_CASES[case]
   model = _model(preset, **fields)
-  spec = model.tuning.davpt
+  spec = _spec(model)
   params = small_params(model, seed=4, scale=0.3)
   x = images(BATCH, seed=5)
   got = da_vpt_terms(model, params, x, LABELS, MAPPING)
@@ -178,16 +184,19 @@ def test_objective_total_equals_released_training_loss():
   """CE + vpt_loss_weight * patch + cls_loss_weight * cls, as the released train loop adds it;
   the step also accumulates the normalised final [CLS] per class."""
   model = _model("code", patch_weight=0.3, cls_weight=0.7, scale_ratio=5.0, attention_mask=True)
-  spec = model.tuning.davpt
+  spec = _spec(model)
   params = small_params(model, seed=6, scale=0.3)
   x = images(BATCH, seed=7)
-  objective = davpt_objective.DAVPTObjective(spec)
+  objective = objectives.make_objective(model, config_lib.base_config())
+  assert list(objective.terms) == ["da_vpt"]
   logits, aux = jit_apply(model)({"params": params}, x, capture=objective.capture,
                                  capture_layers=objective.capture_layers)
   d = model.hidden_size
-  state = {"mapping": jnp.asarray(MAPPING), "centroids": jnp.zeros((M, d)),
-           "class_sums": jnp.ones((NUM_CLASSES, d)), "class_counts": jnp.ones((NUM_CLASSES,))}
+  state = {"da_vpt": {"mapping": jnp.asarray(MAPPING), "centroids": jnp.zeros((M, d)),
+                      "class_sums": jnp.ones((NUM_CLASSES, d)),
+                      "class_counts": jnp.ones((NUM_CLASSES,))}}
   total, metrics, new_state = jax.jit(objective.loss)(logits, aux, {"label": LABELS}, state, {})
+  new_state = new_state["da_vpt"]
 
   ref_logits, ref_aux = RecordingViT(params, prompt_mask=True)(x)
   log_p = ref_logits - scipy.special.logsumexp(ref_logits, axis=1, keepdims=True)
@@ -208,7 +217,7 @@ def test_prompt_gradient_matches_finite_differences_of_the_reference(preset):
   """jax.grad of the weighted terms wrt every block's prompts vs central differences of the
   float64 numpy reference (features and loss recomputed from scratch for each nudge)."""
   model = _model(preset, patch_weight=0.5, cls_weight=2.0, scale_ratio=2.0)
-  spec = model.tuning.davpt
+  spec = _spec(model)
   params = small_params(model, seed=8, scale=0.3)
   x = images(BATCH, seed=9)
   ref_terms = released_vpt_loss if preset == "code" else paper_terms
@@ -299,17 +308,20 @@ def test_plus_bias_sets(preset):
 def test_xavier8_init_uses_torch_fans_per_prompt_group():
   """Released: xavier_uniform_ on [depth, M, D] per group (fan_in M*D, fan_out depth*D) / 8."""
   d = 256
-  davpt = DAVPTSpec(proxy_layers=(2, 3), num_proxy_prompts=6)
-  spec = TuningSpec(prompt_tokens=(5, 5, 6, 6), prompt_init="xavier8", davpt=davpt)
-  tokens = Prompts(spec, d, 16).init(jax.random.key(0), 0, 1, True)["params"]
+  spec = DAVPT(num_prompts=5, proxy_layers=(2, 3), num_proxy_prompts=6).resolve(4)
+  assert spec.prompt_tokens(4) == (5, 5, 6, 6) and spec.init == "xavier8"
+  model = jvt.build_model("B/16", 3, spec, hidden_size=d, num_heads=4, mlp_dim=8, num_layers=4)
+  tokens = flat(jvt.init_params(model, jax.random.key(0), 32))
+  tokens = {k.split("/")[-1]: v for k, v in tokens.items() if k.startswith("Transformer/prompts/")}
   for i, (m, depth) in enumerate([(5, 2), (5, 2), (6, 2), (6, 2)]):
     bound = math.sqrt(6.0 / (m * d + depth * d)) / 8
     value = np.asarray(tokens[f"block_{i}"])
     assert value.shape == (m, d)
     assert bound * 0.97 < np.abs(value).max() <= bound, i
     np.testing.assert_allclose(value.std(), bound / math.sqrt(3), rtol=0.08)
-  plain = TuningSpec(prompt_tokens=(4, 4, 4), prompt_init="xavier8")  # one group of depth 3
-  value = np.asarray(Prompts(plain, d, 16).init(jax.random.key(1), 0, 1, True)["params"]["block_1"])
+  plain = Prompts(tokens=(4, 4, 4), inserting=(0, 1, 2), hidden_size=d, patch_size=16,
+                  prompt_init="xavier8")  # one group of depth 3
+  value = np.asarray(plain.init(jax.random.key(1), 0, 1, True)["params"]["block_1"])
   bound = math.sqrt(6.0 / (4 * d + 3 * d)) / 8
   assert bound * 0.97 < np.abs(value).max() <= bound
 
@@ -336,7 +348,7 @@ def test_initial_mapping_clusters_frozen_class_means():
   groups = [0, 1, 0, 2, 1, 2, 0]  # 7 classes in 3 planted groups
   model = _small(dict(method="da_vpt", num_prompts=2, num_proxy_prompts=3), 7)
   params = small_params(model, seed=1)
-  spec = model.tuning.davpt
+  spec = _spec(model)
   assert spec.kmeans_layer_norm  # the code preset layer-norms the class means
   xs, ys = _planted_images(np.random.default_rng(0), groups, per_class=3)
   mapping, centroids = davpt_objective.initial_mapping(model, params, xs, ys, 7, spec, seed=0)
@@ -359,13 +371,9 @@ def test_initial_mapping_clusters_frozen_class_means():
       davpt_objective.initial_mapping(model, unflat(bumped), xs, ys, 7, spec, seed=0)[0], mapping)
 
 
-@dataclasses.dataclass
-class _Ctx:
-  model: object
-  params: dict
-  num_classes: int
-  class_examples: object
-  config: dict = dataclasses.field(default_factory=lambda: {"seed": 0})
+def _Ctx(model, params, num_classes, class_examples):  # noqa: N802
+  return objectives.ObjectiveContext(model=model, params=params, config={"seed": 0},
+                                     num_classes=num_classes, class_examples=class_examples)
 
 
 def test_init_state_identity_when_classes_fit_and_surplus_policy():
@@ -373,29 +381,29 @@ def test_init_state_identity_when_classes_fit_and_surplus_policy():
   xs, ys = _planted_images(rng, [0, 1, 2], per_class=2)
   examples = lambda k: (xs, ys)
   exact = _small(dict(method="da_vpt", num_prompts=1, num_proxy_prompts=3), 3)
-  state = davpt_objective.DAVPTObjective(exact.tuning.davpt).init_state(
+  state = davpt_objective.DAVPTLoss(_spec(exact)).init_state(
       _Ctx(exact, small_params(exact), 3, examples))
   np.testing.assert_array_equal(state["mapping"], [0, 1, 2])
   assert state["class_sums"].shape == (3, exact.hidden_size)
 
   surplus = dict(method="da_vpt", num_prompts=1, num_proxy_prompts=5)
   model = _small(surplus, 3)
-  objective = davpt_objective.DAVPTObjective(model.tuning.davpt)
+  objective = davpt_objective.DAVPTLoss(_spec(model))
   with pytest.raises(ValueError, match="num_proxy_prompts=5.*surplus_prompts"):
     objective.init_state(_Ctx(model, small_params(model), 3, examples))
   with pytest.raises(ValueError, match="num_proxy_prompts=5.*surplus_prompts"):
     da_vpt_terms(model, small_params(model), xs[:2], ys[:2], np.arange(3))
   unused = _small({**surplus, "surplus_prompts": "unused"}, 3)
-  state = davpt_objective.DAVPTObjective(unused.tuning.davpt).init_state(
+  state = davpt_objective.DAVPTLoss(_spec(unused)).init_state(
       _Ctx(unused, small_params(unused), 3, examples))
   np.testing.assert_array_equal(state["mapping"], [0, 1, 2])
   assert state["centroids"].shape == (5, unused.hidden_size)
 
 
 def _objective(refresh_from_epoch, num_classes=6, num_prompts=2):
-  spec = DAVPTSpec(proxy_layers=(0,), num_proxy_prompts=num_prompts,
-                   refresh_from_epoch=refresh_from_epoch)
-  return davpt_objective.DAVPTObjective(spec)
+  spec = DAVPT(proxy_layers=(0,), num_proxy_prompts=num_prompts,
+               refresh_from_epoch=refresh_from_epoch, kmeans_layer_norm=False)
+  return davpt_objective.DAVPTLoss(spec)
 
 
 def _state(mapping, centroids, sums, counts):
@@ -438,7 +446,7 @@ def test_refresh_warm_start_at_a_fixed_point_keeps_the_mapping():
   np.testing.assert_array_equal(again["mapping"], first["mapping"])
   np.testing.assert_allclose(again["centroids"], first["centroids"], atol=1e-6)
   # Independent fixed-point check: each class sits with its most similar centroid.
-  x = _unit(sums / 3.0)  # DAVPTSpec's own default: no layer norm of the class means
+  x = _unit(sums / 3.0)  # kmeans_layer_norm=False: no layer norm of the class means
   np.testing.assert_array_equal(np.argmax(x @ first["centroids"].T, axis=1), first["mapping"])
 
 
@@ -455,7 +463,7 @@ def test_bad_input_errors_name_the_field():
     da_vpt_terms(model, params, x, LABELS, np.array([0, 1, 2, 3, 0]))
   with pytest.raises(ValueError, match=r"labels .*outside \[0, num_classes=5\)"):
     davpt_objective.initial_mapping(model, params, x, np.array([0, 1, 2, 7, 4, 5]), 5,
-                                    model.tuning.davpt)
+                                    _spec(model))
   with pytest.raises(ValueError, match=r"da_vpt.proxy_layers contains 3.*3 blocks"):
     _model("code", proxy_layers=(3,))
   with pytest.raises(ValueError, match=r"da_vpt_plus.proxy_layers contains -4"):
@@ -522,7 +530,7 @@ def _params(s, state):
 
 def _class_prompt_cosine(s, params, xs, ys, mapping):
   """Mean cosine between each image's proxy-block features and its class's prompt."""
-  spec = s.model.tuning.davpt
+  spec = _spec(s.model)
   layer = spec.proxy_layers[0]
   _, aux = jit_apply(s.model)({"params": params}, xs, capture=("input_patch_mean", "cls_query",
                                                                "prompts"), capture_layers=(layer,))
@@ -538,8 +546,8 @@ def test_new_mapping_never_retraces_and_is_used(tiny_run):
   base = jax.device_get(s.state)
   states = []
   for mapping in ([0, 1, 0, 1], [1, 1, 0, 0], [0, 0, 1, 1]):
-    host = dict(base.method_state, mapping=np.asarray(mapping, np.int32))
-    state = base.replace(method_state=host)
+    host = dict(base.method_state["da_vpt"], mapping=np.asarray(mapping, np.int32))
+    state = base.replace(method_state={"da_vpt": host})
     state = jax.tree.map(lambda v: sharding.replicate_tree(v, s.mesh), state)
     _, metrics = s.train_step(state, s.frozen, s.constants, batch)
     states.append(float(metrics["patch_loss"]))
@@ -552,7 +560,7 @@ def test_short_run_pulls_class_features_toward_their_prompts(tiny_run):
   rng = np.random.default_rng(1)
   state = jax.tree.map(lambda v: sharding.replicate_tree(np.asarray(v), s.mesh),
                        jax.device_get(s.state))
-  mapping = np.asarray(jax.device_get(state.method_state["mapping"]))
+  mapping = np.asarray(jax.device_get(state.method_state["da_vpt"]["mapping"]))
   assert sorted(set(mapping.tolist())) == [0, 1]  # 4 classes on 2 prompts
   before_terms = da_vpt_terms(s.model, _params(s, state), xs, ys, mapping)
   before_cos = _class_prompt_cosine(s, _params(s, state), xs, ys, mapping)
@@ -566,7 +574,7 @@ def test_short_run_pulls_class_features_toward_their_prompts(tiny_run):
   assert float(after_terms["cls"]) < 0.7 * float(before_terms["cls"])
   assert after_cos[0] > before_cos[0] + 0.1 and after_cos[1] > before_cos[1] + 0.1
   # Accumulated class sums: one unit [CLS] per trained example.
-  counts = np.asarray(jax.device_get(state.method_state["class_counts"]))
+  counts = np.asarray(jax.device_get(state.method_state["da_vpt"]["class_counts"]))
   assert counts.sum() == s.total_steps * s.config.batch_size
   assert len(traces) == 1
 
@@ -624,7 +632,7 @@ def test_config_files_load_for_every_task_and_build(benchmark):
         hp["patch_weight"], hp["cls_weight"], hp["scale_ratio"])
     model = train_lib.model_from_config(cp, classes)
     shapes = jvt.param_shapes(model, 32)
-    spec = model.tuning.davpt
+    spec = _spec(model)
     assert spec.proxy_layers == tuple(sorted(hp["proxy_layers"]))
     proxy = min(hp["num_proxy_prompts"], classes)  # released: M shrinks to C
     got = [flat(shapes)[k].shape[0] if k in flat(shapes) else 0

@@ -103,14 +103,13 @@ def test_logit_loss_and_gradient_match_numpy(teacher, w, temp, eps):
   batch = {"image": jnp.asarray(x), "label": jnp.asarray(y)}
 
   def loss(logits):
-    return obj.loss(logits, {}, batch, {}, consts)[0]
+    return obj.loss(logits, {}, batch, consts)[0]
 
   value, grad = jax.jit(jax.value_and_grad(loss))(jnp.asarray(s))
   want, want_grad = np_kd(s, t, y, w, temp, eps)
   np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-6)
-  _, metrics, state = jax.jit(obj.loss)(jnp.asarray(s), {}, batch, {"kept": 1}, consts)
-  assert state == {"kept": 1}
+  _, metrics = jax.jit(obj.loss)(jnp.asarray(s), {}, batch, consts)
   np.testing.assert_allclose(metrics["teacher_accuracy"], np.mean(t.argmax(-1) == y))
 
 
@@ -123,7 +122,7 @@ def test_limits_weight_to_zero_is_cross_entropy_and_temperature_one(teacher):
   ce = -_log_softmax(s.astype(np.float64))[np.arange(3), y].mean()
   ce_grad = (np.exp(_log_softmax(s.astype(np.float64))) - np.eye(NUM_CLASSES)[y]) / 3
   _, tiny_w = objective(teacher, weight=1e-9, temperature=5.0)
-  value, grad = jax.jit(jax.value_and_grad(lambda z: tiny_w.loss(z, {}, batch, {}, consts)[0]))(s)
+  value, grad = jax.jit(jax.value_and_grad(lambda z: tiny_w.loss(z, {}, batch, consts)[0]))(s)
   np.testing.assert_allclose(value, ce, rtol=1e-6)
   np.testing.assert_allclose(grad, ce_grad, rtol=1e-5, atol=1e-7)
   # T -> 1: the loss is continuous at T = 1, where it is (1 - w) CE + w KL(p_t || p_s).
@@ -131,7 +130,7 @@ def test_limits_weight_to_zero_is_cross_entropy_and_temperature_one(teacher):
       -1).mean()
   for temp in (1.0, 1.0 + 1e-4):
     _, obj = objective(teacher, weight=0.4, temperature=temp)
-    np.testing.assert_allclose(jax.jit(obj.loss)(s, {}, batch, {}, consts)[0],
+    np.testing.assert_allclose(jax.jit(obj.loss)(s, {}, batch, consts)[0],
                                0.6 * ce + 0.4 * kl, rtol=2e-4)
 
 
@@ -153,7 +152,7 @@ def test_feature_loss_matches_numpy(teacher, token, kind, prompts):
   def loss(prm):
     logits, aux = model.apply({"params": prm}, batch["image"], capture=obj.capture,
                               capture_layers=obj.capture_layers)
-    total, metrics, _ = obj.loss(logits, aux, batch, {}, {"teacher": teacher.params})
+    total, metrics = obj.loss(logits, aux, batch, {"teacher": teacher.params})
     return total, metrics
 
   (total, metrics), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
@@ -217,7 +216,8 @@ def test_teacher_is_bitwise_unchanged_and_gets_no_gradient(teacher_files):
   batch = _batch(s, 0)
   step = s.train_step.lower(s.state, s.frozen, s.constants, batch).compile()
   # The same trainer step with plain cross-entropy (no teacher), lowered for the same state.
-  ce_step = train_lib.make_train_step(s.model, s.tx, objectives.CrossEntropy(), mesh=s.mesh)
+  ce_step = train_lib.make_train_step(s.model, s.tx, objectives.Objective(objectives.CrossEntropy(), {}),
+                                     mesh=s.mesh)
   ce_flops = _flops(ce_step.lower(s.state, s.frozen, {}, batch).compile())
   state = s.state
   for i in range(3):
@@ -231,7 +231,7 @@ def test_teacher_is_bitwise_unchanged_and_gets_no_gradient(teacher_files):
   # Compiled cost: the distillation step is the cross-entropy step plus one teacher forward;
   # a trainable teacher would add its backward pass (about twice its forward).
   step_flops = _flops(step)
-  tmodel, student = s.objective.teacher.model, s.model
+  tmodel, student = s.objective.task.teacher.model, s.model
   x, y = batch["image"], batch["label"]
   fwd_flops = _flops(jax.jit(lambda p, im: tmodel.apply({"params": p}, im)[0]).lower(
       s.constants["teacher"], x).compile())

@@ -1,10 +1,10 @@
-"""Tests for jvt.davpt: cosine k-means and the class -> prompt mapping."""
+"""Tests for jvt.methods.da_vpt: cosine k-means and the class -> prompt mapping."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jvt import davpt
+from jvt.methods import da_vpt as davpt
 
 
 def _unit(x):

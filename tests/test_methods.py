@@ -1,4 +1,4 @@
-"""Tests for jvt.tuning: golden trainable-parameter counts of every registered method (B/16,
+"""Tests for jvt.methods: golden trainable-parameter counts of every registered method (B/16,
 100 classes), the config vocabulary and its errors, and exact LoRA / SSF merging."""
 import math
 
@@ -9,7 +9,10 @@ import pytest
 
 import jvt
 from jvt import partition
-from jvt.tuning import METHODS, merge_lora, merge_ssf, resolve_tuning, unmerge_lora
+from jvt.methods import registry, resolve_tuning
+from jvt.methods.da_vpt import DAVPT
+from jvt.methods.lora import LoRA, merge_lora, unmerge_lora
+from jvt.methods.ssf import merge_ssf
 
 from conftest import NumpyViT, flat, images, jit_apply, small_model, small_params
 
@@ -65,7 +68,7 @@ HAND_NUMBERS = {  # the numbers quoted in the issue, as a check of the formulas 
 
 
 def test_every_registered_method_has_a_golden_count():
-  assert set(GOLDEN) == set(METHODS)
+  assert set(GOLDEN) == set(registry())
 
 
 def test_formulas_reproduce_the_quoted_numbers():
@@ -120,20 +123,22 @@ def test_composition_sums_the_methods():
 
 # --------------------------------------------------------------------- config vocabulary
 def test_da_vpt_presets():
-  code = resolve_tuning(dict(method="da_vpt"), 12).spec
-  paper = resolve_tuning(dict(method="da_vpt", preset="paper"), 12).spec
-  assert code.davpt.proxy_layers == (11,)  # default: the last block
-  assert code.prompt_tokens == (10,) * 12 and code.deep_prompts
-  assert (code.davpt.patch_feature, code.davpt.cls_query, code.davpt.prompt_query,
-          code.davpt.normalize_positives, code.prompt_init) == (
-              "input_patch_mean", True, False, "all", "xavier8")
-  assert (paper.davpt.patch_feature, paper.davpt.cls_query, paper.davpt.prompt_query,
-          paper.davpt.normalize_positives, paper.prompt_init) == (
-              "attn_out_mean", False, True, "with_positives", "vpt")
-  custom = resolve_tuning(dict(method="da_vpt", preset="paper", cls_query=True, num_prompts=4,
-                               num_proxy_prompts=7, proxy_layers=(2, -1)), 6).spec
-  assert custom.davpt.cls_query and custom.davpt.proxy_layers == (2, 5)
-  assert custom.prompt_tokens == (4, 4, 7, 4, 4, 7)
+  (code,) = resolve_tuning(dict(method="da_vpt"), 12).methods
+  (paper,) = resolve_tuning(dict(method="da_vpt", preset="paper"), 12).methods
+  assert isinstance(code, DAVPT) and code.proxy_layers == (11,)  # default: the last block
+  assert code.prompt_tokens(12) == (10,) * 12 and code.claims(12)["deep_prompts"]
+  assert (code.patch_feature, code.cls_query, code.prompt_query, code.normalize_positives,
+          code.init, code.kmeans_layer_norm) == (
+              "input_patch_mean", True, False, "all", "xavier8", True)
+  assert (paper.patch_feature, paper.cls_query, paper.prompt_query, paper.normalize_positives,
+          paper.init, paper.kmeans_layer_norm) == (
+              "attn_out_mean", False, True, "with_positives", "vpt", False)
+  (custom,) = resolve_tuning(dict(method="da_vpt", preset="paper", cls_query=True,
+                                  num_prompts=4, num_proxy_prompts=7, proxy_layers=(2, -1)),
+                             6).methods
+  assert custom.cls_query and custom.proxy_layers == (2, 5)
+  assert custom.prompt_tokens(6) == (4, 4, 7, 4, 4, 7)
+  assert custom.resolve(6) == custom  # resolved settings resolve to themselves
 
 
 def test_config_dict_and_list_inputs_match_dicts():
@@ -146,11 +151,19 @@ def test_config_dict_and_list_inputs_match_dicts():
 
 def test_same_method_twice_with_equal_settings_is_allowed():
   both = resolve_tuning([dict(method="lora", rank=4), dict(method="lora", rank=4)], 12)
-  assert both.spec.lora_rank == 4
+  assert both.methods == (LoRA(rank=4),)
 
 
 @pytest.mark.parametrize("cfg,match", [
     (dict(method="prefix"), r"method='prefix': unknown method; allowed values are .*'vpt'"),
+    (dict(method="no_such_module:Method"), r"method='no_such_module:Method': cannot import"),
+    (dict(method="jvt.methods.leaves:FROZEN"), r"is no jvt.methods.Method subclass"),
+    (dict(method="adaptformer", norm="post"), r"adaptformer.norm='post'; allowed: \('none', 'ln'\)"),
+    (dict(method="adaptformer", init="zeros"), r"adaptformer.init='zeros'; allowed"),
+    (dict(method="adaptformer", dropout=1.0), r"adaptformer.dropout=1.0: must be in \[0, 1\)"),
+    (dict(method="ssf", init="ones"), r"ssf.init='ones'; allowed: \('normal', 'identity'\)"),
+    (dict(method="lora", init="xavier"), r"lora.init='xavier'; allowed"),
+    (dict(method="da_vpt", refresh_from_epoch=-1), r"da_vpt.refresh_from_epoch=-1: must be >= 0"),
     (dict(rank=8), r"method=None: unknown method"),
     (dict(method="lora", targets=("query", "qkv")),
      r"lora.targets=.*unknown \['qkv'\]; allowed values are .*'mlp_in'"),

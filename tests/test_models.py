@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 import jvt
-from jvt.models import CAPTURE_KEYS, DAVPTSpec, TuningSpec
-from jvt.models.vit import Encoder1DBlock, Prompts
+from jvt.methods.vpt import Prompts
+from jvt.models import CAPTURE_KEYS
+from jvt.models.vit import Encoder1DBlock
 
 from conftest import (IMAGE, NUM_CLASSES, SMALL, NumpyViT, flat, images, jit_apply, small_model,
                       small_params, unflat)
@@ -44,6 +45,11 @@ FORWARD_CASES = {
         "B/16", [dict(method="lora", rank=2, alpha=4.0, targets=LORA_ALL), dict(method="ssf"),
                  dict(method="adapter", dim=4), dict(method="adaptformer", dim=4, scale=0.5)],
         SMALL, dict(lora_alpha=4.0, adaptformer_scale=0.5)),
+    # The composition listed in another order runs its hooks in the same order.
+    "adaptformer_ln_adapter_ssf_lora": (
+        "B/16", [dict(method="adaptformer", dim=4, scale=0.5, norm="ln"), dict(method="adapter"),
+                 dict(method="ssf"), dict(method="lora", rank=2, alpha=4.0, targets=LORA_ALL)],
+        SMALL, dict(lora_alpha=4.0, adaptformer_scale=0.5, adaptformer_norm="ln")),
     "da_vpt_mask_l2norm": (
         "B/16", dict(method="da_vpt", num_prompts=2, num_proxy_prompts=3, attention_mask=True,
                      l2norm=True), SMALL, dict(prompt_l2norm=True, prompt_mask=True)),
@@ -244,7 +250,7 @@ def _blocks_by_hand(params, x0, prompts, deep, num_heads, mlp_dim):
     if deep or i == 0:
       p = jnp.broadcast_to(p, (x.shape[0], *p.shape))
       x = jnp.concatenate([x[:, :1], p, x[:, -n:]], axis=1)
-    block = Encoder1DBlock(num_heads, mlp_dim, TuningSpec(), num_prompts=x.shape[1] - 1 - n)
+    block = Encoder1DBlock(num_heads, mlp_dim, (), num_prompts=x.shape[1] - 1 - n)
     x, _ = jit_apply(block)({"params": params["Transformer"][f"encoderblock_{i}"]}, x)
     outs.append(x)
   return outs
@@ -311,8 +317,9 @@ def _uniform_bound_checks(tokens, bound):
 
 @pytest.mark.parametrize("hidden,patch,num", [(768, 16, 50), (32, 8, 400)])
 def test_vpt_prompt_init_range(hidden, patch, num):
-  spec = TuningSpec(prompt_tokens=(num, num), prompt_init="vpt")
-  params = Prompts(spec, hidden, patch).init(jax.random.key(0), 0, 1, True)["params"]
+  prompts = Prompts(tokens=(num, num), inserting=(0, 1), hidden_size=hidden, patch_size=patch,
+                    prompt_init="vpt")
+  params = prompts.init(jax.random.key(0), 0, 1, True)["params"]
   bound = math.sqrt(6.0 / (3 * patch * patch + hidden))
   if hidden == 768:
     assert bound == 0.0625  # VPT's value for 16x16 patches, D = 768
@@ -327,9 +334,9 @@ def test_xavier8_prompt_init_range():
   # DA-VPT's released code: torch xavier_uniform_ over the stacked [depth, M, D] prompts of a
   # group (proxy blocks / other blocks), fan_in = M * D, fan_out = depth * D, then / 8.
   d = 256
-  spec = TuningSpec(prompt_tokens=(60, 60, 60, 90), prompt_init="xavier8",
-                    davpt=DAVPTSpec(proxy_layers=(3,)))
-  params = Prompts(spec, d, 16).init(jax.random.key(0), 0, 1, True)["params"]
+  prompts = Prompts(tokens=(60, 60, 60, 90), inserting=(0, 1, 2, 3), hidden_size=d,
+                    patch_size=16, prompt_init="xavier8", groups=(3,))
+  params = prompts.init(jax.random.key(0), 0, 1, True)["params"]
   for i in range(3):
     _uniform_bound_checks(params[f"block_{i}"], math.sqrt(6.0 / (60 * d + 3 * d)) / 8)
   _uniform_bound_checks(params["block_3"], math.sqrt(6.0 / (90 * d + 1 * d)) / 8)
@@ -337,7 +344,9 @@ def test_xavier8_prompt_init_range():
 
 # ------------------------------------------------------------------- zero-initialised plug-ins
 def test_zero_initialised_plugins_keep_the_pretrained_function():
-  tuning = [dict(method="lora", rank=2, targets=LORA_ALL), dict(method="ssf"),
+  # SSF's default init is random (official SSF: N(1, 0.02) / N(0, 0.02), tested in
+  # tests/methods/test_ssf.py); its "identity" init starts at the pretrained function.
+  tuning = [dict(method="lora", rank=2, targets=LORA_ALL), dict(method="ssf", init="identity"),
             dict(method="adapter", dim=4), dict(method="adaptformer", dim=4)]
   model = small_model(tuning, num_layers=1)
   plain = small_model(num_layers=1)

@@ -174,7 +174,8 @@ def _check_kmeans_fixed_point(config: dict, mapping: np.ndarray, num_prompts: in
 
   variant, size = config["model"]["variant"], config["model"]["image_size"]
   overrides, num_classes = config["model"]["overrides"], len(mapping)
-  spec = jvt.build_model(variant, num_classes, tuning=config["tuning"], **overrides).tuning.davpt
+  spec = jvt.methods.find(jvt.build_model(variant, num_classes, tuning=config["tuning"],
+                                          **overrides), "da_vpt")
   plain = jvt.build_model(variant, num_classes, tuning=None, **overrides)
   params = jvt.load_pretrained(config["pretrained"]["path"],
                                jvt.init_params(plain, jax.random.key(3), size), plain)

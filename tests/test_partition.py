@@ -10,7 +10,7 @@ import pytest
 
 import jvt
 from jvt import partition
-from jvt.tuning import resolve_tuning
+from jvt.methods import resolve_tuning
 
 from conftest import IMAGE, NUM_CLASSES, flat, images, random_like, small_model, unflat
 

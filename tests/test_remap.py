@@ -144,8 +144,11 @@ def test_plain_params_drops_the_distillation_projection():
 
 def test_prompts_cannot_be_remapped():
   model = small_model(dict(method="vpt", num_prompts=2))
-  with pytest.raises(ValueError, match="prompts or adapters"):
+  with pytest.raises(ValueError, match=r"method\(s\) \['vpt'\] cannot be merged"):
     remap.plain_params(small_params(model), model)
+  adapters = small_model([dict(method="lora"), dict(method="adapter")])
+  with pytest.raises(ValueError, match=r"method\(s\) \['adapter'\] cannot be merged"):
+    remap.plain_params(small_params(adapters), adapters)
   with pytest.raises(ValueError, match="plain_params"):
     remap.select_blocks(small_params(model), (0,))
 

@@ -65,8 +65,8 @@ def save_npz(path: str | os.PathLike, params: PyTree, *, model: Any = None) -> N
     params: backbone + head leaves only, fully addressable (gather sharded trees first).
     model: optional jvt ViT; when given, the tree's shapes are checked against it.
 
-  Raises ValueError for tuning leaves (merge LoRA/SSF into the backbone first; prompts and
-  adapters have no place in this layout) or a tree that does not fit `model`.
+  Raises ValueError for tuning leaves (`jvt.merge` folds LoRA / SSF into the backbone first;
+  prompts and adapters have no place in this layout) or a tree that does not fit `model`.
   """
   path = os.fspath(path)
   flat = flatten_params(params)
@@ -74,9 +74,9 @@ def save_npz(path: str | os.PathLike, params: PyTree, *, model: Any = None) -> N
   if extra:
     raise ValueError(
         f"save_npz writes the plain vision_transformer layout, which has no place for {extra}. "
-        "Merge LoRA/SSF parameters into the backbone first (jvt.tuning.merge.merge_lora / "
-        "merge_ssf) and pass the merged tree; prompts and adapters cannot be merged: keep such "
-        "runs as RunCheckpointer checkpoints."
+        "Merge the tuning methods into the backbone first (`plain_model, merged = "
+        "jvt.merge(model, params)`) and pass the merged tree; prompts and adapters cannot be "
+        "merged: keep such runs as RunCheckpointer checkpoints."
     )
   if model is not None:
     _check_model(flat, model)

@@ -53,6 +53,12 @@ def metric_terms(aux: dict, labels: jax.Array, mapping: jax.Array, spec: Any,
   return {"patch": jnp.mean(jnp.stack(patch)), "cls": jnp.mean(jnp.stack(cls))}
 
 
+def _settings(model):
+  """The DA-VPT settings among the model's methods (by name: losses import no method)."""
+  return next((m for m in getattr(model, "methods", ())
+               if m.name in ("da_vpt", "da_vpt_plus")), None)
+
+
 def da_vpt_terms(model, params, images, labels, mapping) -> dict[str, jax.Array]:
   """The unweighted DA-VPT terms of `model` (built with da_vpt / da_vpt_plus) on a batch.
 
@@ -60,7 +66,7 @@ def da_vpt_terms(model, params, images, labels, mapping) -> dict[str, jax.Array]
   shape. Returns {"patch": L_ML(X, P), "cls": L_ML(P, x_cls)}, each averaged over the model's
   proxy layers. images [B, H, W, 3], labels [B] int in [0, C), mapping [C] int in [0, M).
   """
-  spec = model.tuning.davpt
+  spec = _settings(model)
   if spec is None:
     raise ValueError("da_vpt_terms needs a model built with tuning method 'da_vpt' or "
                      "'da_vpt_plus'.")
@@ -84,7 +90,7 @@ def da_vpt_terms(model, params, images, labels, mapping) -> dict[str, jax.Array]
 @functools.lru_cache(maxsize=8)
 def _jitted_terms(model):
   """model -> jitted (params, images, labels, mapping) -> terms (one compilation per shape)."""
-  spec = model.tuning.davpt
+  spec = _settings(model)
 
   def terms(params, images, labels, mapping):
     _, aux = model.apply({"params": params}, images, train=False, capture=capture_keys(spec),

@@ -6,24 +6,24 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jvt.models.spec import DAVPTSpec, TuningSpec
 from jvt.models.variants import VARIANT_DIMS, variant_config
 from jvt.models.vit import CAPTURE_KEYS, ViT
 
 
 # ViT fields that build_model sets itself (or flax owns): not valid as overrides.
-_NOT_OVERRIDES = {"num_classes", "tuning", "partition_rules", "parent", "name"}
+_NOT_OVERRIDES = {"num_classes", "methods", "partition_rules", "parent", "name"}
 
 
 def build_model(variant: str, num_classes: int, tuning: Any = None, **overrides) -> ViT:
   """Builds a ViT by variant name ("B/16", ...) with the tuning methods of `tuning`.
 
   tuning: a method dict such as `dict(method="vpt", num_prompts=50, deep=True)`, a ConfigDict,
-    or a list of such (a composition); None is the plain backbone (trains the head only).
+    `jvt.methods.Method` settings, or a list of such (a composition); None is the plain
+    backbone (trains the head only). `jvt.methods.tuning_config(model)` gives it back.
   overrides: any `ViT` field, e.g. `dtype=jnp.bfloat16`, `remat="dots"`, `pool="gap"`,
     `representation_size=768`, or smaller dims for tests (`hidden_size=32, num_layers=2`).
   """
-  from jvt.tuning.methods import resolve_tuning  # models/ stays free of the registry at import
+  from jvt.methods.registry import resolve_tuning
   allowed = sorted(set(ViT.__dataclass_fields__) - _NOT_OVERRIDES)
   unknown = sorted(set(overrides) - set(allowed))
   if unknown:
@@ -35,7 +35,7 @@ def build_model(variant: str, num_classes: int, tuning: Any = None, **overrides)
                      f"num_heads={fields['num_heads']}.")
   resolved = resolve_tuning(tuning if tuning is not None else dict(method="linear"),
                             fields["num_layers"])
-  return ViT(num_classes=num_classes, tuning=resolved.spec, partition_rules=resolved.rules,
+  return ViT(num_classes=num_classes, methods=resolved.methods, partition_rules=resolved.rules,
              **fields)
 
 

@@ -1,14 +1,15 @@
-"""Backbone layers with built-in extension points for tuning plug-ins.
+"""Backbone layers whose outputs pass through the hooks of the active methods.
 
 `Projection` is a dense layer over several input/output axes (the shapes the official ViT
-checkpoints store: query kernels are [D, H, Dh]) that optionally carries a LoRA update
-(`lora_a`, `lora_b`) and an SSF scale/shift (`ssf_scale`, `ssf_shift`) of its output.
-`LayerNorm` likewise carries optional SSF parameters. Plug-in parameters live beside the
-pretrained ones, so the backbone's names never change and loading a checkpoint is a tree merge.
+checkpoints store: query kernels are [D, H, Dh]); its `kernel` and output go through each
+method's `kernel` / `projection` hook. `LayerNorm` (statistics in fp32) passes its output
+through the `norm` hooks. Plug-in parameters a hook creates live beside the pretrained ones
+(`query/lora_a`, `LayerNorm_0/ssf_scale`), so the backbone's names never change and loading a
+checkpoint is a tree merge.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -21,27 +22,24 @@ Dtype = Any
 def _tensordot(x, w, n_axes):
   """Contract the last `n_axes` axes of x with the first `n_axes` axes of w."""
   return jax.lax.dot_general(
-      x, w, (((tuple(range(x.ndim - n_axes, x.ndim))), tuple(range(n_axes))), ((), ())))
+      x, w, ((tuple(range(x.ndim - n_axes, x.ndim)), tuple(range(n_axes))), ((), ())))
 
 
 class Projection(nn.Module):
-  """y = x . kernel + bias over `in_axes` trailing input axes, with optional LoRA and SSF.
+  """y = x . kernel + bias over `in_axes` trailing input axes; kernel [*in_shape, *features].
 
-  kernel: [*in_shape, *features]. LoRA: y += (alpha / r) * (x . lora_a) . lora_b with lora_a
-  [*in_shape, r] (random) and lora_b [r, *features] (zeros, so training starts at the pretrained
-  function). SSF: y = y * ssf_scale + ssf_shift (ones / zeros).
+  `methods` (already in hook order) may replace the kernel (`kernel` hook) and change the
+  output (`projection` hook) at `site` (its `name`: "query", ..., "mlp_in", "mlp_out").
   """
   features: tuple[int, ...]
   in_axes: int = 1
   use_bias: bool = True
-  lora_rank: int = 0
-  lora_alpha: float = 8.0
-  ssf: bool = False
+  methods: tuple = ()
   dtype: Dtype = jnp.float32
   kernel_init: Any = nn.initializers.xavier_uniform()
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, site):
     in_shape = x.shape[-self.in_axes:]
     fan_in = int(np.prod(in_shape))
     fan_out = int(np.prod(self.features))
@@ -50,37 +48,29 @@ class Projection(nn.Module):
       # Initialise as the equivalent 2-D matrix so fan-in/out are those of the flat layer.
       return self.kernel_init(key, (fan_in, fan_out), dtype).reshape(shape)
 
+    site = site.at(in_axes=self.in_axes, features=tuple(self.features), dtype=self.dtype)
     kernel = self.param("kernel", kernel_init, (*in_shape, *self.features))
-    y = _tensordot(x.astype(self.dtype), kernel.astype(self.dtype), self.in_axes)
+    for m in self.methods:
+      kernel = m.on_kernel(self, kernel, site)
+    x = x.astype(self.dtype)
+    y = _tensordot(x, kernel.astype(self.dtype), self.in_axes)
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros, self.features)
       y = y + bias.astype(self.dtype)
-    if self.lora_rank > 0:
-      a = self.param("lora_a", nn.initializers.normal(1.0 / np.sqrt(fan_in)),
-                     (*in_shape, self.lora_rank))
-      b = self.param("lora_b", nn.initializers.zeros, (self.lora_rank, *self.features))
-      h = _tensordot(x.astype(self.dtype), a.astype(self.dtype), self.in_axes)  # [..., r]
-      y = y + (self.lora_alpha / self.lora_rank) * _tensordot(h, b.astype(self.dtype), 1)
-    if self.ssf:
-      y = apply_ssf(self, y, self.features)
+    for m in self.methods:
+      y = m.on_projection(self, x, y, site)
     return y
 
 
-def apply_ssf(module: nn.Module, y, features: Sequence[int]):
-  """Per-channel scale and shift (SSF), declared as `ssf_scale` / `ssf_shift` of `module`."""
-  scale = module.param("ssf_scale", nn.initializers.ones, tuple(features))
-  shift = module.param("ssf_shift", nn.initializers.zeros, tuple(features))
-  return y * scale.astype(y.dtype) + shift.astype(y.dtype)
-
-
 class LayerNorm(nn.Module):
-  """Layer normalisation (statistics in fp32) with parameters `scale`, `bias` and optional SSF."""
+  """Layer normalisation (statistics in fp32) with parameters `scale`, `bias`; its output goes
+  through the `norm` hooks of `methods` at `site` (`name`: the norm's module name)."""
   epsilon: float = 1e-6
-  ssf: bool = False
+  methods: tuple = ()
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, site):
     d = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (d,))
     bias = self.param("bias", nn.initializers.zeros, (d,))
@@ -89,24 +79,7 @@ class LayerNorm(nn.Module):
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
     y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
     y = y.astype(self.dtype)
-    if self.ssf:
-      y = apply_ssf(self, y, (d,))
+    site = site.at(name=self.name, dtype=self.dtype)
+    for m in self.methods:
+      y = m.on_norm(self, x, y, site)
     return y
-
-
-class Bottleneck(nn.Module):
-  """Adapter bottleneck Up(act(Down(x))) with a zero-initialised up-projection.
-
-  Used both as the sequential (Houlsby/Pfeiffer) adapter and as AdaptFormer's parallel branch.
-  """
-  dim: int
-  activation: str = "gelu"
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    d = x.shape[-1]
-    h = nn.Dense(self.dim, dtype=self.dtype, name="down",
-                 kernel_init=nn.initializers.xavier_uniform())(x)
-    h = nn.gelu(h, approximate=False) if self.activation == "gelu" else nn.relu(h)
-    return nn.Dense(d, dtype=self.dtype, name="up", kernel_init=nn.initializers.zeros)(h)

@@ -5,12 +5,12 @@ Tree (B/16): `embedding/{kernel,bias}`, `cls`, `Transformer/posembed_input/pos_e
 LayerNorm_1, MlpBlock_0/{Dense_0,Dense_1}}`, `Transformer/encoder_norm`, optional `fc_norm`,
 `pre_logits`, and `head`.
 
-Extension points (read from the module's `TuningSpec`, see docs/models.md):
-  * prompts: `Transformer/prompts/block_{i}` inserted right after [CLS] at block i's input;
-  * every `Projection` (query, key, value, out, Dense_0, Dense_1): LoRA and SSF leaves;
-  * every `LayerNorm` and the patch embedding: SSF leaves;
-  * each block: a sequential adapter after attention / MLP (`adapter_attn`, `adapter_mlp`) and
-    AdaptFormer's parallel branch beside the MLP (`adaptformer`).
+Hook points (see `jvt.methods.base` and docs/methods.md): the ViT's `methods` (tuning settings
+objects) are called, in hook order, at the input image and the patch embedding (ViT scope),
+the token sequence before each block (Transformer scope), each block's attention mask and
+residual branches (block scope), keys and values (attention scope), every projection's kernel
+and output (query, key, value, out, Dense_0 = "mlp_in", Dense_1 = "mlp_out") and every norm.
+Parameters a hook creates belong to the calling module. The backbone knows no method by name.
 
 `ViT.__call__` returns `(logits, aux)`; aux holds "pre_logits" [B, D'], "cls" (final normed
 [CLS], or the pooled feature) [B, D] and, for blocks asked for via `capture`, their
@@ -23,83 +23,96 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jvt.models.layers import Bottleneck, LayerNorm, Projection, apply_ssf
-from jvt.models.spec import TuningSpec
+from jvt.methods.base import Site, ordered
+from jvt.models.layers import LayerNorm, Projection
 
 Dtype = Any
 
 POOLS = ("tok", "gap")
 # Per-block jax.checkpoint policies ("none": no rematerialisation).
 REMAT_POLICIES = ("none", "full", "dots", "nothing")
-# What a block can be asked to capture (see `Encoder1DBlock`).
+# What a block can be asked to capture (see `Encoder1DBlock`; "prompts" comes from the plug-in
+# that inserts prompt tokens at that block).
 CAPTURE_KEYS = ("tokens", "attention", "attn_out_mean", "input_patch_mean", "cls_query",
                 "prompt_query", "prompts")
 
 
 class MultiHeadDotProductAttention(nn.Module):
-  """Self-attention with query/key/value/out `Projection`s ([D, H, Dh] kernels)."""
+  """Self-attention with query/key/value/out `Projection`s ([D, H, Dh] kernels).
+
+  The `keys_values` hooks may append tokens to keys and values (e.g. key-value prompts); a
+  mask then lets every query see them.
+  """
   num_heads: int
-  spec: TuningSpec
+  methods: tuple = ()
   dtype: Dtype = jnp.float32
   attention_dropout: float = 0.0
 
   def _proj(self, name, features, in_axes=1):
-    lora = self.spec.lora_rank if name in self.spec.lora_targets else 0
-    return Projection(features=features, in_axes=in_axes, lora_rank=lora,
-                      lora_alpha=self.spec.lora_alpha, ssf=self.spec.ssf, dtype=self.dtype,
-                      name=name)
+    return Projection(features=features, in_axes=in_axes, methods=self.methods,
+                      dtype=self.dtype, name=name)
 
   @nn.compact
-  def __call__(self, x, mask=None, deterministic=True):
+  def __call__(self, x, mask, deterministic, site):
     d = x.shape[-1]
     head_dim = d // self.num_heads
-    query = self._proj("query", (self.num_heads, head_dim))(x)  # [B, T, H, Dh]
-    k = self._proj("key", (self.num_heads, head_dim))(x)
-    v = self._proj("value", (self.num_heads, head_dim))(x)
+    heads = (self.num_heads, head_dim)
+    query = self._proj("query", heads)(x, site.at(name="query"))  # [B, T, H, Dh]
+    k = self._proj("key", heads)(x, site.at(name="key"))
+    v = self._proj("value", heads)(x, site.at(name="value"))
+    for m in self.methods:
+      k, v = m.on_keys_values(self, k, v, site)
     q = query / jnp.sqrt(head_dim).astype(query.dtype)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)  # [B, H, T, T]
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)  # [B, H, T, T']
     if mask is not None:
+      extra = k.shape[1] - mask.shape[-1]
+      if extra:
+        mask = jnp.concatenate(
+            [mask, jnp.ones((*mask.shape[:-1], extra), bool)], axis=-1)
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
     probs_c = nn.Dropout(self.attention_dropout)(probs, deterministic=deterministic)
     y = jnp.einsum("bhqk,bkhd->bqhd", probs_c.astype(self.dtype), v)  # [B, T, H, Dh]
-    out = self._proj("out", (d,), in_axes=2)(y)  # [B, T, D]
+    out = self._proj("out", (d,), in_axes=2)(y, site.at(name="out"))  # [B, T, D]
     return out, probs, query
 
 
 class MlpBlock(nn.Module):
-  """Dense_0 -> GELU -> Dense_1, both `Projection`s (LoRA targets mlp_in / mlp_out)."""
+  """Dense_0 -> GELU -> Dense_1, both `Projection`s (sites "mlp_in" / "mlp_out")."""
   mlp_dim: int
-  spec: TuningSpec
+  methods: tuple = ()
   dtype: Dtype = jnp.float32
   dropout_rate: float = 0.0
   gelu_approximate: bool = False
 
   @nn.compact
-  def __call__(self, x, deterministic=True):
+  def __call__(self, x, deterministic, site):
     d = x.shape[-1]
-    s = self.spec
-    h = Projection((self.mlp_dim,), lora_rank=s.lora_rank if "mlp_in" in s.lora_targets else 0,
-                   lora_alpha=s.lora_alpha, ssf=s.ssf, dtype=self.dtype, name="Dense_0")(x)
+    h = Projection((self.mlp_dim,), methods=self.methods, dtype=self.dtype,
+                   name="Dense_0")(x, site.at(name="mlp_in"))
     h = nn.gelu(h, approximate=self.gelu_approximate)
     h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
-    y = Projection((d,), lora_rank=s.lora_rank if "mlp_out" in s.lora_targets else 0,
-                   lora_alpha=s.lora_alpha, ssf=s.ssf, dtype=self.dtype, name="Dense_1")(h)
+    y = Projection((d,), methods=self.methods, dtype=self.dtype,
+                   name="Dense_1")(h, site.at(name="mlp_out"))
     return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
 
 
 class Encoder1DBlock(nn.Module):
-  """Pre-LN transformer block with adapter plug-ins.
+  """Pre-LN transformer block.
 
   Input x: [B, 1 + P + N, D] ([CLS], P prompts, N image tokens). Returns (x, captured) where
-  `captured` holds the intermediates named in `capture` (see CAPTURE_KEYS).
+  `captured` holds the intermediates named in `capture` (see CAPTURE_KEYS). The `branch` hooks
+  see each residual branch ("attn", "mlp") with the stream x it adds to, the normed input z of
+  the branch and its output y.
   """
   num_heads: int
   mlp_dim: int
-  spec: TuningSpec
+  methods: tuple = ()
+  layer: int = 0
+  num_layers: int = 1
   num_prompts: int = 0
+  grid: tuple[int, int] = (0, 0)
   dtype: Dtype = jnp.float32
   dropout_rate: float = 0.0
   attention_dropout: float = 0.0
@@ -109,13 +122,17 @@ class Encoder1DBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask=None, deterministic=True):
-    s = self.spec
     p = self.num_prompts
+    ms = self.methods
     captured = {}
-    y = LayerNorm(self.layer_norm_eps, ssf=s.ssf, dtype=self.dtype, name="LayerNorm_0")(x)
+    site = Site(layer=self.layer, num_layers=self.num_layers, num_prompts=p,
+                num_tokens=x.shape[1], grid=tuple(self.grid), train=not deterministic,
+                hidden_size=x.shape[-1], dtype=self.dtype, capture=self.capture,
+                captured=captured)
+    z = LayerNorm(self.layer_norm_eps, methods=ms, dtype=self.dtype, name="LayerNorm_0")(x, site)
     y, probs, q = MultiHeadDotProductAttention(
-        self.num_heads, s, dtype=self.dtype, attention_dropout=self.attention_dropout,
-        name="MultiHeadDotProductAttention_0")(y, mask, deterministic)
+        self.num_heads, ms, dtype=self.dtype, attention_dropout=self.attention_dropout,
+        name="MultiHeadDotProductAttention_0")(z, mask, deterministic, site)
     if "input_patch_mean" in self.capture:
       captured["input_patch_mean"] = jnp.mean(x[:, 1 + p:].astype(jnp.float32), axis=1)
     if "attn_out_mean" in self.capture:
@@ -128,80 +145,27 @@ class Encoder1DBlock(nn.Module):
     if "attention" in self.capture:
       captured["attention"] = probs  # [B, H, T, T]
     y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-    if s.adapter_dim and "attn" in s.adapter_positions:
-      y = y + Bottleneck(s.adapter_dim, dtype=self.dtype, name="adapter_attn")(y)
+    for m in ms:
+      y = m.on_branch(self, x, z, y, site.at(name="attn"))
     x = x + y
-    z = LayerNorm(self.layer_norm_eps, ssf=s.ssf, dtype=self.dtype, name="LayerNorm_1")(x)
-    y = MlpBlock(self.mlp_dim, s, dtype=self.dtype, dropout_rate=self.dropout_rate,
-                 gelu_approximate=self.gelu_approximate, name="MlpBlock_0")(z, deterministic)
-    if s.adapter_dim and "mlp" in s.adapter_positions:
-      y = y + Bottleneck(s.adapter_dim, dtype=self.dtype, name="adapter_mlp")(y)
-    if s.adaptformer_dim:
-      y = y + s.adaptformer_scale * Bottleneck(
-          s.adaptformer_dim, activation="relu", dtype=self.dtype, name="adaptformer")(z)
+    z = LayerNorm(self.layer_norm_eps, methods=ms, dtype=self.dtype, name="LayerNorm_1")(x, site)
+    y = MlpBlock(self.mlp_dim, ms, dtype=self.dtype, dropout_rate=self.dropout_rate,
+                 gelu_approximate=self.gelu_approximate, name="MlpBlock_0")(z, deterministic, site)
+    for m in ms:
+      y = m.on_branch(self, x, z, y, site.at(name="mlp"))
     x = x + y
     if "tokens" in self.capture:
       captured["tokens"] = x
     return x, captured
 
 
-class Prompts(nn.Module):
-  """Learnable prompt tokens per block: `block_{i}` [M_i, D_p], optional shared projection."""
-  spec: TuningSpec
-  hidden_size: int
-  patch_size: int
-  dtype: Dtype = jnp.float32
-
-  def setup(self):
-    s = self.spec
-    width = s.prompt_proj_dim or self.hidden_size
-    inserting = [i for i, m in enumerate(s.prompt_tokens) if m > 0 and s.inserts_prompts(i)]
-    proxy = set(s.davpt.proxy_layers) if s.davpt is not None else set()
-
-    def bound(i):
-      if s.prompt_init == "vpt":  # VPT: v = sqrt(6 / (3 * ph * pw + D)).
-        return float(np.sqrt(6.0 / (3 * self.patch_size * self.patch_size + width)))
-      # "xavier8" (DA-VPT's released code): torch's xavier_uniform_ over the stacked
-      # [depth, M, D] prompts of a group (the proxy blocks, or the other blocks), then / 8;
-      # torch's fans of that tensor are M * D and depth * D.
-      depth = sum((j in proxy) == (i in proxy) for j in inserting)
-      return float(np.sqrt(6.0 / (width * (s.prompt_tokens[i] + depth)))) / 8.0
-
-    def uniform(v):
-      return lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -v, v)
-
-    self.tokens = {f"block_{i}": self.param(f"block_{i}", uniform(bound(i)),
-                                            (s.prompt_tokens[i], width)) for i in inserting}
-    if s.prompt_proj_dim:
-      self.proj = nn.Dense(self.hidden_size, dtype=self.dtype, name="proj")
-    self.dropout = nn.Dropout(s.prompt_dropout)
-
-  def __call__(self, layer: int, batch: int, deterministic: bool):
-    """Prompts for block `layer`, broadcast to [batch, M, D]; dropout draws a mask per image
-    (as VPT drops out the expanded prompts)."""
-    p = self.tokens[f"block_{layer}"]
-    if self.spec.prompt_l2norm:
-      p = p / jnp.linalg.norm(p, axis=-1, keepdims=True)
-    if self.spec.prompt_proj_dim:
-      p = self.proj(p)
-    p = jnp.broadcast_to(p.astype(self.dtype)[None], (batch, *p.shape))
-    return self.dropout(p, deterministic=deterministic)
-
-
-def prompt_attention_mask(num_tokens: int, num_prompts: int):
-  """[1, 1, T, T] bool: prompt queries attend to image tokens only (DA-VPT's optional mask)."""
-  mask = np.ones((num_tokens, num_tokens), bool)
-  mask[1:1 + num_prompts, :1 + num_prompts] = False
-  return jnp.asarray(mask)[None, None]
-
-
 class Encoder(nn.Module):
-  """Position embedding, prompt insertion, the blocks and the final norm."""
+  """Position embedding, the token hooks before each block, the blocks and the final norm."""
   num_layers: int
   num_heads: int
   mlp_dim: int
-  spec: TuningSpec
   patch_size: int
+  methods: tuple = ()
   dtype: Dtype = jnp.float32
   dropout_rate: float = 0.0
   attention_dropout: float = 0.0
@@ -213,13 +177,15 @@ class Encoder(nn.Module):
   capture_layers: tuple[int, ...] = ()
 
   @nn.compact
-  def __call__(self, x, deterministic=True):
-    b, t, d = x.shape
-    s = self.spec
+  def __call__(self, x, grid, deterministic=True):
+    _, _, d = x.shape
+    n = grid[0] * grid[1]  # image tokens, always the last n of the sequence
+    ms = self.methods
     posemb = PositionEmbedding(name="posembed_input")(x)
     x = x + posemb.astype(x.dtype)
-    prompts = Prompts(s, d, self.patch_size, dtype=self.dtype, name="prompts") \
-        if any(s.prompt_tokens) else None
+    site = Site(num_layers=self.num_layers, grid=tuple(grid), train=not deterministic,
+                hidden_size=d, patch_size=self.patch_size, dtype=self.dtype)
+    shared = [m.on_encoder(self, site) for m in ms]
     block_cls = Encoder1DBlock
     if self.remat != "none":
       policy = {"full": None,
@@ -227,32 +193,28 @@ class Encoder(nn.Module):
                 "nothing": jax.checkpoint_policies.nothing_saveable}[self.remat]
       block_cls = nn.remat(Encoder1DBlock, policy=policy, static_argnums=(3,))
     blocks = {}
-    carried = 0  # prompt tokens currently in the sequence
     for i in range(self.num_layers):
-      if s.inserts_prompts(i):
-        new = s.prompt_tokens[i]
-        parts = [x[:, :1]]
-        if new:
-          parts.append(prompts(i, b, deterministic))
-        parts.append(x[:, 1 + carried:])
-        x = jnp.concatenate(parts, axis=1)  # [B, 1 + P_i + N, D]
-        carried = new
-      mask = None
-      if s.prompt_attention_mask and carried:
-        mask = prompt_attention_mask(x.shape[1], carried)
       want = self.capture if i in self.capture_layers else ()
-      x, captured = block_cls(
-          self.num_heads, self.mlp_dim, s, num_prompts=carried, dtype=self.dtype,
-          dropout_rate=self.dropout_rate, attention_dropout=self.attention_dropout,
-          layer_norm_eps=self.layer_norm_eps, gelu_approximate=self.gelu_approximate,
-          capture=want, name=f"encoderblock_{i}")(x, mask, deterministic)
+      captured = {}
+      for m, own in zip(ms, shared):
+        x = m.on_tokens(own, x, site.at(layer=i, num_prompts=x.shape[1] - 1 - n,
+                                     num_tokens=x.shape[1], capture=want, captured=captured))
+      p = x.shape[1] - 1 - n
+      mask = None
+      for m in ms:
+        mask = m.on_attention_mask(mask, site.at(layer=i, num_prompts=p, num_tokens=x.shape[1]))
+      x, own_captured = block_cls(
+          self.num_heads, self.mlp_dim, ms, layer=i, num_layers=self.num_layers, num_prompts=p,
+          grid=tuple(grid), dtype=self.dtype, dropout_rate=self.dropout_rate,
+          attention_dropout=self.attention_dropout, layer_norm_eps=self.layer_norm_eps,
+          gelu_approximate=self.gelu_approximate, capture=want,
+          name=f"encoderblock_{i}")(x, mask, deterministic)
       if want:
-        if "prompts" in want and s.inserts_prompts(i) and carried:
-          captured["prompts"] = prompts(i, 1, True)[0].astype(jnp.float32)  # [P_i, D]
-        blocks[i] = captured
+        blocks[i] = {**own_captured, **captured}
     if self.final_norm:
-      x = LayerNorm(self.layer_norm_eps, ssf=s.ssf, dtype=self.dtype, name="encoder_norm")(x)
-    return x, blocks, carried
+      x = LayerNorm(self.layer_norm_eps, methods=ms, dtype=self.dtype,
+                    name="encoder_norm")(x, site)
+    return x, blocks
 
 
 class PositionEmbedding(nn.Module):
@@ -261,20 +223,6 @@ class PositionEmbedding(nn.Module):
   @nn.compact
   def __call__(self, x):
     return self.param("pos_embedding", nn.initializers.normal(stddev=0.02), (1, *x.shape[1:]))
-
-
-class DistillProjection(nn.Module):
-  """`kernel` [K, D, D'] and `bias` [K, D'] of K linear maps, returned rather than applied:
-  the distillation objective chooses the block features they project (jvt.distill)."""
-  features: int
-  num: int
-
-  @nn.compact
-  def __call__(self, in_features: int):
-    kernel = self.param("kernel", nn.initializers.lecun_normal(batch_axis=(0,)),
-                        (self.num, in_features, self.features))
-    bias = self.param("bias", nn.initializers.zeros, (self.num, self.features))
-    return {"kernel": kernel, "bias": bias}
 
 
 class ViT(nn.Module):
@@ -295,7 +243,9 @@ class ViT(nn.Module):
   dtype: Dtype = jnp.float32
   remat: str = "none"  # "none" | "full" | "dots" | "nothing": per-block jax.checkpoint policy
   head_zero_init: bool = True
-  tuning: TuningSpec = TuningSpec()
+  # The tuning methods' settings (`jvt.methods`), called at the hook points; () is the plain
+  # backbone.
+  methods: tuple = ()
   # First-match (regex, label) rules of the tuning methods this model was built with; read by
   # `jvt.partition`, not by the forward pass.
   partition_rules: tuple[tuple[str, str, bool], ...] = ()
@@ -305,10 +255,6 @@ class ViT(nn.Module):
                capture_layers: tuple[int, ...] = ()):
     """images: [B, H, W, 3] float. Returns (logits [B, C] float32, aux dict)."""
     deterministic = not train
-    s = self.tuning
-    if s.prompt_tokens and len(s.prompt_tokens) != self.num_layers:
-      raise ValueError(f"tuning.prompt_tokens has {len(s.prompt_tokens)} entries; the model has "
-                       f"{self.num_layers} blocks.")
     if self.pool not in POOLS:
       raise ValueError(f"pool={self.pool!r}; allowed: {POOLS}.")
     if self.fc_norm and self.pool != "gap":
@@ -324,35 +270,42 @@ class ViT(nn.Module):
       raise ValueError(f"capture_layers {bad} out of range: the model has {self.num_layers} "
                        f"blocks (valid: 0..{self.num_layers - 1} or negative from the end).")
     layers = tuple(l % self.num_layers for l in capture_layers)
+    ms = ordered(self.methods)
+    site = Site(num_layers=self.num_layers, train=train, hidden_size=self.hidden_size,
+                patch_size=self.patch_size, dtype=self.dtype)
+    for m in ms:
+      images = m.on_image(self, images, site)
     x = nn.Conv(self.hidden_size, (self.patch_size, self.patch_size),
                 strides=(self.patch_size, self.patch_size), padding="VALID", dtype=self.dtype,
                 name="embedding")(images.astype(self.dtype))
-    if s.ssf:
-      x = apply_ssf(self, x, (self.hidden_size,))
     b, h, w, d = x.shape
-    x = x.reshape(b, h * w, d)  # [B, N, D]
+    site = site.at(grid=(h, w))
+    for m in ms:
+      x = m.on_patch_embedding(self, x, site)
+    n = h * w
+    x = x.reshape(b, n, d)  # [B, N, D]
     cls = self.param("cls", nn.initializers.zeros, (1, 1, d))
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, d)), x], axis=1)
     use_encoder_norm = not self.fc_norm
-    x, blocks, carried = Encoder(
-        self.num_layers, self.num_heads, self.mlp_dim, s, self.patch_size, dtype=self.dtype,
+    x, blocks = Encoder(
+        self.num_layers, self.num_heads, self.mlp_dim, self.patch_size, ms, dtype=self.dtype,
         dropout_rate=self.dropout_rate, attention_dropout=self.attention_dropout,
         layer_norm_eps=self.layer_norm_eps, gelu_approximate=self.gelu_approximate,
         final_norm=use_encoder_norm, remat=self.remat, capture=tuple(capture),
-        capture_layers=layers, name="Transformer")(x, deterministic)
+        capture_layers=layers, name="Transformer")(x, (h, w), deterministic)
     if self.pool == "tok":
       feat = x[:, 0]
     else:  # "gap": mean of the image tokens (prompts excluded)
-      feat = jnp.mean(x[:, 1 + carried:], axis=1)
+      feat = jnp.mean(x[:, x.shape[1] - n:], axis=1)
       if self.fc_norm:
-        feat = LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="fc_norm")(feat)
+        feat = LayerNorm(self.layer_norm_eps, methods=ms, dtype=self.dtype,
+                         name="fc_norm")(feat, site)
     aux = {"cls": feat.astype(jnp.float32), "blocks": blocks}
     if self.representation_size is not None:
       feat = nn.tanh(nn.Dense(self.representation_size, dtype=self.dtype, name="pre_logits")(feat))
     aux["pre_logits"] = feat.astype(jnp.float32)
-    if s.distill_proj_dim:
-      aux["distill_proj"] = DistillProjection(s.distill_proj_dim, s.distill_proj_num,
-                                              name="distill_proj")(d)
+    for m in ms:
+      aux = m.on_outputs(self, aux, site)
     head_init = nn.initializers.zeros if self.head_zero_init else nn.initializers.xavier_uniform()
     logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=head_init, name="head")(feat)
     return logits.astype(jnp.float32), aux

@@ -1,6 +1,7 @@
-"""DA-VPT's training objective: CE + patch_weight * L_ML(X, P) + cls_weight * L_ML(P, x_cls).
+"""DA-VPT's loss term: `patch_weight * L_ML(X, P) + cls_weight * L_ML(P, x_cls)` (added to the
+task loss), with the class -> prompt mapping as its state.
 
-State (checkpointed, replicated over devices):
+State (under the method's name in the train state; checkpointed, replicated over devices):
   mapping [C] int32     class -> proxy prompt, an argument of the jitted step (never retraced)
   centroids [M, D]      the k-means centroids behind the mapping (warm start for the next)
   class_sums [C, D]     sums of the normalised final [CLS] of the prompted model this epoch,
@@ -14,7 +15,6 @@ code's `dynamic_kmeans = d` (0-based epochs, 0 = never) is `refresh_from_epoch =
 """
 from __future__ import annotations
 
-import functools
 import logging
 import re
 
@@ -23,15 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jvt.davpt.mapping import (accumulate_class_sums, class_means, compute_mapping,
-                               finalize_class_means)
 from jvt.losses import da_vpt as da_vpt_loss
 from jvt.losses.proxy_anchor import l2_normalize
-from jvt.models.spec import TuningSpec
-from jvt.objectives import CrossEntropy
-from jvt.tuning.methods import BACKBONE_LEAVES, HEAD_LEAVES
+from jvt.methods.da_vpt.mapping import (accumulate_class_sums, class_means, compute_mapping,
+                                        finalize_class_means)
+from jvt.methods.leaves import BACKBONE_LEAVES, HEAD_LEAVES
+from jvt.methods.terms import LossTerm, chunked_apply
 
-log = logging.getLogger("jvt.davpt")
+log = logging.getLogger("jvt.da_vpt")
 
 
 def pretrained_backbone_params(params: dict) -> dict:
@@ -53,11 +52,12 @@ def check_surplus_prompts(spec, num_classes: int) -> None:
 
 
 def initial_mapping(model, params, images, labels, num_classes: int, spec, seed: int = 0,
-                    chunk: int = 64):
+                    apply_fn=chunked_apply):
   """Mapping [C] and centroids [M, D] from the frozen model's class means of final [CLS].
 
   images [N, S, S, 3] and labels [N] int in [0, num_classes) are a few training images per
-  class; the forward uses the backbone and head leaves of `params` only (no prompts).
+  class; the forward (`apply_fn(model, params, images)`, e.g. `ObjectiveContext.apply_fn`)
+  runs the plain backbone with the backbone and head leaves of `params` (no prompts).
   """
   labels = np.asarray(labels)
   if labels.shape != (len(images),):
@@ -67,32 +67,17 @@ def initial_mapping(model, params, images, labels, num_classes: int, spec, seed:
   if bad.size:
     raise ValueError(f"DA-VPT mapping: labels {sorted(set(bad.tolist()))[:5]} are outside "
                      f"[0, num_classes={num_classes}): check the label feature / num_classes.")
-  backbone = pretrained_backbone_params(params)
-  fwd = _frozen_cls_fn(model.clone(tuning=TuningSpec(), partition_rules=()))
-  feats = []
-  for i in range(0, len(images), chunk):
-    part = np.asarray(images[i:i + chunk])
-    pad = chunk - len(part)
-    if pad:
-      part = np.concatenate([part, np.zeros((pad, *part.shape[1:]), part.dtype)])
-    feats.append(np.asarray(fwd(backbone, part))[:chunk - pad])
-  feats = np.concatenate(feats)  # [N, D]
+  plain = model.clone(methods=(), partition_rules=())
+  feats = apply_fn(plain, pretrained_backbone_params(params), images)[1]["cls"]  # [N, D]
   means, counts = class_means(jnp.asarray(feats), jnp.asarray(labels), num_classes)
   return compute_mapping(np.asarray(means), np.asarray(counts), spec.num_proxy_prompts,
                          seed=seed, layer_norm=spec.kmeans_layer_norm)
 
 
-@functools.lru_cache(maxsize=8)
-def _frozen_cls_fn(plain):
-  """Jitted (backbone params, images [B, S, S, 3]) -> final normed [CLS] [B, D] of `plain`."""
-  return jax.jit(lambda p, x: plain.apply({"params": p}, x, train=False)[1]["cls"])
+class DAVPTLoss(LossTerm):
+  """DA-VPT's two weighted metric terms and the class -> prompt mapping state."""
 
-
-class DAVPTObjective(CrossEntropy):
-  """Cross-entropy plus DA-VPT's two metric terms, with the class -> prompt mapping state."""
-
-  def __init__(self, spec, label_smoothing: float = 0.0):
-    super().__init__(label_smoothing)
+  def __init__(self, spec):
     if spec.refresh_from_epoch < 0:
       raise ValueError(f"da_vpt.refresh_from_epoch={spec.refresh_from_epoch}: must be >= 0 "
                        "(0: never refresh the mapping).")
@@ -107,7 +92,7 @@ class DAVPTObjective(CrossEntropy):
     self.seed = int(ctx.config.get("seed", 0))
     images, labels = ctx.class_examples(spec.mapping_images_per_class)
     mapping, centroids = initial_mapping(ctx.model, ctx.params, images, labels, c, spec,
-                                         seed=self.seed)
+                                         seed=self.seed, apply_fn=ctx.apply_fn)
     log.info("DA-VPT initial mapping (class -> prompt): %s", mapping.tolist())
     d = centroids.shape[1]
     return {"mapping": np.asarray(mapping, np.int32),
@@ -115,16 +100,15 @@ class DAVPTObjective(CrossEntropy):
             "class_sums": np.zeros((c, d), np.float32),
             "class_counts": np.zeros((c,), np.float32)}
 
-  def loss(self, logits, aux, batch, state, constants):
-    del constants
-    ce = self.classification_loss(logits, batch)
+  def loss(self, logits, aux, batch, state):
+    del logits
     terms = da_vpt_loss.metric_terms(aux, batch["label"], state["mapping"], self.spec)
-    total = ce + self.spec.patch_weight * terms["patch"] + self.spec.cls_weight * terms["cls"]
+    total = self.spec.patch_weight * terms["patch"] + self.spec.cls_weight * terms["cls"]
     feats = jax.lax.stop_gradient(l2_normalize(aux["cls"]))  # [B, D]
     sums, counts = accumulate_class_sums(state["class_sums"], state["class_counts"], feats,
                                          batch["label"])
     state = dict(state, class_sums=sums, class_counts=counts)
-    return total, {"ce_loss": ce, "patch_loss": terms["patch"], "cls_loss": terms["cls"]}, state
+    return total, {"patch_loss": terms["patch"], "cls_loss": terms["cls"]}, state
 
   def end_of_epoch(self, state: dict, epoch: int) -> dict:
     """After the `epoch`-th epoch (1-based): maybe re-cluster, always restart the sums."""

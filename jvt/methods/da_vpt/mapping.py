@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jvt.davpt.kmeans import cosine_kmeans
+from jvt.methods.da_vpt.kmeans import cosine_kmeans
 from jvt.losses.classification import compute_dtype
 from jvt.losses.proxy_anchor import l2_normalize
 
