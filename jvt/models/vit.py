@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jvt.methods.base import Site, ordered
 from jvt.models import precision
 from jvt.models.layers import LayerNorm, Projection
+from jvt.models.softmax import softmax
 
 Dtype = Any
 
@@ -74,7 +75,7 @@ class MultiHeadDotProductAttention(nn.Module):
         mask = jnp.concatenate(
             [mask, jnp.ones((*mask.shape[:-1], extra), bool)], axis=-1)
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
+    probs = softmax(logits, axis=-1)  # its VJP keeps only probs (jvt.models.softmax)
     probs_c = nn.Dropout(self.attention_dropout)(probs, deterministic=deterministic)
     y = precision.einsum("bhqk,bkhd->bqhd", probs_c, v, self.dtype, saveable=False)
     y = y.astype(self.dtype)  # [B, T, H, Dh]
