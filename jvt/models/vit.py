@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jvt.methods.base import Site, ordered
 from jvt.models import precision
 from jvt.models.layers import LayerNorm, Projection
+from jvt.models.gelu import gelu
 from jvt.models.softmax import softmax
 
 Dtype = Any
@@ -96,7 +97,8 @@ class MlpBlock(nn.Module):
     d = x.shape[-1]
     h = Projection((self.mlp_dim,), methods=self.methods, dtype=self.dtype,
                    name="Dense_0")(x, site.at(name="mlp_in"))
-    h = nn.gelu(h, approximate=self.gelu_approximate)
+    # The exact form's VJP keeps only h (jvt.models.gelu); the tanh form is flax's.
+    h = nn.gelu(h, approximate=True) if self.gelu_approximate else gelu(h)
     h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
     y = Projection((d,), methods=self.methods, dtype=self.dtype,
                    name="Dense_1")(h, site.at(name="mlp_out"))
