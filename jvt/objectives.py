@@ -23,8 +23,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jvt.methods import terms
 from jvt.methods.distill.objective import DistillationObjective
-from jvt.methods.terms import CrossEntropy, LossTerm, ObjectiveContext, chunked_apply
+from jvt.methods.terms import LossTerm, ObjectiveContext, chunked_apply
 
 PyTree = Any
 __all__ = ["Objective", "ObjectiveContext", "CrossEntropy", "LossTerm", "make_objective",
@@ -82,6 +83,13 @@ class Objective:
     return {name: legacy}
 
 
+class CrossEntropy(Objective):
+  """The objective of plain cross-entropy: no loss term (the task loss alone)."""
+
+  def __init__(self, label_smoothing: float = 0.0):
+    super().__init__(terms.CrossEntropy(label_smoothing), {})
+
+
 def make_objective(model, config) -> Objective:
   """The objective of a model (its methods' loss terms) and a config (distillation,
   label smoothing)."""
@@ -90,17 +98,17 @@ def make_objective(model, config) -> Objective:
   if distill is not None and distill.get("enabled", False):
     task = DistillationObjective(model, config, label_smoothing=smoothing)
   else:
-    task = CrossEntropy(smoothing)
-  terms = {}
+    task = terms.CrossEntropy(smoothing)
+  by_method = {}
   for m in model.methods:
     term = m.loss_term()
     if term is None:
       continue
-    if m.name in terms:
+    if m.name in by_method:
       raise ValueError(f"two methods named {m.name!r} add a loss term: their states would share "
                        "one name in the train state. Give one of them another name.")
-    terms[m.name] = term
-  return Objective(task, terms)
+    by_method[m.name] = term
+  return Objective(task, by_method)
 
 
 def global_norm(tree: PyTree) -> jax.Array:

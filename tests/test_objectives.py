@@ -14,7 +14,7 @@ from jvt import train as train_lib
 from jvt.checkpoints import save_npz
 from jvt.checkpoints.runs import RunCheckpointer
 from jvt.config_lib import base_config
-from jvt.methods.terms import LossTerm
+from jvt.methods.terms import CrossEntropy, LossTerm
 
 from conftest import small_params
 
@@ -34,12 +34,12 @@ def _data(rng, per_class):
   return xs.astype(np.float32), ys
 
 
-def _config(teacher_path):
+def _config(teacher_path, method="da_vpt"):
   c = base_config()
   c.model.variant = "B/16"
   c.model.image_size = IMAGE
   c.model.overrides = STUDENT
-  c.tuning = dict(method="da_vpt", num_prompts=2, num_proxy_prompts=2, proxy_layers=(1,),
+  c.tuning = dict(method=method, num_prompts=2, num_proxy_prompts=2, proxy_layers=(1,),
                   patch_weight=1.0, cls_weight=1.0)
   c.distill.enabled = True
   c.distill.weight = 0.5
@@ -55,17 +55,18 @@ def _config(teacher_path):
   return c
 
 
-def test_da_vpt_with_distillation_trains_both_and_refreshes_the_mapping(tmp_path):
+@pytest.mark.parametrize("method", ["da_vpt", "da_vpt_plus"])
+def test_da_vpt_with_distillation_trains_both_and_refreshes_the_mapping(tmp_path, method):
   teacher = jvt.build_model("B/16", CLASSES, **TEACHER)
   path = str(tmp_path / "teacher.npz")
   save_npz(path, small_params(teacher, seed=2), model=teacher)
   xs, ys = _data(np.random.default_rng(0), 8)
-  s = train_lib.setup(_config(path), num_classes=CLASSES, steps_per_epoch=4,
+  s = train_lib.setup(_config(path, method), num_classes=CLASSES, steps_per_epoch=4,
                       class_examples=lambda k: (xs, ys))
   assert type(s.objective.task).__name__ == "DistillationObjective"
-  assert list(s.objective.terms) == ["da_vpt"]
+  assert list(s.objective.terms) == [method]
   state = s.state
-  initial = jax.device_get(state.method_state["da_vpt"])
+  initial = jax.device_get(state.method_state[method])
   rng = np.random.default_rng(1)
   for step in range(4):  # one epoch
     pick = rng.choice(len(xs), 8, replace=False)
@@ -79,12 +80,12 @@ def test_da_vpt_with_distillation_trains_both_and_refreshes_the_mapping(tmp_path
   np.testing.assert_allclose(
       metrics["loss"], 0.5 * metrics["ce_loss"] + 0.5 * metrics["kd_loss"]
       + metrics["patch_loss"] + metrics["cls_loss"], rtol=1e-5)
-  host = jax.device_get(state.method_state["da_vpt"])
+  host = jax.device_get(state.method_state[method])
   assert host["class_counts"].sum() == 4 * 8  # every trained example counted
   # End of epoch 1 (refresh_from_epoch=1): C = 4 classes on M = 2 prompts re-clustered from this
   # epoch's class means, warm-started at the initial centroids; sums restart.
   means = host["class_sums"] / host["class_counts"][:, None]
-  new = s.objective.end_of_epoch({"da_vpt": host}, 1)["da_vpt"]
+  new = s.objective.end_of_epoch({method: host}, 1)[method]
   np.testing.assert_array_equal(new["class_counts"], 0.0)
   assert not np.allclose(new["centroids"], initial["centroids"], atol=1e-4)
   # A k-means fixed point: each class sits with its most similar new centroid (layer-normed
@@ -106,7 +107,7 @@ class _Counter(LossTerm):
 
 
 def test_terms_add_up_keep_their_state_and_clashes_name_both():
-  objective = objectives.Objective(objectives.CrossEntropy(), {"a": _Counter("a_loss"),
+  objective = objectives.Objective(CrossEntropy(), {"a": _Counter("a_loss"),
                                                                "b": _Counter("b_loss")})
   logits = jnp.asarray([[2.0, 0.0], [0.0, 1.0]])
   batch = {"label": jnp.asarray([0, 0])}
@@ -115,12 +116,12 @@ def test_terms_add_up_keep_their_state_and_clashes_name_both():
   want_ce = -np.mean([np.log(np.exp(2) / (np.exp(2) + 1)), np.log(1 / (1 + np.e))])
   np.testing.assert_allclose(total, want_ce, rtol=1e-6)
   assert set(metrics) == {"ce_loss", "a_loss", "b_loss"} and new == {"a": {"n": 4}, "b": {"n": 8}}
-  clash = objectives.Objective(objectives.CrossEntropy(), {"a": _Counter("x"),
+  clash = objectives.Objective(CrossEntropy(), {"a": _Counter("x"),
                                                            "b": _Counter("x")})
   with pytest.raises(ValueError, match=r"methods 'a' and 'b' cannot train together"):
     clash.loss(logits, {}, batch, state, {})
   with pytest.raises(ValueError, match=r"'the task loss' and 'a'"):
-    objectives.Objective(objectives.CrossEntropy(), {"a": _Counter("ce_loss")}).loss(
+    objectives.Objective(CrossEntropy(), {"a": _Counter("ce_loss")}).loss(
         logits, {}, batch, state, {})
 
 

@@ -23,6 +23,7 @@ by all blocks there).
 
 | hook | scope | called with | returns |
 |---|---|---|---|
+| `on_model(scope, site)` | ViT | once per forward, first | arrays for `site.shared[name]` |
 | `on_image(scope, images, site)` | ViT | [B, H, W, 3] input | images |
 | `on_patch_embedding(scope, x, site)` | ViT | [B, h, w, D] patch embedding | x |
 | `on_encoder(scope, site)` | Transformer | once per forward | shared state for `on_tokens` |
@@ -55,6 +56,8 @@ class Site:
   the residual branch ("attn", "mlp"). train: training mode (dropout on; rngs via
   `scope.make_rng("dropout")` or `nn.Dropout`). capture / captured: the capture keys asked for
   at this block and the dict where a plug-in writes the ones it provides (e.g. "prompts").
+  shared: method name -> what its `on_model` returned (arrays reach every hook, blocks under
+  remat included).
   """
   layer: int = -1
   num_layers: int = 0
@@ -70,6 +73,7 @@ class Site:
   dtype: Any = jnp.float32
   capture: tuple[str, ...] = ()
   captured: dict | None = dataclasses.field(default=None, compare=False, hash=False)
+  shared: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)
 
   def at(self, **changes) -> "Site":
     return dataclasses.replace(self, **changes)
@@ -110,6 +114,9 @@ class Method:
     return {}
 
   # ------------------------------------------------------------------ hooks
+  def on_model(self, scope, site: Site):
+    return None
+
   def on_image(self, scope, images, site: Site):
     return images
 
@@ -161,9 +168,3 @@ class Method:
 def ordered(methods) -> tuple:
   """The methods in hook order: increasing `order`, then as configured."""
   return tuple(sorted(methods, key=lambda m: m.order))
-
-
-def check_positive(name: str, field: str, value, *, allow_zero: bool = False) -> None:
-  if value < 0 or (value == 0 and not allow_zero):
-    bound = ">= 0" if allow_zero else "> 0"
-    raise ValueError(f"{name}.{field}={value}: must be {bound}.")

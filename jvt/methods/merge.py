@@ -5,7 +5,8 @@ its scale and shift into the preceding linear map or norm, `distill_proj` is dro
 that only choose what trains (bitfit, layernorm, partial, full, linear) add nothing. A method
 whose computation a plain ViT cannot hold (prompts, adapters) raises `NotMergeableError`
 naming it. The result is the plain backbone's tree; it runs in `plain_model` (the same ViT
-without plug-ins) with the same logits and exports with `jvt.checkpoints.save_npz`.
+as `jvt.build_model` builds it without tuning: a linear probe) with the same logits and
+exports with `jvt.checkpoints.save_npz`.
 """
 from __future__ import annotations
 
@@ -34,5 +35,5 @@ def merge(model, params: PyTree) -> tuple[Any, dict]:
   merged = dict(params)
   for m in model.methods:
     merged = m.merge(merged)
-  plain = model.clone(methods=(), partition_rules=resolve_tuning(None, model.num_layers).rules)
-  return plain, merged
+  linear = resolve_tuning(dict(method="linear"), model.num_layers)
+  return model.clone(methods=linear.methods, partition_rules=linear.rules), merged

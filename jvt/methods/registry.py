@@ -45,10 +45,6 @@ class Tuning:
   methods: tuple[Method, ...]
   rules: tuple[tuple[str, str, bool], ...]  # (regex, label, required-to-match)
 
-  @property
-  def names(self) -> tuple[str, ...]:
-    return tuple(m.name for m in self.methods)
-
 
 def method_class(name: Any, index: int = 0) -> type[Method]:
   """The settings class of a method name or a "module:Class" path."""

@@ -140,16 +140,13 @@ class VPT(Method):
   def partition_rules(self, num_layers):
     return ((r"Transformer/prompts/.*", "prompt"),)
 
-  def _groups(self, num_layers) -> tuple[int, ...]:
-    return ()
-
   def on_encoder(self, scope, site):
     tokens = self.prompt_tokens(site.num_layers)
     if not any(tokens):
       return None
     inserting = tuple(i for i, m in enumerate(tokens) if m > 0 and self.inserts(i))
     return Prompts(tokens, inserting, site.hidden_size, site.patch_size, prompt_init=self.init,
-                   groups=self._groups(site.num_layers), proj_dim=self.proj_dim,
+                   proj_dim=self.proj_dim,
                    l2norm=bool(self.l2norm), dropout=float(self.dropout), dtype=site.dtype,
                    name="prompts")
 

@@ -128,14 +128,14 @@ class Encoder1DBlock(nn.Module):
   capture: tuple[str, ...] = ()
 
   @nn.compact
-  def __call__(self, x, mask=None, deterministic=True):
+  def __call__(self, x, mask=None, deterministic=True, shared=None):
     p = self.num_prompts
     ms = self.methods
     captured = {}
     site = Site(layer=self.layer, num_layers=self.num_layers, num_prompts=p,
                 num_tokens=x.shape[1], grid=tuple(self.grid), train=not deterministic,
                 hidden_size=x.shape[-1], dtype=self.dtype, capture=self.capture,
-                captured=captured)
+                captured=captured, shared=shared or {})
     z = LayerNorm(self.layer_norm_eps, methods=ms, dtype=self.dtype, name="LayerNorm_0")(x, site)
     y, probs, q = MultiHeadDotProductAttention(
         self.num_heads, ms, dtype=self.dtype, attention_dropout=self.attention_dropout,
@@ -184,15 +184,16 @@ class Encoder(nn.Module):
   capture_layers: tuple[int, ...] = ()
 
   @nn.compact
-  def __call__(self, x, grid, deterministic=True):
+  def __call__(self, x, grid, deterministic=True, shared=None):
     _, _, d = x.shape
     n = grid[0] * grid[1]  # image tokens, always the last n of the sequence
     ms = self.methods
     posemb = PositionEmbedding(name="posembed_input")(x)
     x = x + posemb.astype(x.dtype)
+    shared = shared or {}
     site = Site(num_layers=self.num_layers, grid=tuple(grid), train=not deterministic,
-                hidden_size=d, patch_size=self.patch_size, dtype=self.dtype)
-    shared = [m.on_encoder(self, site) for m in ms]
+                hidden_size=d, patch_size=self.patch_size, dtype=self.dtype, shared=shared)
+    encoder_state = [m.on_encoder(self, site) for m in ms]
     block_cls = Encoder1DBlock
     if self.remat != "none":
       cp = jax.checkpoint_policies
@@ -207,7 +208,7 @@ class Encoder(nn.Module):
     for i in range(self.num_layers):
       want = self.capture if i in self.capture_layers else ()
       captured = {}
-      for m, own in zip(ms, shared):
+      for m, own in zip(ms, encoder_state):
         x = m.on_tokens(own, x, site.at(layer=i, num_prompts=x.shape[1] - 1 - n,
                                      num_tokens=x.shape[1], capture=want, captured=captured))
       p = x.shape[1] - 1 - n
@@ -219,7 +220,7 @@ class Encoder(nn.Module):
           grid=tuple(grid), dtype=self.dtype, dropout_rate=self.dropout_rate,
           attention_dropout=self.attention_dropout, layer_norm_eps=self.layer_norm_eps,
           gelu_approximate=self.gelu_approximate, capture=want,
-          name=f"encoderblock_{i}")(x, mask, deterministic)
+          name=f"encoderblock_{i}")(x, mask, deterministic, shared)
       if want:
         blocks[i] = {**own_captured, **captured}
     if self.final_norm:
@@ -284,6 +285,13 @@ class ViT(nn.Module):
     ms = ordered(self.methods)
     site = Site(num_layers=self.num_layers, train=train, hidden_size=self.hidden_size,
                 patch_size=self.patch_size, dtype=self.dtype)
+    # Arrays a method shares between hook points (e.g. factors common to every block).
+    shared = {}
+    for m in ms:
+      value = m.on_model(self, site)
+      if value is not None:
+        shared[m.name] = value
+    site = site.at(shared=shared)
     for m in ms:
       images = m.on_image(self, images, site)
     x = nn.Conv(self.hidden_size, (self.patch_size, self.patch_size),
@@ -303,7 +311,7 @@ class ViT(nn.Module):
         dropout_rate=self.dropout_rate, attention_dropout=self.attention_dropout,
         layer_norm_eps=self.layer_norm_eps, gelu_approximate=self.gelu_approximate,
         final_norm=use_encoder_norm, remat=self.remat, capture=tuple(capture),
-        capture_layers=layers, name="Transformer")(x, (h, w), deterministic)
+        capture_layers=layers, name="Transformer")(x, (h, w), deterministic, shared)
     if self.pool == "tok":
       feat = x[:, 0]
     else:  # "gap": mean of the image tokens (prompts excluded)

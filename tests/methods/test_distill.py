@@ -216,8 +216,7 @@ def test_teacher_is_bitwise_unchanged_and_gets_no_gradient(teacher_files):
   batch = _batch(s, 0)
   step = s.train_step.lower(s.state, s.frozen, s.constants, batch).compile()
   # The same trainer step with plain cross-entropy (no teacher), lowered for the same state.
-  ce_step = train_lib.make_train_step(s.model, s.tx, objectives.Objective(objectives.CrossEntropy(), {}),
-                                     mesh=s.mesh)
+  ce_step = train_lib.make_train_step(s.model, s.tx, objectives.CrossEntropy(), mesh=s.mesh)
   ce_flops = _flops(ce_step.lower(s.state, s.frozen, {}, batch).compile())
   state = s.state
   for i in range(3):

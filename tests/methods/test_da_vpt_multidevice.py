@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _WORKER = r"""
 import json, sys
@@ -43,7 +43,7 @@ ys = np.repeat(np.arange(4), 4).astype(np.int32)
 xs = (patterns[ys] + 0.5 * rng.normal(size=(16, 16, 16, 3))).astype(np.float32)
 s = train.setup(c, num_classes=4, steps_per_epoch=2, class_examples=lambda k: (xs, ys))
 params = partition.merge_params(jax.device_get(s.state.trainable), jax.device_get(s.frozen))
-mapping = np.asarray(jax.device_get(s.state.method_state["mapping"]))
+mapping = np.asarray(jax.device_get(s.state.method_state["da_vpt_plus"]["mapping"]))
 order = np.array([0, 4, 8, 12, 1, 5, 9, 13])  # one example per device: classes 0 1 2 3 0 1 2 3
 terms = da_vpt_terms(s.model, params, xs[order], ys[order], mapping)
 local = [da_vpt_terms(s.model, params, xs[order][i:i + 1], ys[order][i:i + 1], mapping)["patch"]
@@ -58,7 +58,7 @@ for step in range(3):
 trainable = traverse_util.flatten_dict(jax.device_get(state.trainable), sep="/")
 np.savez(out + ".npz", **{k: np.asarray(v) for k, v in trainable.items()},
          __init_prompts=init_prompts,
-         __class_sums=np.asarray(jax.device_get(state.method_state["class_sums"])))
+         __class_sums=np.asarray(jax.device_get(state.method_state["da_vpt_plus"]["class_sums"])))
 json.dump({"devices": jax.device_count(), "metrics": metrics, "mapping": mapping.tolist(),
            "global_patch": float(terms["patch"]), "mean_local_patch": float(np.mean(local))},
           open(out + ".json", "w"))

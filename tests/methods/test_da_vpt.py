@@ -7,7 +7,6 @@ the losses are recomputed here in numpy loops.
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import math
 import os
@@ -32,7 +31,7 @@ from jvt.methods.vpt import Prompts
 from conftest import (IMAGE, NUM_CLASSES, SMALL, NumpyViT, flat, images, jit_apply, small_model,
                       small_params, unflat)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 M = 3  # proxy prompts
 # 5 classes -> 3 prompts; classes 0 and 2 share prompt 0, classes 1 and 4 share prompt 2.
 MAPPING = np.array([0, 2, 0, 1, 2], np.int32)
