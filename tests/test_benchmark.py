@@ -98,7 +98,7 @@ def _remat_step(remat: str):
   rng = np.random.default_rng(0)
   batch = {"image": jnp.asarray(rng.standard_normal((16, 32, 32, 3)), jnp.float32),
            "label": jnp.asarray(rng.integers(0, 5, 16), jnp.int32)}
-  step = train.make_train_step(model, tx, objectives.Objective(objectives.CrossEntropy(), {}))
+  step = train.make_train_step(model, tx, objectives.CrossEntropy())
   return step.lower(state, {}, {}, batch).compile(), (state, {}, {}, batch)
 
 
