@@ -290,34 +290,159 @@ def test_vtab_resize_is_bilinear():
   np.testing.assert_allclose(out, want, atol=1.01 / (255 * STD.min()))
 
 
+# Transcriptions of the reference transforms on PIL images (torchvision 0.2x, as VPT's
+# `src/data/transforms.py` and DA-VPT's `Dataset/transforms.py` call them): Resize(int) keeps the
+# aspect ratio with the longer side int(size * long / short); CenterCrop rounds its offsets;
+# RandomCrop draws top then left uniformly; ToTensor + Normalize is (x / 255 - mean) / std.
+def _tv_resize_shorter(pil, size, resample):
+  w, h = pil.size
+  if w <= h:
+    new_w, new_h = size, int(size * h / w)
+  else:
+    new_w, new_h = int(size * w / h), size
+  return pil.resize((new_w, new_h), resample)
+
+
+def _tv_center_crop(pil, size):
+  w, h = pil.size
+  top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+  return pil.crop((left, top, left + size, top + size))
+
+
+def _tv_rrc_params(h, w, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+  """torchvision `RandomResizedCrop.get_params`, written out (torch.empty().uniform_ and
+  torch.randint replaced by the same draws of a numpy Generator)."""
+  area = h * w
+  for _ in range(10):
+    target = area * rng.uniform(scale[0], scale[1])
+    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+    cw, ch = int(round(np.sqrt(target * aspect))), int(round(np.sqrt(target / aspect)))
+    if 0 < cw <= w and 0 < ch <= h:
+      i = int(rng.integers(0, h - ch + 1))
+      j = int(rng.integers(0, w - cw + 1))
+      return i, j, ch, cw
+  if w / h < min(ratio):
+    cw, ch = w, int(round(w / min(ratio)))
+  elif w / h > max(ratio):
+    ch, cw = h, int(round(h * max(ratio)))
+  else:
+    cw, ch = w, h
+  return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def _tensor(pil):
+  return _normalise(np.asarray(pil), MEAN, STD)
+
+
 def test_fgvc_sizes_and_center_crop():
   train, ev = pp.get_preprocess("fgvc", 224, train=True), pp.get_preprocess("fgvc", 224,
                                                                             train=False)
   assert (train.resize_to, train.crop_size, train.random_crop, train.flip) == (256, 224, True,
                                                                                True)
   assert (ev.resize_to, ev.crop_size, ev.random_crop, ev.flip) == (256, 224, False, False)
+  assert train.resize_mode == ev.resize_mode == "shorter"
   image = np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8)
   out = pp.get_preprocess("fgvc", 28, train=False)(image)  # R = 32: no resize, crop at 2
   np.testing.assert_allclose(out, _normalise(image[2:30, 2:30], MEAN, STD), atol=1e-5)
 
 
-def test_fgvc_train_is_a_random_window_with_random_flip():
-  image = np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+@pytest.mark.parametrize("shape", [(40, 61), (75, 33), (37, 37)])
+def test_fgvc_eval_is_vpts_resize_shorter_side_then_center_crop(shape):
+  """VPT: Resize(256) (shorter side, aspect kept, bilinear), CenterCrop(224); here S = 28,
+  R = 32."""
+  image = np.random.default_rng(5).integers(0, 256, shape + (3,), dtype=np.uint8)
+  pil = PIL.Image.fromarray(image)
+  want = _tensor(_tv_center_crop(_tv_resize_shorter(pil, 32, PIL.Image.BILINEAR), 28))
+  np.testing.assert_allclose(pp.get_preprocess("fgvc", 28, train=False)(image), want, atol=1e-5)
+
+
+def test_fgvc_train_crops_the_aspect_kept_resize():
+  """VPT: Resize(256), RandomCrop(224), flip: every output is a window of the shorter-side
+  resize (32 x 48 for a 40 x 60 image), never of a squashed 32 x 32."""
+  image = np.random.default_rng(6).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+  resized = np.asarray(_tv_resize_shorter(PIL.Image.fromarray(image), 32, PIL.Image.BILINEAR))
+  assert resized.shape == (32, 48, 3)
   fn = pp.get_preprocess("fgvc", 28, train=True)
-  offsets, flips = set(), set()
-  for seed in range(40):
+  lefts = set()
+  for seed in range(30):
     out = fn(image, np.random.default_rng(seed))
-    matches = [(t, l, f) for t in range(5) for l in range(5) for f in (False, True)
-               if np.allclose(out, _normalise(image[t:t + 28, l:l + 28][:, ::-1] if f else
-                                              image[t:t + 28, l:l + 28], MEAN, STD), atol=1e-5)]
-    assert len(matches) == 1
-    offsets.add(matches[0][:2])
-    flips.add(matches[0][2])
-  assert flips == {False, True} and len(offsets) > 5
-  np.testing.assert_array_equal(fn(image, np.random.default_rng(9)),
-                                fn(image, np.random.default_rng(9)))
-  with pytest.raises(ValueError, match="Generator"):
-    fn(image, None)
+    found = [(t, l) for t in range(5) for l in range(21) for f in (False, True)
+             if np.allclose(out, _normalise(resized[t:t + 28, l:l + 28][:, ::-1] if f else
+                                            resized[t:t + 28, l:l + 28], MEAN, STD), atol=1e-5)]
+    assert found, seed
+    lefts.add(found[0][1])
+  assert max(lefts) > 4  # offsets beyond what a 32 x 32 resize allows
+
+
+@pytest.mark.parametrize("shape", [(40, 61), (75, 33)])
+def test_da_vpt_eval_presets_are_the_released_transforms(shape):
+  """DA-VPT FGVC eval: Resize(256, bicubic) shorter side + CenterCrop(224); VTAB (train and
+  eval): Resize(224, bicubic) shorter side + CenterCrop(224). Here S = 28 (R = 32)."""
+  image = np.random.default_rng(7).integers(0, 256, shape + (3,), dtype=np.uint8)
+  pil = PIL.Image.fromarray(image)
+  fgvc_want = _tensor(_tv_center_crop(_tv_resize_shorter(pil, 32, PIL.Image.BICUBIC), 28))
+  np.testing.assert_allclose(pp.get_preprocess("da_vpt_fgvc", 28, train=False)(image),
+                             fgvc_want, atol=1e-5)
+  vtab_want = _tensor(_tv_center_crop(_tv_resize_shorter(pil, 28, PIL.Image.BICUBIC), 28))
+  for train in (True, False):
+    fn = pp.get_preprocess("da_vpt_vtab", 28, train=train)
+    assert not fn.needs_rng
+    np.testing.assert_allclose(fn(image), vtab_want, atol=1e-5)
+
+
+def test_da_vpt_fgvc_train_is_random_resized_crop_bicubic_and_flip():
+  """DA-VPT FGVC train: RandomResizedCrop(224, interpolation=3 (bicubic)), flip 0.5."""
+  image = np.random.default_rng(8).integers(0, 256, (45, 70, 3), dtype=np.uint8)
+  pil = PIL.Image.fromarray(image)
+  fn = pp.get_preprocess("da_vpt_fgvc", 28, train=True)
+  flips = set()
+  for seed in range(20):
+    out = fn(image, np.random.default_rng(seed))
+    rng = np.random.default_rng(seed)
+    i, j, h, w = _tv_rrc_params(45, 70, rng)
+    crop = pil.crop((j, i, j + w, i + h)).resize((28, 28), PIL.Image.BICUBIC)
+    flip = rng.random() < 0.5
+    flips.add(flip)
+    want = _tensor(crop.transpose(PIL.Image.FLIP_LEFT_RIGHT) if flip else crop)
+    np.testing.assert_allclose(out, want, atol=1e-5)
+  assert flips == {False, True}
+
+
+@pytest.mark.parametrize("shape", [(50, 50), (30, 200), (200, 30), (13, 17), (1, 1)])
+def test_random_resized_crop_box_is_torchvisions_sampler(shape):
+  """Same draws -> same box as the transcribed torchvision algorithm, the fallback (very
+  elongated images, where most tries fail) included; every box lies inside the image."""
+  h, w = shape
+  for seed in range(200):
+    box = pp.random_resized_crop_box(h, w, np.random.default_rng(seed))
+    assert box == _tv_rrc_params(h, w, np.random.default_rng(seed))
+    top, left, bh, bw = box
+    assert 0 <= top and top + bh <= h and 0 <= left and left + bw <= w and bh > 0 and bw > 0
+
+
+def test_random_resized_crop_box_distribution():
+  """On a square image a try is accepted iff f * max(a, 1/a) <= 1 (f ~ U(0.08, 1) the area
+  fraction, log a ~ U(log 3/4, log 4/3)); the accepted box's area and aspect follow that
+  conditional law, computed here by integrating over a grid."""
+  n, side = 4000, 1000
+  rng = np.random.default_rng(0)
+  boxes = np.array([pp.random_resized_crop_box(side, side, rng) for _ in range(n)])
+  top, left, bh, bw = boxes.T
+  frac, log_aspect = bh * bw / side**2, np.log(bw / bh)
+  r = np.log(4 / 3)
+  assert frac.min() >= 0.08 - 0.01 and frac.max() <= 1.0
+  assert np.abs(log_aspect).max() <= r + 0.01
+  f, l = np.meshgrid(np.linspace(0.08, 1, 801), np.linspace(-r, r, 801), indexing="ij")
+  accept = f * np.exp(np.abs(l)) <= 1
+  for q in (0.3, 0.5, 0.8):
+    expected = (accept & (f < q)).sum() / accept.sum()
+    assert abs(np.mean(frac < q) - expected) < 0.03, q
+  expected_wide = (accept & (l > 0.1)).sum() / accept.sum()
+  assert abs(np.mean(log_aspect > 0.1) - expected_wide) < 0.03
+  # Positions are uniform over the free range.
+  free_top = (side - bh).clip(1)
+  assert abs(np.mean(top / free_top) - 0.5) < 0.03 and abs(np.mean(left / (side - bw).clip(1))
+                                                           - 0.5) < 0.03
 
 
 def test_vit_aug_sizes():
@@ -337,7 +462,7 @@ def test_gray_images_become_three_channels():
 
 
 def test_unknown_preset_lists_the_presets():
-  with pytest.raises(ValueError, match="vtab.*fgvc.*vit.*vit_aug"):
+  with pytest.raises(ValueError, match="vtab.*fgvc.*da_vpt_fgvc.*da_vpt_vtab.*vit.*vit_aug"):
     pp.get_preprocess("imagenet", 224, train=True)
 
 

@@ -39,9 +39,10 @@ def _batches(source, preset, *, cache, steps, batch=4, size=16):
     return [next(loader) for _ in range(steps)]
 
 
-@pytest.mark.parametrize("preset", ["vtab", "fgvc"])
+@pytest.mark.parametrize("preset", ["vtab", "fgvc", "da_vpt_vtab", "vit_aug"])
 def test_cached_loader_yields_exactly_the_uncached_batches(preset):
-  # vtab: deterministic (resize + normalise); fgvc: random crop and flip on top of the resize.
+  # vtab, da_vpt_vtab: deterministic (square / shorter-side resize, center crop, normalise);
+  # fgvc, vit_aug: random crop and flip on top of the resize.
   n, steps = 10, 7  # 2 batches of 4 per epoch (drop remainder): several epochs
   plain = _batches(CountingSource(n), preset, cache=False, steps=steps)
   source = CountingSource(n)
@@ -74,18 +75,22 @@ def test_cache_holds_resized_uint8_images():
                                 preprocess="fgvc", image_size=16, cache=True)
   with loader:
     next(loader), next(loader)
-  r = round(16 * 256 / 224)  # fgvc's resize side before the crop
+  r = round(16 * 256 / 224)  # fgvc's shorter side before the crop (aspect kept)
   c = loader.cache
-  assert c.images.shape == (8, r, r, 3) and c.images.dtype == np.uint8 and c.filled.all()
-  fn = preprocess.get_preprocess("fgvc", 16, train=True)
+  assert c.filled.all() and c.labels.tolist() == source.label_list
   for i in range(8):
-    np.testing.assert_array_equal(c.images[i], preprocess.resize(
-        preprocess.to_rgb(source.images[i]), r, r))
-  assert c.labels.tolist() == source.label_list
-  assert fn.prepare(source.images[0]).shape == (r, r, 3)
+    h, w = source.images[i].shape[:2]
+    want = preprocess.resize(preprocess.to_rgb(source.images[i]),
+                             *preprocess.shorter_side_size(h, w, r))
+    assert c.images[i].dtype == np.uint8 and min(c.images[i].shape[:2]) == r
+    np.testing.assert_array_equal(c.images[i], want)
+  assert c.nbytes == sum(im.nbytes for im in c.images)
 
 
-def test_cache_needs_a_preset_preprocess():
+@pytest.mark.parametrize("preprocess_arg", [lambda image, rng: image, "da_vpt_fgvc"])
+def test_cache_needs_a_preset_preprocess_that_resizes(preprocess_arg):
+  # A callable has no deterministic part to cache; da_vpt_fgvc's random-resized crop resizes a
+  # random box of the original at every draw.
   with pytest.raises(ValueError, match="cache=True needs a preset preprocess"):
     pipeline.TrainLoader(CountingSource(8), sampler=samplers.ShuffleSampler(8, 4, seed=0),
-                         preprocess=lambda image, rng: image, image_size=16, cache=True)
+                         preprocess=preprocess_arg, image_size=16, cache=True)

@@ -61,27 +61,29 @@ def _label_error(label: int, index: int, where: str, num_classes: int) -> ValueE
 class PreparedCache:
   """Every example's deterministic preprocessing output, kept after its first read.
 
-  Holds uint8 [N, R, R, 3] images (a `Preprocessor.prepare` result: decoded, RGB, resized) and
-  their checked labels, filled as examples are first read; later epochs only crop, flip and
-  normalise (`Preprocessor.finish`), with the same per-row randomness, so the batches are
-  exactly those of the uncached loader. VTAB-1k's 1,000 training images at 224 px take 150 MB.
-  Rows are written at most once per index by any thread (two threads filling the same index
-  write the same bytes), and `filled` is set after the row.
+  Holds each example's `Preprocessor.prepare` result (decoded, RGB, resized: uint8
+  [R, R', 3], R' = R unless the resize keeps the aspect ratio) and its checked label, filled as
+  examples are first read; later epochs only crop, flip and normalise (`Preprocessor.finish`),
+  with the same per-row randomness, so the batches are exactly those of the uncached loader.
+  VTAB-1k's 1,000 training images at 224 px take 144 MB. An index is filled by whichever
+  thread reads it first (two threads filling the same index store equal arrays); `filled` is
+  set after the image.
   """
 
-  def __init__(self, num_examples: int, side: int):
-    self.images = np.zeros((num_examples, side, side, 3), np.uint8)  # pages touched when filled
+  def __init__(self, num_examples: int):
+    self.images: list = [None] * num_examples
     self.labels = np.zeros((num_examples,), np.int64)
     self.filled = np.zeros((num_examples,), bool)
 
   @property
   def nbytes(self) -> int:
-    return self.images.nbytes
+    return sum(im.nbytes for im in self.images if im is not None)
 
 
 def cacheable(preprocess: Any) -> bool:
-  """Whether `preprocess` splits into a deterministic `prepare` and a per-draw `finish`."""
-  return isinstance(preprocess, pp.Preprocessor)
+  """Whether `preprocess` splits into a costly deterministic `prepare` and a per-draw
+  `finish` (a preset Preprocessor without a random-resized crop)."""
+  return isinstance(preprocess, pp.Preprocessor) and preprocess.cacheable
 
 
 @dataclasses.dataclass
@@ -115,7 +117,7 @@ class _Reader:
     else:
       if not c.filled[index]:
         raw, c.labels[index] = self._read(index)
-        c.images[index] = self.preprocess.prepare(raw)  # [R, R, 3] uint8
+        c.images[index] = self.preprocess.prepare(raw)  # [R, R', 3] uint8
         c.filled[index] = True
       label = int(c.labels[index])
       image = self.preprocess.finish(c.images[index], rng)
@@ -194,10 +196,11 @@ class TrainLoader:
     fn = _resolve_preprocess(preprocess, image_size, train=True)
     self._needs_rng = getattr(fn, "needs_rng", True)
     if cache and not cacheable(fn):
-      raise ValueError("cache=True needs a preset preprocess (a jvt.data.preprocess."
-                       f"Preprocessor, whose deterministic part can be cached), got {fn!r}; "
-                       "use a preset name or cache the source (sources.CachedSource).")
-    self.cache = PreparedCache(self.num_examples, fn.resize_to) if cache else None
+      raise ValueError("cache=True needs a preset preprocess whose deterministic part resizes "
+                       f"(a jvt.data.preprocess.Preprocessor without random-resized crop), got "
+                       f"{fn!r}; cache the decoded source instead (dataset.cache with such a "
+                       "preprocess does: sources.CachedSource).")
+    self.cache = PreparedCache(self.num_examples) if cache else None
     self._reader = _Reader(source, fn, int(image_size), self.num_classes, split, self.cache)
     self._sampler = sampler
     self._seed = sampler.seed
