@@ -89,8 +89,9 @@ def test_join_and_table_ratios_by_hand():
   assert lines["vpt_deep"].endswith("| 2.00x | 2.00x |")
   assert "| 9.00 | - | - |" in lines["ssf"]
   assert "WARNING" not in table
-  noisy = cmp.markdown(pairs, dict(meta, load_after_1m=3.0))
-  assert "WARNING: 1-minute load above 0.5" in noisy
+  assert "WARNING" not in cmp.markdown(pairs, dict(meta, load_after_1m=2.0))  # its own load
+  noisy = cmp.markdown(pairs, dict(meta, load_before_1m=0.7))
+  assert "WARNING: 1-minute load above 0.5 before the run" in noisy
 
 
 def test_compare_rejects_empty_methods():
