@@ -32,5 +32,7 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["pytest>=8.0", "scipy>=1.11", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+        # Only for benchmarks/torch_step.py and benchmarks/compare.py (the PyTorch side).
+        "bench": ["torch>=2.4", "timm>=1.0"],
     },
 )

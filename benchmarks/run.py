@@ -106,6 +106,15 @@ def _reset_peak_rss() -> bool:
     return False
 
 
+def _rss_mb() -> float:
+  """The process's resident set now (VmRSS) in MB: the libraries' share before any model."""
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmRSS:"):
+        return int(line.split()[1]) / 1024.0
+  return 0.0
+
+
 def _peak_rss_mb() -> float:
   """The process's resident high-water mark (VmHWM) in MB, since the last reset."""
   with open("/proc/self/status") as f:
@@ -135,6 +144,8 @@ def measure(spec: dict) -> dict:
   from jvt.train import sharding
 
   load_before = os.getloadavg()[0]
+  jax.devices()  # the backend is up: what is resident now is the libraries, not the model
+  base_rss = _rss_mb()
   config = bench_config(spec)
   b, size, classes = spec["batch"], spec["image_size"], spec["num_classes"]
   rng = np.random.default_rng(spec["seed"])
@@ -201,6 +212,9 @@ def measure(spec: dict) -> dict:
       "xla_temp_mb": getattr(memory, "temp_size_in_bytes", 0) / 2**20,
       "mem_source": mem_source,
       "peak_rss_total_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+      # Resident MB of the imported libraries and the backend before the run was built:
+      # peak_mem_mb - base_rss_mb is the step's own memory (on CPU).
+      "base_rss_mb": base_rss,
       # 1-minute load average before this child started: timings taken on a busy machine
       # (above the number of cores) are not comparable.
       "load_avg_1m": load_before,

@@ -184,21 +184,38 @@ class Preprocessor:
   def needs_rng(self) -> bool:
     return self.random_crop or self.flip or self.random_resized_crop
 
+  @property
+  def cacheable(self) -> bool:
+    """Whether `prepare` does the costly part (decode -> resize): not for the random-resized
+    crop, which resizes a random box of the original image at every draw."""
+    return not self.random_resized_crop
+
   def __call__(self, image: np.ndarray,
                rng: Optional[np.random.Generator] = None) -> np.ndarray:
+    return self.finish(self.prepare(image), rng)
+
+  def prepare(self, image: np.ndarray) -> np.ndarray:
+    """The deterministic part: uint8 [H, W, C] -> uint8 [R, R', 3] (RGB, resized unless the
+    crop is random-resized); the loader may cache it."""
+    image = to_rgb(image)  # [H, W, 3]
+    if self.random_resized_crop:
+      return image
+    if self.resize_mode == "square":
+      size = (self.resize_to, self.resize_to)
+    else:
+      size = shorter_side_size(image.shape[0], image.shape[1], self.resize_to)
+    return resize(image, *size, self.interpolation)  # [R, R', 3]
+
+  def finish(self, image: np.ndarray,
+             rng: Optional[np.random.Generator] = None) -> np.ndarray:
+    """The rest, per draw: a `prepare` output -> crop, flip, normalise -> float32 [S, S, 3]."""
     if self.needs_rng and rng is None:
       raise ValueError("This training preprocess is random: pass an np.random.Generator.")
-    image = to_rgb(image)  # [H, W, 3]
     s = self.crop_size
     if self.random_resized_crop:
       top, left, h, w = random_resized_crop_box(image.shape[0], image.shape[1], rng)
       image = resize(image[top:top + h, left:left + w], s, s, self.interpolation)  # [S, S, 3]
     else:
-      if self.resize_mode == "square":
-        size = (self.resize_to, self.resize_to)
-      else:
-        size = shorter_side_size(image.shape[0], image.shape[1], self.resize_to)
-      image = resize(image, *size, self.interpolation)  # [R, R', 3]
       if self.random_crop:
         image = random_crop(image, s, rng)
       else:

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jvt.models import precision
+
 Dtype = Any
 
 
@@ -53,10 +55,15 @@ class Projection(nn.Module):
     for m in self.methods:
       kernel = m.on_kernel(self, kernel, site)
     x = x.astype(self.dtype)
-    y = _tensordot(x, kernel.astype(self.dtype), self.in_axes)
+    if precision.uses_mixed(self.dtype):  # bf16 operands, fp32 accumulation and bias add
+      spec = precision.tensordot_spec(x.ndim, kernel.ndim, self.in_axes)
+      y = precision.einsum(spec, x, kernel, self.dtype)
+    else:
+      y = _tensordot(x, kernel.astype(self.dtype), self.in_axes)
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros, self.features)
-      y = y + bias.astype(self.dtype)
+      y = y + bias.astype(y.dtype)
+    y = y.astype(self.dtype)
     for m in self.methods:
       y = m.on_projection(self, x, y, site)
     return y

@@ -33,7 +33,10 @@ import jax
 import jax.numpy as jnp
 
 from jvt.methods.base import Site, ordered
+from jvt.models import precision
 from jvt.models.layers import LayerNorm, Projection
+from jvt.models.gelu import gelu
+from jvt.models.softmax import softmax
 
 Dtype = Any
 
@@ -73,16 +76,19 @@ class MultiHeadDotProductAttention(nn.Module):
     for m in self.methods:
       k, v = m.on_keys_values(self, k, v, site)
     q = query / jnp.sqrt(head_dim).astype(query.dtype)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)  # [B, H, T, T']
+    # [B, H, T, T'] (fp32 accumulation in bf16 on CPU, see jvt.models.precision)
+    logits = precision.einsum("bqhd,bkhd->bhqk", q, k, self.dtype, saveable=False)
+    logits = logits.astype(jnp.float32)
     if mask is not None:
       extra = k.shape[1] - mask.shape[-1]
       if extra:
         mask = jnp.concatenate(
             [mask, jnp.ones((*mask.shape[:-1], extra), bool)], axis=-1)
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
+    probs = softmax(logits, axis=-1)  # its VJP keeps only probs (jvt.models.softmax)
     probs_c = nn.Dropout(self.attention_dropout)(probs, deterministic=deterministic)
-    y = jnp.einsum("bhqk,bkhd->bqhd", probs_c.astype(self.dtype), v)  # [B, T, H, Dh]
+    y = precision.einsum("bhqk,bkhd->bqhd", probs_c, v, self.dtype, saveable=False)
+    y = y.astype(self.dtype)  # [B, T, H, Dh]
     out = self._proj("out", (d,), in_axes=2)(y, site.at(name="out"))  # [B, T, D]
     return out, probs, query
 
@@ -96,7 +102,8 @@ def activate(h, activation: str, gelu_approximate: bool):
   if activation == "swiglu":
     h1, h2 = jnp.split(h, 2, axis=-1)
     return jax.nn.silu(h1) * h2
-  return nn.gelu(h, approximate=gelu_approximate)
+  # The exact form's VJP keeps only h (jvt.models.gelu); the tanh form is flax's.
+  return nn.gelu(h, approximate=True) if gelu_approximate else gelu(h)
 
 
 class MlpBlock(nn.Module):
@@ -267,8 +274,12 @@ class Encoder(nn.Module):
     encoder_state = [m.on_encoder(self, site) for m in ms]
     block_cls = Encoder1DBlock
     if self.remat != "none":
+      cp = jax.checkpoint_policies
       policy = {"full": None,
-                "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                # Also the projections' mixed-precision products (custom VJPs, not dots).
+                "dots": cp.save_from_both_policies(
+                    cp.dots_with_no_batch_dims_saveable,
+                    cp.save_only_these_names(precision.SAVEABLE_NAME)),
                 "nothing": jax.checkpoint_policies.nothing_saveable}[self.remat]
       block_cls = nn.remat(Encoder1DBlock, policy=policy, static_argnums=(3,))
     blocks = {}

@@ -1,0 +1,249 @@
+"""jvt against PyTorch + timm, method by method, back to back: the README's comparison table.
+
+    python benchmarks/compare.py --variant S/16 --batch 8 --dtype float32 \
+        --methods full,linear,vpt_deep,lora,adapter,adaptformer,bitfit,ssf --out DIR
+    python benchmarks/compare.py --join JVT_DIR/results.json TORCH_DIR/results.json --out DIR
+
+For each method it runs `benchmarks/run.py`'s child (jvt's own jitted train step) and then
+`benchmarks/torch_step.py`'s child (the same step in torch + timm), so each pair is measured
+within seconds of each other; the machine's speed drifts, so only these ratios mean anything.
+Writes `DIR/compare.json` (both rows of every method and the run's metadata) and
+`DIR/compare.md`: the date, the command, the CPU (lscpu's model name), `uptime`'s load averages
+before and after (a 1-minute load above 0.5 before the run spoils it: the table says so; the
+load after it includes the run's own busy cores), and per method
+jvt and torch images/s, their ratio, both peak memories and their ratio, and each side's
+images/s over its own full fine-tuning. `--join` builds the same table from existing
+results.json files (rows matched on method, variant, batch, image size and dtype).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from typing import Sequence
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+QUIET_LOAD = 0.5  # 1-minute load average above which timings are not comparable
+JOIN_KEYS = ("method", "variant", "batch", "image_size", "dtype")
+DEFAULT_METHODS = "full,linear,vpt_deep,lora,adapter,adaptformer,bitfit,ssf"
+
+
+def _load(name: str):
+  spec = importlib.util.spec_from_file_location(f"benchmarks_{name}",
+                                                os.path.join(HERE, f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def cpu_model() -> str:
+  """lscpu's "Model name" (or /proc/cpuinfo's), e.g. "AMD EPYC 9B45"."""
+  try:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+      if line.strip().startswith("Model name:"):
+        return line.split(":", 1)[1].strip()
+  except (OSError, subprocess.CalledProcessError):
+    pass
+  return platform.processor() or "unknown"
+
+
+def uptime() -> str:
+  """`uptime`'s line (load averages over 1, 5 and 15 minutes)."""
+  try:
+    return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "load average: %.2f, %.2f, %.2f" % os.getloadavg()
+
+
+def _key(row: dict) -> tuple:
+  return tuple(row.get(k, "none" if k == "remat" else None) for k in JOIN_KEYS)
+
+
+def join(jvt_rows: Sequence[dict], torch_rows: Sequence[dict]) -> list[dict]:
+  """Pairs of {"jvt": row, "torch": row or None} in jvt's row order (remat "none" only)."""
+  by_key = {_key(r): r for r in torch_rows}
+  return [{"jvt": r, "torch": by_key.get(_key(r))} for r in jvt_rows
+          if r.get("remat", "none") == "none"]
+
+
+def _ratio(a, b):
+  return a / b if a and b else None
+
+
+def _f(x, spec=".2f", suffix=""):
+  return "-" if x is None else f"{x:{spec}}{suffix}"
+
+
+def step_mb(row: dict) -> float | None:
+  """A row's peak MB less its libraries' resident MB (None if the row has no baseline)."""
+  if row is None or row.get("base_rss_mb") is None:
+    return None
+  return row["peak_mem_mb"] - row["base_rss_mb"]
+
+
+def _mem(row: dict | None) -> str:
+  if row is None:
+    return "-"
+  step = step_mb(row)
+  return f"{row['peak_mem_mb']:,.0f}" + ("" if step is None else f" ({step:,.0f})")
+
+
+def markdown(pairs: Sequence[dict], meta: dict) -> str:
+  """The comparison table with its provenance lines."""
+  if not pairs:
+    return "No results.\n"
+  r0 = pairs[0]["jvt"]
+  # The run itself keeps every core busy, so the load after it is at least about the core
+  # count's share it used: only the load before it says whether others were running.
+  before = meta.get("load_before_1m")
+  quiet = before is not None and before < QUIET_LOAD
+  lines = [
+      f"ViT-{r0['variant']}, {r0.get('image_size', '?')} px, batch {r0['batch']}, "
+      f"{r0.get('dtype', '?')}, SGD momentum, random weights and inputs.",
+      "",
+      f"- date: {meta.get('date', '?')}",
+      f"- command: `{meta.get('command', '?')}`",
+      f"- hardware: {meta.get('cpu', '?')}, {meta.get('cpus', '?')} CPUs; jax "
+      f"{meta.get('jax', '?')}, torch {meta.get('torch', '?')}",
+      f"- uptime before: {meta.get('uptime_before', '?')}",
+      f"- uptime after: {meta.get('uptime_after', '?')}",
+  ]
+  if not quiet:
+    lines.append(f"- WARNING: 1-minute load above {QUIET_LOAD} before the run: the timings "
+                 "are not comparable.")
+  lines += ["",
+            "| method | jvt img/s | torch img/s | jvt / torch | jvt peak MB (step) "
+            "| torch peak MB (step) | jvt / torch peak (step) | jvt x own full "
+            "| torch x own full |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  full = next((p for p in pairs if p["jvt"]["method"] == "full"), None)
+  for p in pairs:
+    j, t = p["jvt"], p["torch"]
+    j_full = _ratio(j["train_img_s"], full["jvt"]["train_img_s"]) if full else None
+    t_full = (_ratio(t["train_img_s"], full["torch"]["train_img_s"])
+              if full and full["torch"] and t else None)
+    peak_ratio = _ratio(j["peak_mem_mb"], t and t["peak_mem_mb"])
+    step_ratio = _ratio(step_mb(j), t and step_mb(t))
+    lines.append(
+        f"| {j['method']} | {j['train_img_s']:.2f} | {_f(t and t['train_img_s'])} | "
+        f"{_f(_ratio(j['train_img_s'], t and t['train_img_s']), '.2f', 'x')} | "
+        f"{_mem(j)} | {_mem(t)} | {_f(peak_ratio, '.2f', 'x')} ({_f(step_ratio, '.2f', 'x')}) | "
+        f"{_f(j_full, '.2f', 'x')} | {_f(t_full, '.2f', 'x')} |")
+  lines += ["", "Peak MB: each side's resident high-water mark during the timed steps, in its "
+            "own process (compilation excluded); (step): that peak less the process's resident "
+            "MB after importing the framework and before building the model (`base_rss_mb`), "
+            "i.e. the memory of the model, its step and the batch."]
+  return "\n".join(lines) + "\n"
+
+
+def _versions() -> dict:
+  out = {}
+  for name in ("jax", "torch"):
+    try:
+      from importlib.metadata import version
+      out[name] = version(name)
+    except Exception:  # noqa: BLE001 (not installed)
+      out[name] = "not installed"
+  return out
+
+
+def _meta(command: str) -> dict:
+  text = uptime()
+  return dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              command=command, cpu=cpu_model(), cpus=os.cpu_count(), uptime_before=text,
+              load_before_1m=os.getloadavg()[0], **_versions())
+
+
+def _finish(meta: dict) -> None:
+  meta.update(uptime_after=uptime(), load_after_1m=os.getloadavg()[0])
+
+
+def _write(out: str, pairs: list[dict], meta: dict) -> str:
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "compare.json"), "w") as f:
+    json.dump({"meta": meta, "pairs": pairs}, f, indent=1)
+  table = markdown(pairs, meta)
+  with open(os.path.join(out, "compare.md"), "w") as f:
+    f.write(table)
+  return table
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--variant", default="S/16")
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--image-size", type=int, default=224)
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  p.add_argument("--methods", default=DEFAULT_METHODS, help="Comma-separated method names.")
+  p.add_argument("--steps", type=int, default=5)
+  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--num-prompts", type=int, default=10)
+  p.add_argument("--num-classes", type=int, default=100)
+  p.add_argument("--overrides", default="{}", help="JSON of ViT dims (jvt names).")
+  p.add_argument("--timeout", type=float, default=None, help="Seconds per child.")
+  p.add_argument("--join", nargs=2, metavar=("JVT_JSON", "TORCH_JSON"),
+                 help="Only join two existing results.json files into the table.")
+  p.add_argument("--out", required=True)
+  args = p.parse_args(argv)
+  args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+  if not args.methods:
+    p.error("--methods is empty.")
+  try:
+    args.overrides = json.loads(args.overrides)
+  except json.JSONDecodeError as err:
+    p.error(f"--overrides is not valid JSON ({err}).")
+  return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args = parse(argv)
+  command = "python benchmarks/compare.py " + " ".join(shlex.quote(a) for a in argv)
+  meta = _meta(command)
+  if args.join:
+    rows = []
+    for path in args.join:
+      with open(path) as f:
+        rows.append(json.load(f))
+    # The load of the original runs is in each row's load_avg_1m, not known here.
+    meta.update(uptime_before="(joined from files)", uptime_after="(joined from files)",
+                load_before_1m=None, load_after_1m=None)
+    print(_write(args.out, join(*rows), meta))
+    return 0
+  run, torch_step = _load("run"), _load("torch_step")
+  base = dict(variant=args.variant, batch=args.batch, eval_batch=args.batch,
+              image_size=args.image_size, dtype=args.dtype, steps=args.steps,
+              warmup=args.warmup, num_prompts=args.num_prompts, num_classes=args.num_classes,
+              overrides=args.overrides, seed=0)
+  pairs, failed = [], False
+  for method in args.methods:
+    pair = {"jvt": None, "torch": None}
+    for side, module, spec in (("jvt", run, dict(base, method=method, remat="none")),
+                               ("torch", torch_step, dict(base, method=method))):
+      try:
+        pair[side] = module.run_child(spec, args.timeout)
+      except (RuntimeError, subprocess.TimeoutExpired) as err:
+        print(err, file=sys.stderr)
+        failed = True
+    if pair["jvt"] is None:
+      continue
+    pairs.append(pair)
+    j, t = pair["jvt"], pair["torch"]
+    print(f"{method:>12}: jvt {j['train_img_s']:.2f} img/s, torch "
+          f"{_f(t and t['train_img_s'])} img/s", file=sys.stderr)
+    _write(args.out, pairs, dict(meta, uptime_after="(run in progress)"))
+  _finish(meta)
+  print(_write(args.out, pairs, meta))
+  return 1 if failed else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,440 @@
+"""The PyTorch + timm side of the comparison: the same train steps as `benchmarks/run.py`.
+
+    pip install -e ".[bench]"   # torch, timm
+    python benchmarks/torch_step.py --variant S/16 --batch 8 --image-size 224 \
+        --methods full,linear,vpt_deep,lora,adapter,adaptformer,bitfit,ssf --out DIR
+
+Each method runs in a fresh subprocess that builds timm's `VisionTransformer` with the widths of
+jvt's variant (random weights), adds the method the way the public PyTorch code does, and times
+`--steps` SGD-momentum steps (cross-entropy, random images and labels) after `--warmup` steps,
+then the eval forward under `torch.no_grad`. `--dtype bfloat16` wraps forward and loss in
+`torch.autocast("cpu", torch.bfloat16)` with fp32 parameters (PyTorch's mixed precision).
+
+How each method is written (so that its cost is the published code's cost):
+  full        every parameter trains.
+  linear      the head only.
+  vpt_deep    VPT-Deep as KMnP/vpt and DA-VPT's code run it: N learnable prompts per block
+              (uniform init in +-sqrt(6 / (3 * 16 * 16 + D))); before block 0 they are inserted
+              after [CLS], before each later block the previous block's prompt outputs are
+              replaced by that block's prompts; prompt dropout 0; head on the final normed [CLS].
+  vpt_shallow prompts before block 0 only.
+  da_vpt      optional: VPT-Deep plus a metric term of DA-VPT's shape (a proxy-anchor loss
+              on [CLS] features against learnable class proxies, weight 0.05); the time of
+              jvt's da_vpt is what it should be compared with, not its exact loss.
+  lora        LoRA r=8, alpha=8 on the query and value slices of timm's fused qkv projection.
+  adapter     sequential bottleneck adapters (dim 8, GELU, zero-init up) after attention and
+              after the MLP of every block, as jvt's `adapter`.
+  adaptformer AdaptFormer's parallel ReLU bottleneck (dim 8, scale 0.1) beside each MLP.
+  bitfit      every bias (and the head).
+  ssf         SSF scale and shift after every linear layer, layer norm and the patch embedding
+              (forward hooks; the SSF repository edits timm's modules to the same effect).
+
+Writes `DIR/results.json` with the row keys of `benchmarks/run.py` (`backend` = "torch",
+`framework` = "torch"), so `benchmarks/compare.py` joins the two on (method, variant, batch,
+dtype). Peak memory is the child's resident high-water mark during the timed steps, taken the
+same way as run.py's on CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Sequence
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+METHODS = ("full", "linear", "vpt_deep", "vpt_shallow", "da_vpt", "lora", "adapter",
+           "adaptformer", "bitfit", "ssf")
+DEFAULT_METHODS = "full,linear,vpt_deep,lora,adapter,adaptformer,bitfit,ssf"
+DTYPES = ("float32", "bfloat16")
+# jvt ViT override names -> the timm VisionTransformer argument they set.
+OVERRIDES = ("hidden_size", "mlp_dim", "num_heads", "num_layers", "patch_size")
+LORA_RANK, LORA_ALPHA = 8, 8.0
+ADAPTER_DIM, ADAPTFORMER_SCALE = 8, 0.1
+DAVPT_WEIGHT = 0.05
+
+
+def _load(name: str, path: str):
+  """A module from a file path, without importing its package (jvt's imports jax)."""
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def vit_dims(variant: str, overrides: dict) -> dict:
+  """The ViT dims of a jvt variant name plus overrides (jvt field names)."""
+  variants = _load("jvt_variants", os.path.join(REPO, "jvt", "models", "variants.py"))
+  unknown = sorted(set(overrides) - set(OVERRIDES))
+  if unknown:
+    raise ValueError(f"--overrides: {unknown} have no timm equivalent here; allowed: "
+                     f"{', '.join(OVERRIDES)}.")
+  return {**variants.variant_config(variant), **overrides}
+
+
+# ------------------------------------------------------------------------------ the child
+def build(spec: dict):
+  """(model, trainable parameters, loss function) of one method on timm's ViT."""
+  import torch
+  from torch import nn
+  from timm.models.vision_transformer import VisionTransformer
+
+  m = _torch_modules()
+  d = vit_dims(spec["variant"], spec["overrides"])
+  method, classes = spec["method"], spec["num_classes"]
+  model = VisionTransformer(
+      img_size=spec["image_size"], patch_size=d["patch_size"], num_classes=classes,
+      embed_dim=d["hidden_size"], depth=d["num_layers"], num_heads=d["num_heads"],
+      mlp_ratio=d["mlp_dim"] / d["hidden_size"], qkv_bias=True, global_pool="token")
+  width, blocks = d["hidden_size"], list(model.blocks)
+  for p in model.parameters():
+    p.requires_grad_(method == "full")
+  for p in model.head.parameters():
+    p.requires_grad_(True)
+  extra = nn.Module()  # holds the method's own parameters
+
+  if method in ("vpt_deep", "vpt_shallow", "da_vpt"):
+    n = spec["num_prompts"]
+    depth = len(blocks) if method != "vpt_shallow" else 1
+    bound = (6.0 / (3 * d["patch_size"] ** 2 + width)) ** 0.5
+    extra.prompts = nn.ParameterList(
+        [nn.Parameter(torch.empty(1, n, width).uniform_(-bound, bound)) for _ in range(depth)])
+    model = m["PromptedViT"](model, extra.prompts, n)
+  elif method == "lora":
+    for blk in blocks:
+      blk.attn.qkv = m["LoRAQV"](blk.attn.qkv, LORA_RANK, LORA_ALPHA)
+  elif method == "adapter":
+    for blk in blocks:
+      blk.ls1 = m["Residual"](m["Bottleneck"](width, ADAPTER_DIM, nn.GELU()), blk.ls1)
+      blk.ls2 = m["Residual"](m["Bottleneck"](width, ADAPTER_DIM, nn.GELU()), blk.ls2)
+  elif method == "adaptformer":
+    for blk in blocks:
+      branch = m["Bottleneck"](width, ADAPTER_DIM, nn.ReLU())
+      blk.mlp = m["Parallel"](blk.mlp, branch, ADAPTFORMER_SCALE)
+  elif method == "bitfit":
+    for name, p in model.named_parameters():
+      if name.endswith(".bias"):
+        p.requires_grad_(True)
+  elif method == "ssf":
+    extra.ssf = m["add_ssf"](model)
+  elif method not in ("full", "linear"):
+    raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}.")
+
+  cross_entropy = nn.CrossEntropyLoss()
+  if method == "da_vpt":
+    extra.proxies = nn.Parameter(torch.randn(classes, width) * 0.02)
+
+    def loss_fn(images, labels):
+      logits, feats = model(images, return_features=True)
+      return cross_entropy(logits, labels) + DAVPT_WEIGHT * m["proxy_anchor"](
+          feats, labels, extra.proxies)
+  else:
+    def loss_fn(images, labels):
+      return cross_entropy(model(images), labels)
+
+  params = [p for p in list(model.parameters()) + list(extra.parameters()) if p.requires_grad]
+  params = list({id(p): p for p in params}.values())  # prompts are in both
+  return model, params, loss_fn
+
+
+def _torch_modules():
+  """The method modules (defined lazily: torch is imported only in the child)."""
+  import torch
+  from torch import nn
+  import torch.nn.functional as F
+
+  class Bottleneck(nn.Module):
+    """up(act(down(x))), up zero-initialised (adapter, AdaptFormer)."""
+
+    def __init__(self, width, dim, act):
+      super().__init__()
+      self.down, self.act, self.up = nn.Linear(width, dim), act, nn.Linear(dim, width)
+      nn.init.zeros_(self.up.weight)
+      nn.init.zeros_(self.up.bias)
+
+    def forward(self, x):
+      return self.up(self.act(self.down(x)))
+
+  class Residual(nn.Module):
+    """y = inner(x); y + adapter(y): a sequential adapter after a sublayer's output."""
+
+    def __init__(self, adapter, inner):
+      super().__init__()
+      self.adapter, self.inner = adapter, inner
+
+    def forward(self, x):
+      y = self.inner(x)
+      return y + self.adapter(y)
+
+  class Parallel(nn.Module):
+    """mlp(z) + scale * branch(z) (AdaptFormer)."""
+
+    def __init__(self, mlp, branch, scale):
+      super().__init__()
+      self.mlp, self.branch, self.scale = mlp, branch, scale
+
+    def forward(self, z):
+      return self.mlp(z) + self.scale * self.branch(z)
+
+  class LoRAQV(nn.Module):
+    """timm's fused qkv Linear plus (alpha / r) * x A B on its query and value thirds."""
+
+    def __init__(self, qkv, rank, alpha):
+      super().__init__()
+      self.qkv, self.scale = qkv, alpha / rank
+      d = qkv.in_features
+      self.a_q = nn.Parameter(torch.randn(d, rank) / d ** 0.5)
+      self.b_q = nn.Parameter(torch.zeros(rank, d))
+      self.a_v = nn.Parameter(torch.randn(d, rank) / d ** 0.5)
+      self.b_v = nn.Parameter(torch.zeros(rank, d))
+
+    def forward(self, x):
+      out = self.qkv(x)  # [B, T, 3D]
+      dq = (x @ self.a_q) @ self.b_q * self.scale
+      dv = (x @ self.a_v) @ self.b_v * self.scale
+      zeros = torch.zeros_like(dq)
+      return out + torch.cat([dq, zeros, dv], dim=-1)
+
+  class PromptedViT(nn.Module):
+    """VPT on a timm ViT: prompts after [CLS] at block 0, replaced before each deep block."""
+
+    def __init__(self, vit, prompts, n):
+      super().__init__()
+      self.vit, self.prompts, self.n = vit, prompts, n
+
+    def forward(self, images, return_features=False):
+      v = self.vit
+      x = v.patch_embed(images)
+      x = v._pos_embed(x)  # [B, 1 + N, D] with [CLS]
+      x = v.norm_pre(x)
+      b = x.shape[0]
+      for i, blk in enumerate(v.blocks):
+        if i < len(self.prompts):
+          p = self.prompts[i].expand(b, -1, -1).to(x.dtype)
+          rest = x[:, 1:] if i == 0 else x[:, 1 + self.n:]
+          x = torch.cat([x[:, :1], p, rest], dim=1)  # [B, 1 + n + N, D]
+        x = blk(x)
+      x = v.norm(x)
+      feats = x[:, 0]
+      logits = v.head(v.fc_norm(feats))
+      return (logits, feats) if return_features else logits
+
+  def add_ssf(model):
+    """Scale/shift parameters after each Linear, LayerNorm and the patch conv, via hooks."""
+    params = nn.ParameterList()
+
+    def hook_for(scale, shift, channel_dim):
+      def hook(module, inputs, output):
+        shape = [1] * output.dim()
+        shape[channel_dim] = -1
+        return output * scale.view(shape).to(output.dtype) + shift.view(shape).to(output.dtype)
+      return hook
+
+    for name, m in model.named_modules():
+      if name == "head":
+        continue
+      if isinstance(m, (nn.Linear, nn.LayerNorm, nn.Conv2d)):
+        width = m.out_features if isinstance(m, nn.Linear) else (
+            m.out_channels if isinstance(m, nn.Conv2d) else m.normalized_shape[0])
+        scale = nn.Parameter(torch.ones(width))
+        shift = nn.Parameter(torch.zeros(width))
+        params.extend([scale, shift])
+        m.register_forward_hook(hook_for(scale, shift, 1 if isinstance(m, nn.Conv2d) else -1))
+    return params
+
+  def proxy_anchor(feats, labels, proxies, alpha=32.0, delta=0.1):
+    """Proxy-anchor loss (Kim et al. 2020) of features against class proxies."""
+    cos = F.normalize(feats.float(), dim=-1) @ F.normalize(proxies, dim=-1).T  # [B, C]
+    pos = F.one_hot(labels, proxies.shape[0]).float()
+    pos_term = torch.log1p((torch.exp(-alpha * (cos - delta)) * pos).sum(0))
+    neg_term = torch.log1p((torch.exp(alpha * (cos + delta)) * (1 - pos)).sum(0))
+    with_pos = (pos.sum(0) > 0).float()
+    return (pos_term * with_pos).sum() / with_pos.sum().clamp(min=1) + neg_term.mean()
+
+  return dict(Bottleneck=Bottleneck, Residual=Residual, Parallel=Parallel, LoRAQV=LoRAQV,
+              PromptedViT=PromptedViT, add_ssf=add_ssf, proxy_anchor=proxy_anchor)
+
+
+def _cpu_model() -> str:
+  """The CPU's model name (lscpu's), for the table's hardware line."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return "unknown cpu"
+
+
+def measure(spec: dict) -> dict:
+  """One row: builds the method on timm's ViT and times its train and eval steps."""
+  import torch
+  import timm  # noqa: F401 (resident before the model, as jax is in run.py's base_rss_mb)
+  run = _load("benchmarks_run", os.path.join(HERE, "run.py"))  # the shared RSS helpers
+  load_before = os.getloadavg()[0]
+  base_rss = run._rss_mb()  # noqa: SLF001
+  torch.manual_seed(spec["seed"])
+  model, params, loss_fn = build(spec)
+  b, size, classes = spec["batch"], spec["image_size"], spec["num_classes"]
+  images = torch.randn(b, 3, size, size)
+  labels = torch.randint(0, classes, (b,))
+  opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+  bf16 = spec["dtype"] == "bfloat16"
+
+  def train_call():
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+      loss = loss_fn(images, labels)
+    loss.backward()
+    opt.step()
+    return loss
+
+  model.train()
+  t0 = time.perf_counter()
+  train_call()  # the first step allocates gradients and momentum: torch's "compile"
+  first_s = time.perf_counter() - t0
+  rss_reset = run._reset_peak_rss()  # noqa: SLF001 (shared helper)
+  train_times = _time(train_call, spec["warmup"], spec["steps"])
+  peak_mb = run._peak_rss_mb()  # noqa: SLF001
+  model.eval()
+  eb = spec["eval_batch"]
+  eval_images = torch.randn(eb, 3, size, size)
+
+  def eval_call():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+      return model(eval_images).argmax(-1)
+
+  eval_times = _time(eval_call, max(1, spec["warmup"] // 2), spec["steps"])
+  rates = [b / t for t in train_times]
+  import resource
+  return {
+      "method": spec["method"],
+      "train_img_s": statistics.median(rates),
+      "train_img_s_min": min(rates),
+      "train_img_s_max": max(rates),
+      "eval_img_s": statistics.median(eb / t for t in eval_times),
+      "peak_mem_mb": peak_mb,
+      "compile_s": first_s,
+      "trainable_params": sum(p.numel() for p in params),
+      "backend": "torch",
+      "device_kind": _cpu_model(),
+      "variant": spec["variant"],
+      "batch": b,
+      "image_size": size,
+      "dtype": spec["dtype"],
+      "remat": "none",
+      "num_devices": 1,
+      "framework": "torch",
+      "torch_version": torch.__version__,
+      "torch_threads": torch.get_num_threads(),
+      "mem_source": "peak RSS during steps" if rss_reset else "peak RSS of the process",
+      "peak_rss_total_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+      "base_rss_mb": base_rss,
+      "load_avg_1m": load_before,
+  }
+
+
+def _time(fn, n_warmup: int, n_timed: int) -> list[float]:
+  """Seconds of each of `n_timed` calls of fn() after `n_warmup` calls (CPU: synchronous)."""
+  times = []
+  for i in range(n_warmup + n_timed):
+    t0 = time.perf_counter()
+    fn()
+    if i >= n_warmup:
+      times.append(time.perf_counter() - t0)
+  return times
+
+
+# ------------------------------------------------------------------------------ the parent
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+  """The CLI of benchmarks/run.py (less --remat), with CPU defaults."""
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--variant", default="S/16", help="ViT variant, e.g. S/16, B/16.")
+  p.add_argument("--batch", type=int, default=8, help="Batch size.")
+  p.add_argument("--eval-batch", type=int, default=None, help="Eval batch (default: --batch).")
+  p.add_argument("--image-size", type=int, default=224)
+  p.add_argument("--methods", default=DEFAULT_METHODS,
+                 help=f"Comma-separated, from: {', '.join(METHODS)}.")
+  p.add_argument("--dtype", choices=DTYPES, default="float32",
+                 help="float32, or bfloat16 autocast with fp32 parameters.")
+  p.add_argument("--steps", type=int, default=5, help="Timed steps.")
+  p.add_argument("--warmup", type=int, default=2, help="Untimed steps after the first one.")
+  p.add_argument("--num-prompts", type=int, default=10, help="Prompts per block (VPT).")
+  p.add_argument("--num-classes", type=int, default=100)
+  p.add_argument("--overrides", default="{}",
+                 help=f"JSON of ViT dims in jvt's names ({', '.join(OVERRIDES)}).")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--timeout", type=float, default=None, help="Seconds per method.")
+  p.add_argument("--out", required=True, help="Directory for results.json.")
+  args = p.parse_args(argv)
+  methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+  bad = [m for m in methods if m not in METHODS] or ([] if methods else ["(empty)"])
+  if bad:
+    p.error(f"--methods: unknown {bad}; allowed: {', '.join(METHODS)}.")
+  try:
+    overrides = json.loads(args.overrides)
+  except json.JSONDecodeError as err:
+    p.error(f"--overrides is not valid JSON ({err}): {args.overrides!r}")
+  if not isinstance(overrides, dict) or set(overrides) - set(OVERRIDES):
+    p.error(f"--overrides must be a JSON object of {', '.join(OVERRIDES)}; got "
+            f"{args.overrides!r}.")
+  args.methods, args.overrides = methods, overrides
+  return args
+
+
+def specs(args: argparse.Namespace) -> list[dict]:
+  """One child spec per method."""
+  base = dict(variant=args.variant, batch=args.batch, eval_batch=args.eval_batch or args.batch,
+              image_size=args.image_size, dtype=args.dtype, steps=args.steps,
+              warmup=args.warmup, num_prompts=args.num_prompts, num_classes=args.num_classes,
+              overrides=args.overrides, seed=args.seed)
+  return [dict(base, method=m) for m in args.methods]
+
+
+def run_child(spec: dict, timeout: float | None) -> dict:
+  """Runs `measure(spec)` in a fresh interpreter and returns its row."""
+  cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+  if proc.returncode != 0 or not lines:
+    raise RuntimeError(f"torch benchmark of {spec['method']} failed with exit code "
+                       f"{proc.returncode}:\n{proc.stderr[-3000:]}")
+  return json.loads(lines[-1])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  # benchmarks/profile.py would shadow the standard library's `profile`, which torch imports.
+  sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
+  if argv[:1] == ["--child"]:
+    print(json.dumps(measure(json.loads(argv[1]))), flush=True)
+    return 0
+  args = parse(argv)
+  if importlib.util.find_spec("torch") is None or importlib.util.find_spec("timm") is None:
+    raise SystemExit("benchmarks/torch_step.py needs torch and timm: pip install -e \".[bench]\"")
+  os.makedirs(args.out, exist_ok=True)
+  rows, failed = [], False
+  for spec in specs(args):
+    try:
+      row = run_child(spec, args.timeout)
+    except (RuntimeError, subprocess.TimeoutExpired) as err:
+      print(err, file=sys.stderr)
+      failed = True
+      continue
+    rows.append(row)
+    print(f"{spec['method']:>12} torch: train {row['train_img_s']:.2f} img/s, eval "
+          f"{row['eval_img_s']:.2f} img/s, peak {row['peak_mem_mb']:.0f} MB", file=sys.stderr)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+      json.dump(rows, f, indent=1)
+  return 1 if failed else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

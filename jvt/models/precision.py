@@ -1,0 +1,104 @@
+"""Matrix products in low precision with fp32 accumulation, forward and backward.
+
+With `model.dtype = "bfloat16"` the backbone computes in bf16 while its parameters stay fp32.
+XLA:CPU runs a bf16 x bf16 -> bf16 dot by converting both operands to fp32 (about 290 GFLOP/s
+on the 2-core Zen 5, no faster than fp32), but a bf16 x bf16 -> fp32 dot natively (644-654
+GFLOP/s, docs/performance.md). `einsum` asks for the fp32 result in the forward pass, and its
+custom VJP rounds the incoming cotangent to bf16 so the two backward products are bf16 x bf16
+-> fp32 as well (JAX's own transpose would multiply the fp32 cotangent with the bf16 operand in
+fp32). A fp32 operand (a parameter) gets its gradient in fp32, accumulated in fp32; a bf16
+operand gets a bf16 gradient. This is what PyTorch's bf16 autocast does on the same CPU.
+
+Only on CPU, only for 16-bit dtypes and only for products without batch indices (the
+projections): elsewhere (fp32 anywhere; GPU / TPU, whose dots accumulate in fp32 already;
+attention's batched products) `einsum` is `jnp.einsum` on operands cast to `dtype`, as before.
+XLA:CPU (jax 0.10) runs bf16 x bf16 -> f32 dots only inside its YNNPACK fusions; a batched dot
+whose contracting axis is not minor (attention's backward) falls to a thunk that rejects that
+type combination at run time, so batched products keep the old path.
+Outputs are tagged `checkpoint_name(..., SAVEABLE_NAME)` so the "dots" remat policy keeps
+saving them (it recognises dot_general primitives, not custom VJPs).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+# The name the "dots" remat policy saves besides dot_general outputs (jvt.models.vit).
+SAVEABLE_NAME = "jvt_mixed_dot"
+
+
+def uses_mixed(dtype) -> bool:
+  """Whether unbatched products in `dtype` take the bf16-operand / fp32-accumulation path."""
+  return jnp.dtype(dtype).itemsize < 4 and jax.default_backend() == "cpu"
+
+
+def _batched(spec: str) -> bool:
+  """Whether some index of "A,B->C" occurs in A, B and C (a batch index)."""
+  inputs, out = spec.replace(" ", "").split("->")
+  a, b = inputs.split(",")
+  return bool(set(a) & set(b) & set(out))
+
+
+def _grad_specs(spec: str) -> tuple[str, str]:
+  """"A,B->C" -> ("C,B->A", "C,A->B"), the specs of the two operand gradients."""
+  inputs, out = spec.replace(" ", "").split("->")
+  a, b = inputs.split(",")
+  for name, operand, other in (("first", a, b + out), ("second", b, a + out)):
+    lone = sorted(set(operand) - set(other))
+    if lone or len(set(operand)) != len(operand):
+      raise ValueError(f"einsum {spec!r}: every index of the {name} operand must appear once "
+                       f"in it and again in the other operand or the output (not {lone}).")
+  return f"{out},{b}->{a}", f"{out},{a}->{b}"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def _mixed(spec, a, b, dtype):
+  return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _mixed_fwd(spec, a, b, dtype):
+  return _mixed(spec, a, b, dtype), (a, b)
+
+
+def _mixed_bwd(spec, dtype, residuals, g):
+  a, b = residuals
+  spec_a, spec_b = _grad_specs(spec)
+  g = g.astype(dtype)
+  da = jnp.einsum(spec_a, g, b.astype(dtype), preferred_element_type=jnp.float32)
+  db = jnp.einsum(spec_b, g, a.astype(dtype), preferred_element_type=jnp.float32)
+  return da.astype(a.dtype), db.astype(b.dtype)
+
+
+_mixed.defvjp(_mixed_fwd, _mixed_bwd)
+
+
+def einsum(spec: str, a, b, dtype, *, saveable: bool = True):
+  """`jnp.einsum(spec, a, b)` computed in `dtype`.
+
+  Returns fp32 on the mixed path (`uses_mixed(dtype)` and no batch index: the caller adds
+  biases in fp32 and casts once), else `dtype`. Every index of an operand must also occur in the other operand or in the
+  output (true of projections and attention). `saveable`: tag the output for the "dots" remat
+  policy (projections; not attention's batched products, which that policy recomputes).
+  """
+  if not uses_mixed(dtype) or _batched(spec):
+    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype))
+  _grad_specs(spec)  # validate at trace time, not first in the backward pass
+  out = _mixed(spec, a, b, dtype)
+  return checkpoint_name(out, SAVEABLE_NAME) if saveable else out
+
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def tensordot_spec(x_ndim: int, w_ndim: int, n_axes: int) -> str:
+  """The einsum spec contracting x's last `n_axes` axes with w's first `n_axes` axes."""
+  lead, contract = x_ndim - n_axes, n_axes
+  feats = w_ndim - n_axes
+  if lead + contract + feats > len(_LETTERS) or n_axes < 1 or feats < 0 or lead < 0:
+    raise ValueError(f"tensordot of ranks {x_ndim} and {w_ndim} over {n_axes} axes.")
+  x = _LETTERS[:lead + contract]
+  w = _LETTERS[lead:lead + contract] + _LETTERS[lead + contract:lead + contract + feats]
+  return f"{x},{w}->{_LETTERS[:lead]}{w[contract:]}"

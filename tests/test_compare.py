@@ -1,0 +1,100 @@
+"""benchmarks/torch_step.py's CLI and benchmarks/compare.py's join and table, without torch
+(torch and timm are the optional "bench" extra, never a test dependency)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(REPO, "benchmarks")
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(f"test_bench_{name}",
+                                                os.path.join(BENCH, f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_torch_step_imports_without_torch_and_parses_run_py_flags():
+  code = (f"import sys; sys.path.insert(0, {BENCH!r}); import torch_step; "
+          "assert 'torch' not in sys.modules and 'jax' not in sys.modules; "
+          "a = torch_step.parse(['--variant', 'B/16', '--batch', '32', '--dtype', 'bfloat16', "
+          "'--methods', 'full, vpt_deep,lora', '--num-prompts', '50', '--out', 'x']); "
+          "print(a.methods, a.batch, a.dtype, a.num_prompts)")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.split() == ["['full',", "'vpt_deep',", "'lora']", "32", "bfloat16", "50"]
+
+
+def test_torch_step_rejects_bad_flags():
+  ts = _load("torch_step")
+  with pytest.raises(SystemExit):
+    ts.parse(["--methods", "full,prefix_tuning", "--out", "x"])
+  with pytest.raises(SystemExit):
+    ts.parse(["--overrides", '{"pool": "gap"}', "--out", "x"])
+  with pytest.raises(SystemExit):
+    ts.parse(["--dtype", "float16", "--out", "x"])
+
+
+def test_torch_specs_carry_the_keys_run_py_children_read():
+  ts, run = _load("torch_step"), _load("run")
+  args = ts.parse(["--methods", "full,linear", "--batch", "4", "--out", "x"])
+  specs = ts.specs(args)
+  assert [s["method"] for s in specs] == ["full", "linear"]
+  # Same spec fields as run.py's children (which also have remat): one compare loop feeds both.
+  run_spec = dict(specs[0], remat="none")
+  config = run.bench_config(run_spec)
+  assert (config.batch_size, config.model.variant) == (4, "S/16")
+
+
+def test_vit_dims_follow_jvt_variants():
+  ts = _load("torch_step")
+  assert ts.vit_dims("B/16", {}) == dict(hidden_size=768, mlp_dim=3072, num_heads=12,
+                                         num_layers=12, patch_size=16)
+  assert ts.vit_dims("S/16", {"num_layers": 2})["num_layers"] == 2
+  with pytest.raises(ValueError, match="no timm equivalent"):
+    ts.vit_dims("S/16", {"pool": "gap"})
+
+
+def _row(method, img_s, peak, base, framework, **kw):
+  return dict(method=method, train_img_s=img_s, peak_mem_mb=peak, base_rss_mb=base,
+              variant="S/16", batch=8, image_size=224, dtype="float32", framework=framework,
+              **kw)
+
+
+def test_join_and_table_ratios_by_hand():
+  cmp = _load("compare")
+  jvt = [_row("full", 6.0, 1800.0, 200.0, "jvt", remat="none"),
+         _row("vpt_deep", 12.0, 1400.0, 200.0, "jvt", remat="none"),
+         _row("vpt_deep", 11.0, 900.0, 200.0, "jvt", remat="full"),  # not joined
+         _row("ssf", 9.0, 1500.0, 200.0, "jvt", remat="none")]
+  torch = [_row("vpt_deep", 8.0, 1000.0, 700.0, "torch"), _row("full", 4.0, 1200.0, 700.0,
+                                                                  "torch"),
+           dict(_row("ssf", 5.0, 1000.0, 700.0, "torch"), dtype="bfloat16")]  # other dtype
+  pairs = cmp.join(jvt, torch)
+  assert [(p["jvt"]["method"], p["torch"] and p["torch"]["method"]) for p in pairs] == [
+      ("full", "full"), ("vpt_deep", "vpt_deep"), ("ssf", None)]
+  meta = dict(date="d", command="c", cpu="cpu", cpus=2, uptime_before="u0",
+              uptime_after="u1", load_before_1m=0.1, load_after_1m=0.2)
+  table = cmp.markdown(pairs, meta)
+  lines = {l.split("|")[1].strip(): l for l in table.splitlines() if l.startswith("| ")}
+  # full: 6 / 4 = 1.50x; peaks 1800 / 1200 = 1.50x, steps (1800-200) / (1200-700) = 3.20x.
+  assert "| 6.00 | 4.00 | 1.50x | 1,800 (1,600) | 1,200 (500) | 1.50x (3.20x) |" in lines["full"]
+  # vpt_deep: 12 / 8 = 1.50x; x own full: 12 / 6 = 2.00x and 8 / 4 = 2.00x.
+  assert lines["vpt_deep"].endswith("| 2.00x | 2.00x |")
+  assert "| 9.00 | - | - |" in lines["ssf"]
+  assert "WARNING" not in table
+  assert "WARNING" not in cmp.markdown(pairs, dict(meta, load_after_1m=2.0))  # its own load
+  noisy = cmp.markdown(pairs, dict(meta, load_before_1m=0.7))
+  assert "WARNING: 1-minute load above 0.5 before the run" in noisy
+
+
+def test_compare_rejects_empty_methods():
+  cmp = _load("compare")
+  with pytest.raises(SystemExit):
+    cmp.parse(["--methods", " ,", "--out", "x"])

@@ -1,0 +1,121 @@
+"""jvt.models.precision: bf16 products with fp32 accumulation, forward and backward."""
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from jvt.models import build_model, init_params, precision
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu",
+                                reason="the mixed path is taken on CPU only")
+
+
+def _bf16(x):
+  """x rounded to bf16, back in float64 (numpy): the operands the mixed path multiplies."""
+  return np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+
+
+def test_grad_specs_and_their_validation():
+  assert precision._grad_specs("abc,cde->abde") == ("abde,cde->abc", "abde,abc->cde")
+  assert precision._batched("bqhd,bkhd->bhqk") and not precision._batched("abc,cde->abde")
+  with pytest.raises(ValueError, match="first operand"):
+    precision._grad_specs("ij,jk->k")  # i is summed within the first operand alone
+
+
+@pytest.mark.parametrize("x_shape,w_shape,n", [((2, 5, 6), (6, 3, 4), 1),
+                                               ((2, 5, 3, 4), (3, 4, 6), 2)])
+def test_tensordot_spec_matches_numpy(x_shape, w_shape, n):
+  rng = np.random.default_rng(0)
+  x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
+  spec = precision.tensordot_spec(x.ndim, w.ndim, n)
+  np.testing.assert_allclose(np.einsum(spec, x, w), np.tensordot(x, w, n), rtol=1e-12)
+
+
+def test_mixed_einsum_values_and_gradients_against_float64():
+  rng = np.random.default_rng(1)
+  spec = "abc,cde->abde"  # a [B, T, D] activation times a [D, H, Dh] kernel
+  a = rng.standard_normal((2, 5, 8)).astype(np.float32)  # an activation, passed as bf16
+  b = rng.standard_normal((8, 3, 4)).astype(np.float32)  # an fp32 parameter
+  g = rng.standard_normal((2, 5, 3, 4)).astype(np.float32)
+  f = lambda a, b: precision.einsum(spec, a, b, jnp.bfloat16)  # noqa: E731
+  out, vjp = jax.vjp(f, jnp.asarray(a, jnp.bfloat16), jnp.asarray(b))
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(out, np.einsum(spec, _bf16(a), _bf16(b)), rtol=1e-5, atol=1e-5)
+  da, db = vjp(jnp.asarray(g))
+  assert (da.dtype, db.dtype) == (jnp.bfloat16, jnp.float32)
+  # Independent: the cotangent rounded to bf16, products of bf16 values summed in float64.
+  want_da = np.einsum("abde,cde->abc", _bf16(g), _bf16(b))
+  want_db = np.einsum("abde,abc->cde", _bf16(g), _bf16(a))
+  np.testing.assert_allclose(np.asarray(da, np.float64), want_da, rtol=1e-2, atol=1e-2)
+  np.testing.assert_allclose(db, want_db, rtol=1e-5, atol=1e-5)  # fp32 result, fp32 sums
+
+
+def test_float32_path_is_plain_einsum():
+  rng = np.random.default_rng(2)
+  a, b = rng.standard_normal((4, 6)), rng.standard_normal((6, 3))
+  a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+  got = precision.einsum("ij,jk->ik", a, b, jnp.float32)
+  np.testing.assert_array_equal(got, jnp.einsum("ij,jk->ik", a, b))
+
+
+def _dots(hlo: str) -> list[tuple[str, str]]:
+  """(operand dtypes, result dtype) of every dot in optimised HLO text (operand types are
+  looked up from their definitions: fused computations print operands by name only)."""
+  types = dict(re.findall(r"(%[\w.\-]+) = (\w+)\[", hlo))
+  out = []
+  for line in hlo.splitlines():
+    m = re.search(r"= (\w+)\[[^\]]*\]\S* dot\((%[\w.\-]+), (%[\w.\-]+)\)", line)
+    if m:
+      out.append((f"{types[m.group(2)]}x{types[m.group(3)]}", m.group(1)))
+  return out
+
+
+def test_bf16_vit_train_step_dots_take_bf16_operands():
+  """The point of the module: XLA:CPU keeps every projection and attention product of a bf16
+  ViT's gradient in bf16 x bf16 -> f32 (its fast path) instead of converting to fp32."""
+  model = build_model("S/16", 5, tuning=dict(method="full"), dtype=jnp.bfloat16,
+                      hidden_size=32, mlp_dim=64, num_heads=2, num_layers=2, patch_size=8)
+  params = init_params(model, jax.random.key(0), image_size=16)
+  images = jnp.ones((2, 16, 16, 3), jnp.float32)
+
+  def loss(p):
+    logits, _ = model.apply({"params": p}, images, train=True)
+    return jnp.sum(logits ** 2)
+
+  hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+  dots = _dots(hlo)
+  assert dots, "no dot found in the HLO"
+  # 2 blocks x 6 projections (query, key, value, out, mlp in / out), forward and two
+  # gradients: 36 products bf16 x bf16 -> f32. Attention (2 batched products a block, 3 each)
+  # and the head (forward and 2 gradients) run converted to fp32.
+  bf16 = [d for d in dots if d == ("bf16xbf16", "f32")]
+  assert len(bf16) == 2 * 6 * 3, dots
+  assert len(dots) - len(bf16) == 2 * 2 * 3 + 3, dots
+  jax.block_until_ready(jax.jit(jax.grad(loss))(params))  # and XLA:CPU runs it
+
+
+def test_bf16_vit_gradients_follow_float32():
+  kw = dict(tuning=dict(method="full"), hidden_size=32, mlp_dim=64, num_heads=2, num_layers=2,
+            patch_size=8)
+  m32 = build_model("S/16", 5, dtype=jnp.float32, **kw)
+  m16 = build_model("S/16", 5, dtype=jnp.bfloat16, **kw)
+  params = init_params(m32, jax.random.key(0), image_size=16)
+  params["head"]["kernel"] = jax.random.normal(jax.random.key(1), params["head"]["kernel"].shape)
+  images = jax.random.normal(jax.random.key(2), (4, 16, 16, 3))
+
+  def loss(model, p):
+    logits, _ = model.apply({"params": p}, images)
+    return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[:, 0])
+
+  g32 = jax.grad(lambda p: loss(m32, p))(params)
+  g16 = jax.grad(lambda p: loss(m16, p))(params)
+  assert all(b.dtype == jnp.float32 for b in jax.tree.leaves(g16))  # fp32 gradients
+  flat32 = jnp.concatenate([x.ravel() for x in jax.tree.leaves(g32)])
+  flat16 = jnp.concatenate([x.ravel() for x in jax.tree.leaves(g16)])
+  err = float(jnp.linalg.norm(flat32 - flat16) / jnp.linalg.norm(flat32))
+  assert err < 3e-2, err  # bf16 operands: relative errors of 1e-3 to 1e-2
