@@ -205,6 +205,7 @@ class RunCheckpointer:
     Every process must call it (processes agree on each step's success).
     """
     failures = []
+    _quiet_closed_loop_callbacks()  # before the first read: a failed one calls back at once
     for step in reversed(self.all_steps()):
       try:
         state, metadata = (restore_fn(step) if restore_fn is not None
@@ -213,7 +214,6 @@ class RunCheckpointer:
           check(metadata)
         ok = True
       except Exception as err:  # any damage: tensorstore, orbax, JSON, missing keys
-        _quiet_closed_loop_callbacks()
         failures.append((step, _short(err)))
         ok = False
       if jax.process_count() > 1:
