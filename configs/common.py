@@ -107,6 +107,16 @@ def _set(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
   node[leaf] = value
 
 
+def arg_value(arg: str | None, key: str, default: str) -> str:
+  """The value of `key` in a config arg "a=1,b=x", or `default`: read before the arg is
+  parsed (and checked in full) by the config builders, to pick per-task values."""
+  for item in (arg or "").split(","):
+    name, sep, value = item.partition("=")
+    if sep and name == key:
+      return value
+  return default
+
+
 def set_backbone(c: ml_collections.ConfigDict, variant: str, preprocess: str) -> None:
   """`backbone=<variant>`: the model, and the resolution and input normalisation its family was
   trained with (`preprocess` keeps its resizing and augmentation; CLIP and SigLIP get their own

@@ -29,16 +29,8 @@ RECIPE = common.ADAMW
 PUBLISHED = None  # no FGVC mean recorded
 
 
-def _arg_value(arg, key, default):
-  """The value of `key` in a config arg "k=v,...", or `default` (read before validation)."""
-  for item in (arg or "").split(","):
-    k, _, v = item.partition("=")
-    if k == key:
-      return v
-  return default
-
 
 def get_config(arg=None):
-  dim = TASKS.get(_arg_value(arg, "task", "cub"), TASKS["cub"])
+  dim = TASKS.get(common.arg_value(arg, "task", "cub"), TASKS["cub"])
   return common.fgvc_config(arg, name="adapter_plus", tuning=dict(TUNING, dim=dim),
                             recipe=RECIPE)

@@ -90,14 +90,6 @@ def balanced_images_per_class(batch: int, images_per_class: int, num_classes: in
   return k
 
 
-def _arg_value(arg, key: str, default: str) -> str:
-  """The value of `key` in "a=1,b=x" (checked in full later by the common builder)."""
-  for item in (arg or "").split(","):
-    name, sep, value = item.partition("=")
-    if sep and name == key:
-      return value
-  return default
-
 
 def make_config(arg, *, benchmark: str, table: dict, num_classes: dict, plus: bool,
                 default_task: str) -> ml_collections.ConfigDict:
@@ -106,12 +98,12 @@ def make_config(arg, *, benchmark: str, table: dict, num_classes: dict, plus: bo
   `configs/common.py` sets data, protocol, model, sweep and the arg keys (the DA-VPT tuning
   fields included, e.g. `preset=paper,scale_ratio=5`); this adds the task's released values.
   """
-  task = _arg_value(arg, "task", default_task)
+  task = common.arg_value(arg, "task", default_task)
   if task not in table:
     raise ValueError(f"task={task!r} has no DA-VPT values (released, or borrowed for the VTAB "
                      f"tasks without them); tasks with them: {sorted(table)}.")
   hp, classes = table[task], num_classes[task]
-  preset = _arg_value(arg, "preset", "code")
+  preset = common.arg_value(arg, "preset", "code")
   tuning = dict(method="da_vpt_plus" if plus else "da_vpt", preset="code",
                 num_prompts=hp["num_prompts"],
                 num_proxy_prompts=min(hp["num_proxy_prompts"], classes),  # released: M <= C

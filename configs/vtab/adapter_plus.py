@@ -37,16 +37,8 @@ RECIPE = common.ADAMW
 PUBLISHED = 77.6  # VTAB-1k mean of the three group means (%)
 
 
-def _arg_value(arg, key, default):
-  """The value of `key` in a config arg "k=v,...", or `default` (read before validation)."""
-  for item in (arg or "").split(","):
-    k, _, v = item.partition("=")
-    if k == key:
-      return v
-  return default
-
 
 def get_config(arg=None):
-  dim = TASKS.get(_arg_value(arg, "task", "cifar100"), TASKS["cifar100"])
+  dim = TASKS.get(common.arg_value(arg, "task", "cifar100"), TASKS["cifar100"])
   return common.vtab_config(arg, name="adapter_plus", tuning=dict(TUNING, dim=dim),
                             recipe=RECIPE)

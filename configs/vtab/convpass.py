@@ -44,16 +44,8 @@ RECIPE = common.ADAMW
 PUBLISHED = 76.56  # VTAB-1k mean of the three group means (%)
 
 
-def _arg_value(arg, key, default):
-  """The value of `key` in a config arg "k=v,...", or `default` (read before validation)."""
-  for item in (arg or "").split(","):
-    k, _, v = item.partition("=")
-    if k == key:
-      return v
-  return default
-
 
 def get_config(arg=None):
-  scale, conv_init = TASKS.get(_arg_value(arg, "task", "cifar100"), TASKS["cifar100"])
+  scale, conv_init = TASKS.get(common.arg_value(arg, "task", "cifar100"), TASKS["cifar100"])
   tuning = dict(TUNING, scale=scale, conv_init=conv_init)
   return common.vtab_config(arg, name="convpass", tuning=tuning, recipe=RECIPE)

@@ -54,6 +54,7 @@ Paper / released-code differences (preset=code, the default) and the released tr
 preprocess is the released VTAB transform `da_vpt_vtab` (bicubic shorter-side resize to 224 +
 center crop). Not reproduced: fp16 autocast.
 """
+from configs import common
 from configs.fgvc import da_vpt as _base
 from jvt.data import vtab
 released = _base.released
@@ -133,5 +134,5 @@ PUBLISHED = 74.69  # VTAB-1k mean of the three group means (%)
 def get_config(arg=None):
   c = _base.make_config(arg, benchmark="vtab", table={**RELEASED, **BORROWED},
                         num_classes=NUM_CLASSES, plus=False, default_task="cifar100")
-  c.model.drop_path_rate = drop_path_rate(_base._arg_value(arg, "task", "cifar100"))
+  c.model.drop_path_rate = drop_path_rate(common.arg_value(arg, "task", "cifar100"))
   return c

@@ -22,6 +22,7 @@ the released code, the trained [CLS] gets the prompts' weight decay (`optimizer.
 Stochastic depth and every other paper / released-code difference are as in
 configs/vtab/da_vpt.py.
 """
+from configs import common
 from configs.vtab import da_vpt as _vtab
 RELEASED, BORROWED, NUM_CLASSES = _vtab.RELEASED, _vtab.BORROWED, _vtab.NUM_CLASSES
 PUBLISHED = 76.14  # VTAB-1k mean of the three group means (%)
@@ -30,5 +31,5 @@ PUBLISHED = 76.14  # VTAB-1k mean of the three group means (%)
 def get_config(arg=None):
   c = _vtab._base.make_config(arg, benchmark="vtab", table={**RELEASED, **BORROWED},
                               num_classes=NUM_CLASSES, plus=True, default_task="cifar100")
-  c.model.drop_path_rate = _vtab.drop_path_rate(_vtab._base._arg_value(arg, "task", "cifar100"))
+  c.model.drop_path_rate = _vtab.drop_path_rate(common.arg_value(arg, "task", "cifar100"))
   return c

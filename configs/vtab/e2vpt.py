@@ -40,16 +40,8 @@ RECIPE = common.SGD_VTAB
 PUBLISHED = 73.94  # VTAB-1k mean of the three group means (%)
 
 
-def _arg_value(arg, key, default):
-  """The value of `key` in a config arg "k=v,...", or `default` (read before validation)."""
-  for item in (arg or "").split(","):
-    k, _, v = item.partition("=")
-    if k == key:
-      return v
-  return default
-
 
 def get_config(arg=None):
-  prompts, kv = TASKS.get(_arg_value(arg, "task", "cifar100"), TASKS["cifar100"])
+  prompts, kv = TASKS.get(common.arg_value(arg, "task", "cifar100"), TASKS["cifar100"])
   tuning = dict(TUNING, num_prompts=prompts, num_kv_prompts=kv)
   return common.vtab_config(arg, name="e2vpt", tuning=tuning, recipe=RECIPE)

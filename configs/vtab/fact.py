@@ -47,18 +47,10 @@ RECIPE = common.ADAMW
 PUBLISHED = 75.6  # VTAB-1k mean of the three group means (%), FacT-TK
 
 
-def _arg_value(arg, key, default):
-  """The value of `key` in a config arg "k=v,...", or `default` (read before validation)."""
-  for item in (arg or "").split(","):
-    k, _, v = item.partition("=")
-    if k == key:
-      return v
-  return default
-
 
 def get_config(arg=None):
-  variant = _arg_value(arg, "variant", "tk")
+  variant = common.arg_value(arg, "variant", "tk")
   table = TASKS.get(variant, TASKS["tk"])
-  rank, scale = table.get(_arg_value(arg, "task", "cifar100"), table["cifar100"])
+  rank, scale = table.get(common.arg_value(arg, "task", "cifar100"), table["cifar100"])
   tuning = dict(TUNING, variant=variant, rank=rank, scale=scale)
   return common.vtab_config(arg, name="fact", tuning=tuning, recipe=RECIPE)
