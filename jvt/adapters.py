@@ -84,7 +84,7 @@ def _stored_keys(params: dict, model, base_path: str, base_format: str | None) -
 
 def save_adapter(path: str | os.PathLike, model, params: dict, *, base: str | os.PathLike,
                  preprocess: str | None = None, image_size: int | None = None,
-                 posemb_interpolation: str = "linear", base_format: str | None = None) -> str:
+                 posemb_interpolation: str | None = None, base_format: str | None = None) -> str:
   """Writes the tuned leaves of `params` and the model's description to `path` (safetensors).
 
   Args:
@@ -95,7 +95,8 @@ def save_adapter(path: str | os.PathLike, model, params: dict, *, base: str | os
     preprocess: the run's preprocessing preset (`dataset.preprocess`), recorded for
       `jvt.predict(..., preprocess=jvt.adapter_info(path))`.
     image_size: the run's image size; default: read off the position embeddings.
-    posemb_interpolation, base_format: how the run loaded `base` (`config.pretrained.*`).
+    posemb_interpolation, base_format: how the run loaded `base` (`config.pretrained.*`;
+      None: the base file's family's own resizing and the detected format).
   Returns the path written.
   """
   import jax
@@ -136,7 +137,7 @@ def save_run_adapter(path: str, model, params: dict, config: dict) -> str | None
   return save_adapter(path, model, params, base=pretrained["path"],
                       preprocess=(config.get("dataset") or {}).get("preprocess"),
                       image_size=(config.get("model") or {}).get("image_size"),
-                      posemb_interpolation=pretrained.get("posemb_interpolation") or "linear",
+                      posemb_interpolation=pretrained.get("posemb_interpolation") or None,
                       base_format=pretrained.get("format") or None)
 
 
