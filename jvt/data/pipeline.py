@@ -15,6 +15,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import os
+import threading
 from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
@@ -65,15 +66,21 @@ class PreparedCache:
   [R, R', 3], R' = R unless the resize keeps the aspect ratio) and its checked label, filled as
   examples are first read; later epochs only crop, flip and normalise (`Preprocessor.finish`),
   with the same per-row randomness, so the batches are exactly those of the uncached loader.
-  VTAB-1k's 1,000 training images at 224 px take 144 MB. An index is filled by whichever
-  thread reads it first (two threads filling the same index store equal arrays); `filled` is
-  set after the image.
+  VTAB-1k's 1,000 training images at 224 px take 144 MB. An index is filled once, by the first
+  thread that reads it (a striped lock keeps a prefetching thread from reading it again);
+  `filled` is set after the image.
   """
+  _STRIPES = 64
 
   def __init__(self, num_examples: int):
     self.images: list = [None] * num_examples
     self.labels = np.zeros((num_examples,), np.int64)
     self.filled = np.zeros((num_examples,), bool)
+    self._locks = [threading.Lock() for _ in range(self._STRIPES)]
+
+  def lock(self, index: int) -> threading.Lock:
+    """The lock that guards filling example `index`."""
+    return self._locks[index % self._STRIPES]
 
   @property
   def nbytes(self) -> int:
@@ -116,9 +123,11 @@ class _Reader:
       image = self.preprocess(raw, rng)
     else:
       if not c.filled[index]:
-        raw, c.labels[index] = self._read(index)
-        c.images[index] = self.preprocess.prepare(raw)  # [R, R', 3] uint8
-        c.filled[index] = True
+        with c.lock(index):
+          if not c.filled[index]:
+            raw, c.labels[index] = self._read(index)
+            c.images[index] = self.preprocess.prepare(raw)  # [R, R', 3] uint8
+            c.filled[index] = True
       label = int(c.labels[index])
       image = self.preprocess.finish(c.images[index], rng)
     s = self.image_size
