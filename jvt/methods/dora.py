@@ -27,7 +27,7 @@ import numpy as np
 from flax import traverse_util
 
 from jvt.methods.base import Method
-from jvt.methods.lora import TARGETS
+from jvt.methods.lora import check_low_rank
 
 
 def _column_norm(w, in_axes):
@@ -49,13 +49,7 @@ class DoRA(Method):
   detach_norm: bool = True
 
   def resolve(self, num_layers):
-    if self.rank <= 0:
-      raise ValueError(f"dora.rank={self.rank}: must be a positive integer.")
-    targets = tuple(self.targets)
-    bad = [t for t in targets if t not in TARGETS]
-    if bad or not targets:
-      raise ValueError(f"dora.targets={targets}: unknown {bad}; allowed values are "
-                       f"{TARGETS} (at least one).")
+    check_low_rank("dora", self.rank, self.targets)
     return self
 
   def claims(self, num_layers):

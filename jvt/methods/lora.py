@@ -19,6 +19,17 @@ from flax import traverse_util
 from jvt.methods.base import Method
 
 TARGETS = ("query", "key", "value", "out", "mlp_in", "mlp_out")
+
+
+def check_low_rank(name: str, rank: int, targets) -> None:
+  """The rank and projection targets of a low-rank method (lora, dora), or a clear error."""
+  if rank <= 0:
+    raise ValueError(f"{name}.rank={rank}: must be a positive integer.")
+  targets = tuple(targets)
+  bad = [t for t in targets if t not in TARGETS]
+  if bad or not targets:
+    raise ValueError(f"{name}.targets={targets}: unknown {bad}; allowed values are "
+                     f"{TARGETS} (at least one).")
 INITS = ("kaiming_uniform", "normal")
 
 
@@ -42,13 +53,7 @@ class LoRA(Method):
   init: str = "kaiming_uniform"
 
   def resolve(self, num_layers):
-    if self.rank <= 0:
-      raise ValueError(f"lora.rank={self.rank}: must be a positive integer.")
-    targets = tuple(self.targets)
-    bad = [t for t in targets if t not in TARGETS]
-    if bad or not targets:
-      raise ValueError(f"lora.targets={targets}: unknown {bad}; allowed values are "
-                       f"{TARGETS} (at least one).")
+    check_low_rank("lora", self.rank, self.targets)
     if self.init not in INITS:
       raise ValueError(f"lora.init={self.init!r}; allowed: {INITS}.")
     return self
