@@ -105,7 +105,7 @@ def _remat_step(remat: str):
 
 def test_remat_saves_xla_cpu_memory_with_the_same_step():
   # XLA:CPU used to CSE / schedule the recomputation into the forward pass, so remat saved
-  # nothing; the trainer keeps the barriers (`remat_compiler_options`).
+  # nothing; the trainer keeps the barriers (`step_compiler_options`).
   plain, plain_args = _remat_step("none")
   remat, remat_args = _remat_step("full")
   plain_mb = plain.memory_analysis().temp_size_in_bytes / 2**20

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from jvt.methods.base import Site, ordered
-from jvt.models import precision
+from jvt.models import barrier, precision
 from jvt.models.layers import LayerNorm, Projection
 from jvt.models.gelu import gelu
 from jvt.models.softmax import softmax
@@ -214,7 +214,7 @@ class Encoder1DBlock(nn.Module):
       y = m.on_branch(self, x, z, y, site.at(name="attn"))
     if self.drop_path and not deterministic:
       y = drop_path(y, self.drop_path, self.make_rng("dropout"))
-    x = x + y
+    x = barrier.materialize_cotangent(x + y)
     z = LayerNorm(self.layer_norm_eps, methods=ms, dtype=self.dtype, name="LayerNorm_1")(x, site)
     y = MlpBlock(self.mlp_dim, ms, dtype=self.dtype, dropout_rate=self.dropout_rate,
                  gelu_approximate=self.gelu_approximate, activation=self.activation,
@@ -293,6 +293,7 @@ class Encoder(nn.Module):
       mask = None
       for m in ms:
         mask = m.on_attention_mask(mask, site.at(layer=i, num_prompts=p, num_tokens=x.shape[1]))
+      x = barrier.materialize_cotangent(x)
       x, own_captured = block_cls(
           self.num_heads, self.mlp_dim, ms, layer=i, num_layers=self.num_layers, num_prompts=p,
           grid=tuple(grid), dtype=self.dtype, dropout_rate=self.dropout_rate,

@@ -11,8 +11,8 @@ layer too; they keep their public names.
 """
 from jvt.train.loop import (NonFiniteLossError, RunPreempted, Setup, TrainState, evaluate,
                             make_eval_step, make_train_step, model_from_config,
-                            remat_compiler_options, setup, train_and_evaluate)
+                            step_compiler_options, setup, train_and_evaluate)
 
 __all__ = ["NonFiniteLossError", "RunPreempted", "Setup", "TrainState", "evaluate",
-           "make_eval_step", "make_train_step", "model_from_config", "remat_compiler_options",
+           "make_eval_step", "make_train_step", "model_from_config", "step_compiler_options",
            "setup", "train_and_evaluate"]

@@ -263,23 +263,25 @@ def make_train_step(model, tx, objective, *, accum_steps: int = 1, seed: int = 0
                            method_state=method_state)
     return new_state, metrics
 
-  options = remat_compiler_options(model)
+  options = step_compiler_options()
   if mesh is None:
     return jax.jit(step, donate_argnums=(0,), compiler_options=options)
   return jax.jit(step, donate_argnums=(0,), out_shardings=sharding.replicated(mesh),
                  compiler_options=options)
 
 
-def remat_compiler_options(model) -> dict | None:
-  """XLA options a train step needs for the model's remat policy to save memory (or None).
+def step_compiler_options() -> dict | None:
+  """XLA options of the train step on CPU: keep its optimisation barriers (None elsewhere).
 
-  XLA:CPU expands jax.checkpoint's optimisation barriers before scheduling, so the recomputed
-  forward is CSE'd into, or scheduled beside, the original one and remat saves nothing
-  (ViT-S/16 full fine-tuning, batch 8: 1080 MB of XLA temporaries with remat or without).
-  Keeping the barriers through scheduling restores it: 152 MB with remat="full", 324 MB with
-  "dots", same gradients. Other backends keep them already.
+  XLA:CPU expands optimisation barriers before fusion and scheduling. Two things need them:
+  jax.checkpoint's remat, whose recomputed forward is otherwise CSE'd into, or scheduled beside,
+  the original one so it saves nothing (ViT-S/16 full fine-tuning, batch 8: 1080 MB of XLA
+  temporaries with remat or without; kept, 152 MB with remat="full", 324 MB with "dots"), and
+  the residual stream's cotangent barriers (`jvt.models.barrier`), without which each block's
+  weight gradients recompute the backward chain of every block above it (full fine-tuning
+  6.2 -> 8.7 img/s, docs/performance.md). Other backends keep the barriers already.
   """
-  if getattr(model, "remat", "none") == "none" or jax.default_backend() != "cpu":
+  if jax.default_backend() != "cpu":
     return None
   return {"xla_disable_hlo_passes": "cse_barrier_expander"}
 
