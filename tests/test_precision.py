@@ -55,6 +55,30 @@ def test_mixed_einsum_values_and_gradients_against_float64():
   np.testing.assert_allclose(db, want_db, rtol=1e-5, atol=1e-5)  # fp32 result, fp32 sums
 
 
+@pytest.mark.parametrize("spec,a_shape,b_shape", [
+    ("bqhd,bkhd->bhqk", (2, 5, 3, 4), (2, 7, 3, 4)),  # attention logits
+    ("bhqk,bkhd->bqhd", (2, 3, 5, 7), (2, 7, 3, 4)),  # attention-weighted values
+])
+def test_batched_mixed_einsum_against_float64(spec, a_shape, b_shape):
+  # Batched products go through explicit [batch, rows, contracted] layouts (_minor_product):
+  # values and both gradients must still be the einsum's, for every axis order.
+  rng = np.random.default_rng(3)
+  a, b = rng.standard_normal(a_shape).astype(np.float32), rng.standard_normal(b_shape)
+  b = b.astype(np.float32)
+  out_shape = np.einsum(spec, a, b).shape
+  g = rng.standard_normal(out_shape).astype(np.float32)
+  f = lambda a, b: precision.einsum(spec, a, b, jnp.bfloat16, saveable=False)  # noqa: E731
+  out, vjp = jax.vjp(f, jnp.asarray(a), jnp.asarray(b, jnp.bfloat16))
+  assert out.dtype == jnp.float32 and out.shape == out_shape
+  np.testing.assert_allclose(out, np.einsum(spec, _bf16(a), _bf16(b)), rtol=1e-5, atol=1e-5)
+  da, db = vjp(jnp.asarray(g))
+  assert (da.dtype, db.dtype) == (jnp.float32, jnp.bfloat16)
+  spec_a, spec_b = precision._grad_specs(spec)
+  np.testing.assert_allclose(da, np.einsum(spec_a, _bf16(g), _bf16(b)), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(db, np.float64), np.einsum(spec_b, _bf16(g), _bf16(a)),
+                             rtol=1e-2, atol=1e-2)
+
+
 def test_float32_path_is_plain_einsum():
   rng = np.random.default_rng(2)
   a, b = rng.standard_normal((4, 6)), rng.standard_normal((6, 3))
@@ -90,12 +114,12 @@ def test_bf16_vit_train_step_dots_take_bf16_operands():
   hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
   dots = _dots(hlo)
   assert dots, "no dot found in the HLO"
-  # 2 blocks x 6 projections (query, key, value, out, mlp in / out), forward and two
-  # gradients: 36 products bf16 x bf16 -> f32. Attention (2 batched products a block, 3 each)
-  # and the head (forward and 2 gradients) run converted to fp32.
+  # 2 blocks x (6 projections (query, key, value, out, mlp in / out) + attention's 2 batched
+  # products), forward and two gradients: 48 products bf16 x bf16 -> f32. The head (forward
+  # and 2 gradients, fp32 by design) is the only fp32 one.
   bf16 = [d for d in dots if d == ("bf16xbf16", "f32")]
-  assert len(bf16) == 2 * 6 * 3, dots
-  assert len(dots) - len(bf16) == 2 * 2 * 3 + 3, dots
+  assert len(bf16) == 2 * (6 + 2) * 3, dots
+  assert len(dots) - len(bf16) == 3, dots
   jax.block_until_ready(jax.jit(jax.grad(loss))(params))  # and XLA:CPU runs it
 
 
