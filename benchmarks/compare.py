@@ -63,14 +63,25 @@ def uptime() -> str:
 
 
 def _key(row: dict) -> tuple:
-  return tuple(row.get(k, "none" if k == "remat" else None) for k in JOIN_KEYS)
+  return tuple(row.get(k) for k in JOIN_KEYS)
 
 
 def join(jvt_rows: Sequence[dict], torch_rows: Sequence[dict]) -> list[dict]:
-  """Pairs of {"jvt": row, "torch": row or None} in jvt's row order (remat "none" only)."""
+  """Pairs of {"jvt": row, "torch": row or None} in jvt's row order; a jvt row with a remat
+  policy pairs with torch's row of the same method (PyTorch's step keeps every activation)."""
   by_key = {_key(r): r for r in torch_rows}
-  return [{"jvt": r, "torch": by_key.get(_key(r))} for r in jvt_rows
-          if r.get("remat", "none") == "none"]
+  return [{"jvt": r, "torch": by_key.get(_key(r))} for r in jvt_rows]
+
+
+def parse_method(text: str) -> tuple[str, str]:
+  """"full" -> ("full", "none"); "full:dots" -> ("full", "dots"): jvt's remat policy."""
+  method, _, remat = text.partition(":")
+  return method, remat or "none"
+
+
+def _label(row: dict) -> str:
+  remat = row.get("remat", "none")
+  return row["method"] if remat == "none" else f"{row['method']} (remat {remat})"
 
 
 def _ratio(a, b):
@@ -123,7 +134,8 @@ def markdown(pairs: Sequence[dict], meta: dict) -> str:
             "| torch peak MB (step) | jvt / torch peak (step) | jvt x own full "
             "| torch x own full |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-  full = next((p for p in pairs if p["jvt"]["method"] == "full"), None)
+  full = next((p for p in pairs if p["jvt"]["method"] == "full"
+               and p["jvt"].get("remat", "none") == "none"), None)
   for p in pairs:
     j, t = p["jvt"], p["torch"]
     j_full = _ratio(j["train_img_s"], full["jvt"]["train_img_s"]) if full else None
@@ -132,7 +144,7 @@ def markdown(pairs: Sequence[dict], meta: dict) -> str:
     peak_ratio = _ratio(j["peak_mem_mb"], t and t["peak_mem_mb"])
     step_ratio = _ratio(step_mb(j), t and step_mb(t))
     lines.append(
-        f"| {j['method']} | {j['train_img_s']:.2f} | {_f(t and t['train_img_s'])} | "
+        f"| {_label(j)} | {j['train_img_s']:.2f} | {_f(t and t['train_img_s'])} | "
         f"{_f(_ratio(j['train_img_s'], t and t['train_img_s']), '.2f', 'x')} | "
         f"{_mem(j)} | {_mem(t)} | {_f(peak_ratio, '.2f', 'x')} ({_f(step_ratio, '.2f', 'x')}) | "
         f"{_f(j_full, '.2f', 'x')} | {_f(t_full, '.2f', 'x')} |")
@@ -182,7 +194,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--image-size", type=int, default=224)
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-  p.add_argument("--methods", default=DEFAULT_METHODS, help="Comma-separated method names.")
+  p.add_argument("--methods", default=DEFAULT_METHODS,
+                 help="Comma-separated method names; METHOD:REMAT runs jvt's side with that "
+                      "remat policy (e.g. full:dots), against the same PyTorch step.")
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--num-prompts", type=int, default=10)
@@ -224,9 +238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               warmup=args.warmup, num_prompts=args.num_prompts, num_classes=args.num_classes,
               overrides=args.overrides, seed=0)
   pairs, failed = [], False
-  for method in args.methods:
+  for method, remat in map(parse_method, args.methods):
     pair = {"jvt": None, "torch": None}
-    for side, module, spec in (("jvt", run, dict(base, method=method, remat="none")),
+    for side, module, spec in (("jvt", run, dict(base, method=method, remat=remat)),
                                ("torch", torch_step, dict(base, method=method))):
       try:
         pair[side] = module.run_child(spec, args.timeout)
@@ -237,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       continue
     pairs.append(pair)
     j, t = pair["jvt"], pair["torch"]
-    print(f"{method:>12}: jvt {j['train_img_s']:.2f} img/s, torch "
+    print(f"{_label(j):>12}: jvt {j['train_img_s']:.2f} img/s, torch "
           f"{_f(t and t['train_img_s'])} img/s", file=sys.stderr)
     _write(args.out, pairs, dict(meta, uptime_after="(run in progress)"))
   _finish(meta)

@@ -71,14 +71,14 @@ def test_join_and_table_ratios_by_hand():
   cmp = _load("compare")
   jvt = [_row("full", 6.0, 1800.0, 200.0, "jvt", remat="none"),
          _row("vpt_deep", 12.0, 1400.0, 200.0, "jvt", remat="none"),
-         _row("vpt_deep", 11.0, 900.0, 200.0, "jvt", remat="full"),  # not joined
+         _row("vpt_deep", 11.0, 900.0, 200.0, "jvt", remat="full"),  # vs the same torch row
          _row("ssf", 9.0, 1500.0, 200.0, "jvt", remat="none")]
   torch = [_row("vpt_deep", 8.0, 1000.0, 700.0, "torch"), _row("full", 4.0, 1200.0, 700.0,
                                                                   "torch"),
            dict(_row("ssf", 5.0, 1000.0, 700.0, "torch"), dtype="bfloat16")]  # other dtype
   pairs = cmp.join(jvt, torch)
   assert [(p["jvt"]["method"], p["torch"] and p["torch"]["method"]) for p in pairs] == [
-      ("full", "full"), ("vpt_deep", "vpt_deep"), ("ssf", None)]
+      ("full", "full"), ("vpt_deep", "vpt_deep"), ("vpt_deep", "vpt_deep"), ("ssf", None)]
   meta = dict(date="d", command="c", cpu="cpu", cpus=2, uptime_before="u0",
               uptime_after="u1", load_before_1m=0.1, load_after_1m=0.2)
   table = cmp.markdown(pairs, meta)
@@ -87,11 +87,20 @@ def test_join_and_table_ratios_by_hand():
   assert "| 6.00 | 4.00 | 1.50x | 1,800 (1,600) | 1,200 (500) | 1.50x (3.20x) |" in lines["full"]
   # vpt_deep: 12 / 8 = 1.50x; x own full: 12 / 6 = 2.00x and 8 / 4 = 2.00x.
   assert lines["vpt_deep"].endswith("| 2.00x | 2.00x |")
+  # With remat: 11 / 8 = 1.38x, peaks 900 / 1000 = 0.90x, steps 700 / 300 = 2.33x.
+  assert "| 11.00 | 8.00 | 1.38x | 900 (700) | 1,000 (300) | 0.90x (2.33x) |" in lines[
+      "vpt_deep (remat full)"]
   assert "| 9.00 | - | - |" in lines["ssf"]
   assert "WARNING" not in table
   assert "WARNING" not in cmp.markdown(pairs, dict(meta, load_after_1m=2.0))  # its own load
   noisy = cmp.markdown(pairs, dict(meta, load_before_1m=0.7))
   assert "WARNING: 1-minute load above 0.5 before the run" in noisy
+
+
+def test_method_with_a_remat_policy():
+  cmp = _load("compare")
+  assert cmp.parse_method("full") == ("full", "none")
+  assert cmp.parse_method("full:dots") == ("full", "dots")
 
 
 def test_compare_rejects_empty_methods():
