@@ -9,15 +9,22 @@ Builds the run exactly as `benchmarks/run.py` does (the trainer's `setup` and ji
     and the executable's argument / output / temp buffer sizes;
   * `<method>.hlo.txt`: the optimised HLO module (fusions, copies, what was rematerialised);
   * with `--trace N`: a `jax.profiler` trace of N steps under `DIR/trace/` (open it with
-    TensorBoard's profile plugin or Perfetto).
+    TensorBoard's profile plugin or Perfetto), and `<method>.ops.md`: the milliseconds per
+    step of every HLO operation, read from the trace and named by the model code that made it
+    (`encoderblock_<i>` folded to `block`, so a row is one operation of every block). This
+    table found the backward chain that XLA:CPU fused into every block (docs/performance.md).
 Cost analysis and buffer sizes do not depend on machine load, so they compare methods even
 when timings cannot.
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
+import gzip
 import json
 import os
+import re
 import sys
 import time
 
@@ -64,13 +71,65 @@ def profile(spec: dict, out: str, trace_steps: int = 0) -> dict:
   if trace_steps:
     state = s.state
     state, _ = jax.block_until_ready(step(state, s.frozen, s.constants, batch))  # warm-up
-    with jax.profiler.trace(os.path.join(out, "trace")):
+    trace_dir = os.path.join(out, "trace")
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       for _ in range(trace_steps):
         state, metrics = step(state, s.frozen, s.constants, batch)
         jax.block_until_ready((state, metrics))
+    found = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"),
+                             recursive=True))
+    if found:
+      with gzip.open(found[-1]) as f:
+        events = json.load(f)
+      events = events["traceEvents"] if isinstance(events, dict) else events
+      rows = op_table(events, hlo_op_names(step.as_text()), trace_steps)
+      with open(os.path.join(out, f"{name}.ops.md"), "w") as f:
+        f.write(ops_markdown(rows, report))
   with open(os.path.join(out, f"{name}.json"), "w") as f:
     json.dump(report, f, indent=1)
   return report
+
+
+def hlo_op_names(hlo: str) -> dict[str, tuple[str, str]]:
+  """{instruction: (the op_name of the model code that made it, result shape)} for every
+  instruction of the optimised module's ENTRY computation (the ones the runtime executes), with
+  `jit(...)/` dropped and `encoderblock_<i>` folded to `block`."""
+  entry = hlo[hlo.find("\nENTRY"):]
+  names = {}
+  for line in entry.splitlines():
+    m = re.match(r"\s*(?:ROOT )?%(\S+) = (\S+) .*?op_name=\"([^\"]+)\"", line)
+    if m:
+      op = re.sub(r"encoderblock_\d+", "block", m.group(3))
+      names[m.group(1)] = (re.sub(r"^jit\([^)]*\)/", "", op), m.group(2))
+  return names
+
+
+def op_table(events, names: dict, steps: int) -> list[dict]:
+  """Trace events ("X" events named by HLO instruction) summed per (op_name, shape): ms per
+  step and calls per step, slowest first. Events of other names (runtime, Python) are left
+  out. Operations that ran concurrently on several threads each count in full."""
+  total, calls = collections.Counter(), collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e.get("name") in names:
+      key = names[e["name"]]
+      total[key] += float(e.get("dur", 0.0))  # microseconds
+      calls[key] += 1
+  return [{"op": op, "shape": shape, "ms_per_step": us / 1e3 / steps,
+           "calls_per_step": calls[(op, shape)] / steps}
+          for (op, shape), us in total.most_common()]
+
+
+def ops_markdown(rows: list[dict], report: dict, limit: int = 60) -> str:
+  """The slowest `limit` rows of `op_table` with their share of the summed time."""
+  summed = sum(r["ms_per_step"] for r in rows) or 1.0
+  lines = [f"{report['method']}, ViT-{report['variant']}, batch {report['batch']}, "
+           f"{report['dtype']}, remat {report['remat']}: {summed:.1f} ms of operations per "
+           "step (summed over threads)", "",
+           "| ms / step | share | calls / step | result | operation |", "|---:|---:|---:|---|---|"]
+  for r in rows[:limit]:
+    lines.append(f"| {r['ms_per_step']:.1f} | {100 * r['ms_per_step'] / summed:.1f}% | "
+                 f"{r['calls_per_step']:g} | `{r['shape']}` | `{r['op']}` |")
+  return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:

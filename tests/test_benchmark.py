@@ -115,3 +115,44 @@ def test_remat_saves_xla_cpu_memory_with_the_same_step():
   _, m_remat = remat(*remat_args)
   for key in ("loss", "grad_norm"):
     np.testing.assert_allclose(float(m_remat[key]), float(m_plain[key]), rtol=1e-5)
+
+
+def _load_profile():
+  spec = importlib.util.spec_from_file_location(
+      "benchmarks_profile", os.path.join(REPO, "benchmarks", "profile.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_profile_op_table_sums_trace_events_per_model_operation():
+  prof = _load_profile()
+  hlo = "\n".join([
+      "%fused_computation.1 (p: f32[2]) -> f32[2] {",
+      '  %inner = f32[2]{0} add(%p, %p), metadata={op_name="jit(step)/inside/a/fusion"}',
+      "}", "", "ENTRY %main (x: f32[8,4]) -> f32[8,4] {",
+      '  %ynn_fusion.3 = f32[8,4]{1,0} fusion(%x), kind=kCustom, calls=%f, '
+      'metadata={op_name="jit(step)/jvp(ViT)/Transformer/encoderblock_0/MlpBlock_0/dot_general"}',
+      '  %ynn_fusion.7 = f32[8,4]{1,0} fusion(%x), kind=kCustom, calls=%f, '
+      'metadata={op_name="jit(step)/jvp(ViT)/Transformer/encoderblock_11/MlpBlock_0/dot_general"}',
+      '  ROOT %copy.2 = f32[4,8]{1,0} copy(%x), metadata={op_name="jit(step)/transpose"}',
+      "}"])
+  names = prof.hlo_op_names(hlo)
+  # Only ENTRY instructions; both blocks' products fold into one operation.
+  assert set(names) == {"ynn_fusion.3", "ynn_fusion.7", "copy.2"}
+  mlp = ("jvp(ViT)/Transformer/block/MlpBlock_0/dot_general", "f32[8,4]{1,0}")
+  assert names["ynn_fusion.3"] == names["ynn_fusion.7"] == mlp
+  events = [{"ph": "X", "name": "ynn_fusion.3", "dur": 3000.0},
+            {"ph": "X", "name": "ynn_fusion.7", "dur": 5000.0},
+            {"ph": "X", "name": "ynn_fusion.3", "dur": 4000.0},
+            {"ph": "X", "name": "copy.2", "dur": 1000.0},
+            {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 99000.0},  # not an op
+            {"ph": "M", "name": "copy.2", "dur": 50000.0}]  # metadata, not a span
+  rows = prof.op_table(events, names, steps=2)
+  # MLP: (3 + 5 + 4) ms over 2 steps = 6 ms, 1.5 calls a step; copy: 0.5 ms, 0.5 calls.
+  assert [(r["op"], r["ms_per_step"], r["calls_per_step"]) for r in rows] == [
+      (mlp[0], 6.0, 1.5), ("transpose", 0.5, 0.5)]
+  table = prof.ops_markdown(rows, dict(method="full", variant="S/16", batch=8,
+                                       dtype="float32", remat="none"))
+  assert "6.5 ms of operations per step" in table
+  assert "| 6.0 | 92.3% | 1.5 | `f32[8,4]{1,0}` |" in table
