@@ -76,6 +76,10 @@ class CrossEntropy:
     del ctx
     return {}
 
+  def records(self) -> dict[str, dict]:
+    """{file name: JSON object} the run writes into its workdir once it has started."""
+    return {}
+
   def classification_loss(self, logits, batch):
     return classification.softmax_cross_entropy(
         logits, batch["label"], label_smoothing=self.label_smoothing)

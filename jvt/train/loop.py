@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -37,6 +38,7 @@ from jvt.train import sharding
 from jvt import protocols
 from jvt.losses import classification
 from jvt.models import build_model, init_params
+from jvt import files
 from jvt.files import RunWriteError
 from jvt.train.rundir import MetricWriter, RunDirectory, finished_steps
 
@@ -531,6 +533,9 @@ def _train_and_evaluate(config, run_dir: RunDirectory, stop: _StopSignals):
       raise RunPreempted(f"stopped by {stop.name} before training started; nothing was "
                          "written. Run the same command again to start.", None)
     run_dir.start()
+    if pi == 0:
+      for name, record in s.objective.records().items():
+        files.atomic_write_text(os.path.join(run_dir.path, name), json.dumps(record, indent=1))
     from jvt.train.checkpointing import RunCheckpointer
     ckpt = RunCheckpointer(run_dir.checkpoint_dir, max_to_keep=config.max_to_keep)
     state, history, start = s.state, [], None

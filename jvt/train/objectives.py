@@ -9,6 +9,8 @@ model and config, captures the intermediates the task and the terms name, and ca
   * `init_state(ctx)` once before training (host side) -> {method name: term state}, kept in
     the train state and checkpointed (e.g. DA-VPT's class -> prompt mapping under "da_vpt");
   * `constants(ctx)` -> arrays the task loss reads but never trains or saves (a teacher);
+  * `records()` -> JSON files the trainer writes into the workdir once the run has started
+    (distillation's `teacher.json`);
   * `loss(logits, aux, batch, state, constants)` inside the jitted step ->
     (loss, metrics, new state); metrics hold the task's and every term's entries;
   * `end_of_epoch(state, epoch)` on the host after each epoch -> new state.
@@ -50,6 +52,11 @@ class Objective:
 
   def constants(self, ctx: ObjectiveContext) -> dict:
     return self.task.constants(ctx)
+
+  def records(self) -> dict[str, dict]:
+    """{file name: JSON object} to write into the workdir after the run has started (never
+    during set-up: a run that fails before it starts leaves its workdir untouched)."""
+    return self.task.records()
 
   def loss(self, logits, aux, batch, state, constants):
     total, metrics = self.task.loss(logits, aux, batch, constants)

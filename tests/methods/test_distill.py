@@ -300,7 +300,8 @@ def test_workdir_teacher_is_the_run_it_names(tmp_path):
                                         num_classes=NUM_CLASSES, class_examples=None,
                                         apply_fn=None, workdir=str(out))
   obj.constants(ctx)
-  record = json.loads((out / "teacher.json").read_text())
+  assert not out.exists()  # set-up writes nothing: the trainer writes records once started
+  record = obj.records()["teacher.json"]
   assert record["kind"] == "workdir" and record["workdir"] == str(run)
   assert record["tuning"]["method"] == "lora" and len(record["trainable_sha256"]) == 64
 
@@ -433,3 +434,41 @@ def test_distilled_student_beats_the_same_student_without_teacher(train_data_dir
                         y_eval)
   # Measured: teacher 1.0, plain 0.47, distilled 1.0 on the 64 held-out images.
   assert distilled >= 0.9 and distilled >= plain + 0.3, (plain, distilled, teacher_acc)
+
+
+def test_teacher_without_cls_token_resizes_only_its_grid(tmp_path):
+  # SigLIP-like teachers have no [CLS] slot: the student's larger images resize the whole
+  # [1, N, D] grid (before, a slot was taken for [CLS] and the grid was mis-sized).
+  shape = dict(TEACHER, class_token=False, pool="gap")
+  model = jvt.build_model("B/16", NUM_CLASSES, **shape)
+  params = small_params(model, seed=5)
+  save_npz(tmp_path / "no_cls.npz", params, model=model)
+  cfg = ml_collections.ConfigDict(dict(path=str(tmp_path / "no_cls.npz"), variant="B/16",
+                                       overrides=shape))
+  t = distill.load_teacher(cfg, image_size=2 * IMAGE, default_variant="B/16",
+                           default_num_classes=NUM_CLASSES)
+  pos = flat(t.params)["Transformer/posembed_input/pos_embedding"]
+  side = 2 * IMAGE // 8
+  assert pos.shape == (1, side * side, TEACHER["hidden_size"])
+  logits, _ = jax.jit(t.model.apply)({"params": t.params}, images(1, 2 * IMAGE))
+  assert logits.shape == (1, NUM_CLASSES)
+
+
+def test_run_writes_teacher_json_once_started(train_data_dir, tmp_path):
+  # The trainer writes the objective's records after the run has started; set-up itself
+  # writes nothing into the workdir (a run that fails before starting leaves it untouched).
+  from helpers_train import TINY_VIT, tiny_config
+  teacher = jvt.build_model("Ti/16", 4, **TINY_VIT)
+  save_npz(tmp_path / "teacher.npz", small_params(teacher, seed=4), model=teacher)
+  c = tiny_config(train_data_dir, steps=2)
+  c.unlock()
+  c.distill.enabled = True
+  c.distill.teacher.path = str(tmp_path / "teacher.npz")
+  c.distill.teacher.variant = "Ti/16"
+  c.distill.teacher.overrides = dict(TINY_VIT)
+  c.lock()
+  workdir = tmp_path / "run"
+  jvt.train.train_and_evaluate(c, str(workdir))
+  record = json.loads((workdir / "teacher.json").read_text())
+  assert record["kind"] == "path" and record["path"] == str(tmp_path / "teacher.npz")
+  assert record["num_classes"] == 4 and record["has_head"]

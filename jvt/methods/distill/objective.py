@@ -13,13 +13,13 @@ run's workdir or from a checkpoint file. Its parameters are the objective's `con
 enter the jitted train step as an argument (replicated over the mesh), its forward pass runs
 there on the same batch under `stop_gradient`, no gradient is taken with respect to them and
 they are never part of the student's checkpoints. Where the teacher came from is written to
-`<workdir>/teacher.json` (the config in every checkpoint's metadata names the source too).
+`<workdir>/teacher.json` once the run has started (`records`; the config in every checkpoint's
+metadata names the source too).
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 from typing import Any
 
 import jax
@@ -152,17 +152,18 @@ class DistillationObjective(CrossEntropy):
                        f"{k} layer pair(s) are matched: {hint}.")
 
   def constants(self, ctx: ObjectiveContext) -> dict:
-    """The teacher's parameters (replicated by the trainer); records the teacher's source."""
-    src = dict(self.teacher.source, num_classes=self.teacher.num_classes,
-               has_head=self.teacher.has_head)
-    log.info("Distillation teacher: %s", json.dumps(src))
-    if ctx.workdir and jax.process_index() == 0:
-      os.makedirs(ctx.workdir, exist_ok=True)
-      tmp = os.path.join(ctx.workdir, ".teacher.json.tmp")
-      with open(tmp, "w") as f:
-        json.dump(src, f, indent=1)
-      os.replace(tmp, os.path.join(ctx.workdir, "teacher.json"))
+    """The teacher's parameters (replicated by the trainer)."""
+    del ctx
+    log.info("Distillation teacher: %s", json.dumps(self._source()))
     return {"teacher": self.teacher.params}
+
+  def _source(self) -> dict:
+    return dict(self.teacher.source, num_classes=self.teacher.num_classes,
+                has_head=self.teacher.has_head)
+
+  def records(self) -> dict[str, dict]:
+    """`teacher.json`: where the teacher came from (written once the run has started)."""
+    return {"teacher.json": self._source()}
 
   def _num_patches(self, model, images: jax.Array) -> int:
     return (images.shape[1] // model.patch_size) * (images.shape[2] // model.patch_size)

@@ -55,10 +55,11 @@ def _resize_posemb(params: dict, model, image_size: int, method: str) -> dict:
   if image_size % model.patch_size:
     raise ValueError(f"image size {image_size} is not a multiple of the teacher's patch size "
                      f"{model.patch_size}: the teacher cannot read the student's images.")
-  tokens = 1 + (image_size // model.patch_size) ** 2
+  prefix = 1 if model.class_token else 0  # [CLS]'s slot; registers have none, SigLIP no [CLS]
+  tokens = prefix + (image_size // model.patch_size) ** 2
   value = params[formats.POSEMB]
   if value.shape[1] != tokens:
-    params[formats.POSEMB] = posemb.resize_posemb(value, tokens, 1, method)
+    params[formats.POSEMB] = posemb.resize_posemb(value, tokens, prefix, method)
   return params
 
 
