@@ -12,7 +12,6 @@ import dataclasses
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -20,34 +19,6 @@ from jvt.methods.base import Method
 
 INITS = ("normal", "identity")
 _STD = 0.02
-
-
-@jax.custom_vjp
-def scale_shift(y, scale, shift):
-  """y * scale + shift over y's trailing axes (scale, shift: fp32 [*features], cast to y's
-  dtype).
-
-  The gradient takes both parameters' sums in one pass over the cotangent: d scale = sum(g * y)
-  and d shift = sum(g) are one reduction of the stacked [2, ...] products (accumulated in
-  fp32), where JAX's own transpose makes two, each reading g again (SSF has one per
-  projection, norm and the patch embedding).
-  """
-  return y * scale.astype(y.dtype) + shift.astype(y.dtype)
-
-
-def _scale_shift_fwd(y, scale, shift):
-  return scale_shift(y, scale, shift), (y, scale)
-
-
-def _scale_shift_bwd(residuals, g):
-  y, scale = residuals
-  rows = tuple(range(y.ndim - scale.ndim))  # the leading (batch, token) axes
-  g32 = g.astype(jnp.float32)
-  both = jnp.sum(jnp.stack([g32 * y.astype(jnp.float32), g32]), axis=tuple(r + 1 for r in rows))
-  return (g * scale.astype(g.dtype)).astype(y.dtype), both[0], both[1]
-
-
-scale_shift.defvjp(_scale_shift_fwd, _scale_shift_bwd)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +48,7 @@ class SSF(Method):
       scale_init, shift_init = nn.initializers.ones, nn.initializers.zeros
     scale = scope.param("ssf_scale", scale_init, tuple(features))
     shift = scope.param("ssf_shift", shift_init, tuple(features))
-    return scale_shift(y, scale, shift)
+    return y * scale.astype(y.dtype) + shift.astype(y.dtype)
 
   def on_patch_embedding(self, scope, x, site):
     return self._apply(scope, x, (x.shape[-1],))
