@@ -27,7 +27,8 @@ def measure(spec: dict) -> dict:
   import jax.numpy as jnp
   import numpy as np
   import run
-  from jvt import models, sharding, train
+  from jvt import models, train
+  from jvt.train import loop, sharding
   t["import"] = time.perf_counter()
   config = run.bench_config(spec)
   model = train.model_from_config(config, spec["num_classes"])
@@ -40,13 +41,12 @@ def measure(spec: dict) -> dict:
     params = models.init_params(model, key, spec["image_size"])
   jax.block_until_ready(params)
   t["init_params"] = time.perf_counter()
-  init = models.init_params
-  models.init_params = lambda *a, **k: params  # setup's own init: already done above
-  train.init_params = models.init_params
+  init = loop.init_params
+  loop.init_params = lambda *a, **k: params  # setup's own init: already done above
   try:
     s = train.setup(config, num_classes=spec["num_classes"], steps_per_epoch=10**9)
   finally:
-    models.init_params = train.init_params = init
+    loop.init_params = init
   t["setup_rest"] = time.perf_counter()
   b, size = spec["batch"], spec["image_size"]
   rng = np.random.default_rng(0)
@@ -77,11 +77,12 @@ def main(argv=None) -> int:
   p.add_argument("--image-size", type=int, default=224)
   p.add_argument("--dtype", default="float32")
   p.add_argument("--inits", default="lazy,jit", help="init_params variants, in this order.")
+  p.add_argument("--overrides", default="{}", help="JSON of ViT fields (e.g. a tiny model).")
   p.add_argument("--out", required=True)
   args = p.parse_args(argv)
   base = dict(variant=args.variant, method=args.method, batch=args.batch, eval_batch=args.batch,
               image_size=args.image_size, dtype=args.dtype, remat="none", steps=1, warmup=0,
-              num_prompts=10, num_classes=100, overrides={}, seed=0)
+              num_prompts=10, num_classes=100, overrides=json.loads(args.overrides), seed=0)
   uptime = lambda: subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()  # noqa: E731
   before, rows = uptime(), []
   for init in [i.strip() for i in args.inits.split(",") if i.strip()]:
