@@ -156,3 +156,19 @@ def test_profile_op_table_sums_trace_events_per_model_operation():
                                        dtype="float32", remat="none"))
   assert "6.5 ms of operations per step" in table
   assert "| 6.0 | 92.3% | 1.5 | `f32[8,4]{1,0}` |" in table
+
+
+def test_startup_script_times_every_phase_of_a_tiny_run(tmp_path):
+  # The script imports the trainer's internals (setup, its init_params): a move there must
+  # not break it silently.
+  out = tmp_path / "startup"
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, "benchmarks", "startup.py"), "--variant", "S/16",
+       "--method", "vpt_deep", "--image-size", "32", "--batch", "2", "--inits", "lazy",
+       "--overrides", json.dumps(TINY), "--out", str(out)],
+      capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  (row,) = json.loads((out / "startup.json").read_text())["rows"]
+  phases = ("import", "build", "init_params", "setup_rest", "compile_step", "first_step")
+  assert all(row[p] >= 0 for p in phases) and row["init"] == "lazy"
+  assert abs(row["total"] - sum(row[p] for p in phases)) < 1e-6
