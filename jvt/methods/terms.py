@@ -39,7 +39,6 @@ class ObjectiveContext:
   # (model, params, images [N, S, S, 3]) -> host (logits, aux) of a deterministic forward,
   # jitted once per model and run in fixed-size chunks (see `chunked_apply`)
   apply_fn: Callable[..., Any] = None
-  workdir: str = ""
 
   def __post_init__(self):
     if self.apply_fn is None:

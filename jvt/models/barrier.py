@@ -11,8 +11,8 @@ residual add and read from memory by every consumer. Values and gradients are un
 
 XLA:CPU expands optimisation barriers before fusion unless its `cse_barrier_expander` pass is
 disabled, which the trainer does for its CPU train step (`jvt.train.step_compiler_options`);
-elsewhere the barrier is dropped and the step is as without it. Only on CPU: GPU and TPU
-fusion heuristics do not duplicate such chains, and the barrier is not measured there.
+elsewhere the barrier is dropped and the step is as without it. Only on CPU, where it was
+found and measured; GPU and TPU compile the chain with their own fusion heuristics, unmeasured.
 """
 from __future__ import annotations
 

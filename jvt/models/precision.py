@@ -112,8 +112,8 @@ def einsum(spec: str, a, b, dtype, *, saveable: bool = True):
   """`jnp.einsum(spec, a, b)` computed in `dtype`.
 
   Returns fp32 on the mixed path (`uses_mixed(dtype)`: the caller adds biases in fp32 and
-  casts once), else `dtype`. Every index of an operand must also occur in the other operand or in the
-  output (true of projections and attention). `saveable`: tag the output for the "dots" remat
+  casts once), else `dtype`. Every index of an operand must also occur in the other operand or
+  in the output (true of projections and attention). `saveable`: tag the output for the "dots" remat
   policy (projections; not attention's batched products, which that policy recomputes).
   """
   if not uses_mixed(dtype):

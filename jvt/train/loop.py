@@ -357,7 +357,7 @@ def _check_batch_sizes(config, mesh) -> None:
 
 
 def setup(config, *, num_classes: int, steps_per_epoch: int,
-          class_examples=None, workdir: str = "") -> Setup:
+          class_examples=None) -> Setup:
   """Builds model, parameters, optimizer, objective, state and jitted steps for a config."""
   mesh = sharding.make_mesh()
   _check_batch_sizes(config, mesh)
@@ -377,7 +377,7 @@ def setup(config, *, num_classes: int, steps_per_epoch: int,
   frozen_r, trainable_r = replicate(frozen), replicate(trainable)
   ctx = objectives_lib.ObjectiveContext(
       model=model, params=params, config=config, num_classes=num_classes,
-      class_examples=class_examples, apply_fn=objectives_lib.chunked_apply, workdir=workdir)
+      class_examples=class_examples, apply_fn=objectives_lib.chunked_apply)
   method_state = replicate(objective.init_state(ctx))
   constants = replicate(objective.constants(ctx))
   opt_state = jax.jit(tx.init, out_shardings=sharding.replicated(mesh))(trainable_r)
@@ -522,7 +522,7 @@ def _train_and_evaluate(config, run_dir: RunDirectory, stop: _StopSignals):
   try:
     num_classes = loader.num_classes
     s = setup(config, num_classes=num_classes, steps_per_epoch=loader.steps_per_epoch,
-              class_examples=_class_examples_fn(config), workdir=run_dir.path)
+              class_examples=_class_examples_fn(config))
     eval_sets = {name: pipeline.make_eval_batches(
         ds, split, global_batch_size=config.eval_batch_size,
         image_size=config.model.image_size, preprocess=ds.preprocess, process_index=pi,
