@@ -80,8 +80,13 @@ def parse_method(text: str) -> tuple[str, str]:
 
 
 def _label(row: dict) -> str:
-  remat = row.get("remat", "none")
-  return row["method"] if remat == "none" else f"{row['method']} (remat {remat})"
+  """The method, with jvt's remat policy and forward row chunks when it used them."""
+  notes = []
+  if row.get("remat", "none") != "none":
+    notes.append(f"remat {row['remat']}")
+  if row.get("forward_chunks", 1) > 1:
+    notes.append(f"{row['forward_chunks']} row chunks")
+  return f"{row['method']} ({', '.join(notes)})" if notes else row["method"]
 
 
 def _ratio(a, b):

@@ -83,16 +83,29 @@ def bench_config(spec: dict):
   c.optimizer.lr = 1e-3
   c.optimizer.warmup_steps = 0
   c.seed = spec["seed"]
+  c.forward_chunk_rows = spec.get("forward_chunk_rows", 0)
   c.lock()
   return c
 
 
-def _flops(compiled) -> float:
-  """FLOPs of one call of a compiled executable from XLA's cost analysis (0 if unknown)."""
-  cost = compiled.cost_analysis()
+def step_cost(s, batch, compiled) -> dict:
+  """XLA's cost analysis of one train step (flops, bytes accessed, ...; {} if unknown).
+
+  XLA counts a loop's body once, so for a step whose forward runs in row chunks
+  (`s.forward_chunks > 1`) the cost is that of the same step in one piece, lowered (not
+  compiled) from the trainer's `make_train_step`.
+  """
+  if s.forward_chunks > 1:
+    from jvt import train
+    whole = train.make_train_step(s.model, s.tx, s.objective,
+                                  accum_steps=int(s.config.grad_accum_steps),
+                                  seed=int(s.config.seed), mesh=s.mesh)
+    cost = whole.lower(s.state, s.frozen, s.constants, batch).cost_analysis()
+  else:
+    cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
-  return float((cost or {}).get("flops", 0.0))
+  return dict(cost or {})
 
 
 def _reset_peak_rss() -> bool:
@@ -164,7 +177,7 @@ def measure(spec: dict) -> dict:
   t0 = time.perf_counter()
   step = s.train_step.lower(s.state, s.frozen, s.constants, batch).compile()
   compile_s = time.perf_counter() - t0
-  flops = _flops(step)
+  flops = float(step_cost(s, batch, step).get("flops", 0.0))
   memory = step.memory_analysis()
   device = jax.devices()[0]
   rss_reset = _reset_peak_rss()
@@ -207,6 +220,7 @@ def measure(spec: dict) -> dict:
       "image_size": size,
       "dtype": spec["dtype"],
       "remat": spec["remat"],
+      "forward_chunks": s.forward_chunks,
       "num_devices": len(jax.devices()),
       "flops_per_img": flops / b,
       "xla_temp_mb": getattr(memory, "temp_size_in_bytes", 0) / 2**20,
@@ -302,8 +316,10 @@ def markdown(rows: Sequence[dict]) -> str:
     full = _find(rows, "full", remat)
     x_full = _ratio(r["train_img_s"], full["train_img_s"]) if full else None
     gflop = r.get("flops_per_img", 0.0) / 1e9
+    n = r.get("forward_chunks", 1)
+    chunks = f" ({n} row chunks)" if n > 1 else ""
     lines.append(
-        f"| {r['method']} | {remat} | {r['trainable_params']:,} | "
+        f"| {r['method']}{chunks} | {remat} | {r['trainable_params']:,} | "
         f"{r['train_img_s']:.2f} ({r['train_img_s_min']:.2f}-{r['train_img_s_max']:.2f}) | "
         f"{_fmt(x_full, '.2f', 'x')} | {r['eval_img_s']:.2f} | {r['peak_mem_mb']:,.0f} | "
         f"{_fmt(r.get('xla_temp_mb'), ',.0f')} | {r['compile_s']:.1f} | "
@@ -336,6 +352,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--overrides", default="{}",
                  help='JSON of ViT fields, e.g. \'{"hidden_size": 32, "num_layers": 2}\'.')
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--forward-chunk-rows", type=int, default=0,
+                 help="config.forward_chunk_rows (0: the trainer's choice for the backend).")
   p.add_argument("--timeout", type=float, default=None, help="Seconds per method (default none).")
   p.add_argument("--out", required=True, help="Directory for results.json and results.md.")
   return p.parse_args(argv)
@@ -375,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               steps=args.steps or (5 if cpu else 20),
               warmup=args.warmup if args.warmup is not None else (2 if cpu else 5),
               num_prompts=args.num_prompts, num_classes=args.num_classes, overrides=overrides,
-              seed=args.seed)
+              seed=args.seed, forward_chunk_rows=args.forward_chunk_rows)
   os.makedirs(args.out, exist_ok=True)
   rows, failures = [], []
   for remat in remats:

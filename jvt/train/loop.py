@@ -34,7 +34,7 @@ import numpy as np
 
 from jvt.train import objectives as objectives_lib
 from jvt import partition
-from jvt.train import sharding
+from jvt.train import row_chunks, sharding
 from jvt import protocols
 from jvt.losses import classification
 from jvt.models import build_model, init_params
@@ -142,6 +142,7 @@ class Setup:
   num_classes: int
   trainable_params: int
   schedule: Any
+  forward_chunks: int = 1  # sequential row chunks of each forward pass (jvt.train.row_chunks)
 
 
 def _dtype(name: str):
@@ -199,20 +200,8 @@ def _optimizer_dict(config, warmup: int) -> dict:
   return out
 
 
-def _microbatches(batch: dict, accum_steps: int) -> dict:
-  """[B, ...] -> [accum, B / accum, ...] with microbatch i = rows i, i + accum, ...
-
-  Strided rows keep every microbatch spread over all devices: with the batch split in
-  contiguous blocks over the "data" axis, each device holds B / (accum * n) rows of each one.
-  """
-  def split(x):
-    x = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:])
-    return jnp.swapaxes(x, 0, 1)
-  return jax.tree.map(split, batch)
-
-
 def make_train_step(model, tx, objective, *, accum_steps: int = 1, seed: int = 0,
-                    mesh=None):
+                    mesh=None, forward_chunks: int = 1):
   """The jitted train step `(state, frozen, constants, batch) -> (state, metrics)`.
 
   `state` is donated. The step's rng is `fold_in(key(seed), state.step)` (one more fold per
@@ -221,15 +210,22 @@ def make_train_step(model, tx, objective, *, accum_steps: int = 1, seed: int = 0
   microbatches whose gradients are averaged before one optimizer update (the same update as
   the whole batch at once for a per-example-mean loss). Metrics: the objective's terms, loss,
   accuracy, grad_norm (before clipping) and param_norm. With a `mesh`, the outputs are
-  replicated over it.
+  replicated over it. With `forward_chunks > 1` each (micro)batch's forward runs as that
+  many sequential chunks of strided rows (`jvt.train.row_chunks`: the same loss and gradients,
+  faster on CPU for frozen backbones); the loss still sees the whole (micro)batch at once.
+  Microbatches, like chunks, take strided rows (microbatch i = rows i, i + accum, ...), so each
+  is spread over all devices of the "data" axis.
   """
   base_rng = jax.random.key(seed)
 
   def loss_fn(trainable, frozen, constants, method_state, batch, rng):
     params = partition.merge_params(trainable, frozen)
-    logits, aux = model.apply({"params": params}, batch["image"], train=True,
-                              rngs={"dropout": rng}, capture=objective.capture,
-                              capture_layers=objective.capture_layers)
+
+    def forward(images, rng):
+      return model.apply({"params": params}, images, train=True, rngs={"dropout": rng},
+                         capture=objective.capture, capture_layers=objective.capture_layers)
+
+    logits, aux = row_chunks.chunked_forward(forward, batch["image"], rng, forward_chunks)
     loss, metrics, method_state = objective.loss(logits, aux, batch, method_state, constants)
     metrics = dict(metrics)
     metrics["accuracy"] = classification.accuracy(logits, batch["label"])
@@ -253,7 +249,7 @@ def make_train_step(model, tx, objective, *, accum_steps: int = 1, seed: int = 0
       zeros = jax.tree.map(jnp.zeros_like, state.trainable)
       (grads, method_state), (losses, metrics) = jax.lax.scan(
           body, (zeros, state.method_state),
-          (jnp.arange(accum_steps), _microbatches(batch, accum_steps)))
+          (jnp.arange(accum_steps), row_chunks.split_rows(batch, accum_steps)))
       grads = jax.tree.map(lambda g: g / accum_steps, grads)
       loss = jnp.mean(losses)
       metrics = jax.tree.map(jnp.mean, metrics)
@@ -383,13 +379,19 @@ def setup(config, *, num_classes: int, steps_per_epoch: int,
   opt_state = jax.jit(tx.init, out_shardings=sharding.replicated(mesh))(trainable_r)
   state = TrainState(step=replicate(np.zeros((), np.int32)), trainable=trainable_r,
                      opt_state=opt_state, method_state=method_state)
+  num_trainable = partition.count_params(trainable)
+  chunks = row_chunks.num_chunks(
+      int(config.forward_chunk_rows),
+      config.batch_size // mesh.devices.size // int(config.grad_accum_steps),
+      trainable_share=num_trainable / max(1, num_trainable + partition.count_params(frozen)),
+      backend=jax.default_backend())
   train_step = make_train_step(model, tx, objective, accum_steps=int(config.grad_accum_steps),
-                               seed=int(config.seed), mesh=mesh)
+                               seed=int(config.seed), mesh=mesh, forward_chunks=chunks)
   return Setup(config=config, model=model, mesh=mesh, tx=tx, rules=rules, frozen=frozen_r,
                state=state, objective=objective, constants=constants, train_step=train_step,
                eval_step=make_eval_step(model), total_steps=total_steps,
                steps_per_epoch=steps_per_epoch, num_classes=num_classes,
-               trainable_params=partition.count_params(trainable), schedule=schedule)
+               trainable_params=num_trainable, schedule=schedule, forward_chunks=chunks)
 
 
 def _fetch(tree: PyTree) -> PyTree:
