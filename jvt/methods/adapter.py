@@ -75,7 +75,7 @@ class _OutputAdapter(nn.Module):
       return _bottleneck(u, self.dim, "zero_up", self.dtype)
     y = _bottleneck(h, self.dim, "houlsby", self.dtype)
     scale = self.param("scale", nn.initializers.ones, (h.shape[-1],))
-    return y * scale.astype(y.dtype)
+    return (y.astype(jnp.float32) * scale).astype(y.dtype)  # fp32, as SSF (its gradient's sum)
 
 
 def drop_path(scope, y, rate: float, train: bool):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -41,7 +42,7 @@ class DiffFit(Method):
 
   def on_branch(self, scope, x, z, y, site):
     gamma = scope.param(f"difffit_{site.name}", nn.initializers.ones, (y.shape[-1],))
-    return y * gamma.astype(y.dtype)
+    return (y.astype(jnp.float32) * gamma).astype(y.dtype)  # fp32, as SSF (its gradient's sum)
 
   def merge(self, params):
     flat = dict(traverse_util.flatten_dict(params, sep="/"))

@@ -12,6 +12,7 @@ import dataclasses
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -48,7 +49,10 @@ class SSF(Method):
       scale_init, shift_init = nn.initializers.ones, nn.initializers.zeros
     scale = scope.param("ssf_scale", scale_init, tuple(features))
     shift = scope.param("ssf_shift", shift_init, tuple(features))
-    return y * scale.astype(y.dtype) + shift.astype(y.dtype)
+    # In fp32 whatever the compute dtype: the parameter gradients are sums over every row and
+    # token, which bf16 would round (and XLA:CPU runs bf16 element-wise work and reductions
+    # slowly: SSF in bf16 ran at half PyTorch's speed, docs/performance.md).
+    return (y.astype(jnp.float32) * scale + shift).astype(y.dtype)
 
   def on_patch_embedding(self, scope, x, site):
     return self._apply(scope, x, (x.shape[-1],))

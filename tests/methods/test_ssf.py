@@ -50,3 +50,26 @@ def test_identity_init_starts_at_the_pretrained_function():
   nparams = {**nparams, **{k: v for k, v in backbone.items()}}
   moved = jit_apply(normal)({"params": tree(nparams)}, x)[0]
   assert np.abs(np.asarray(moved) - np.asarray(want)).max() > 1e-4
+
+
+def test_bf16_scale_and_shift_gradients_are_summed_in_fp32():
+  # The parameter gradients sum over every row: in bf16 (8 mantissa bits) a sum of 4096 rows
+  # of ~1 is off by percents; in fp32 it is exact to ~1e-6 of the float64 sum.
+  import flax.linen as nn
+  import jax.numpy as jnp
+  from jvt.methods.ssf import SSF
+
+  class Affine(nn.Module):
+    @nn.compact
+    def __call__(self, y):
+      return SSF(init="identity")._apply(self, y, (y.shape[-1],))
+
+  y = jnp.asarray(np.random.default_rng(0).uniform(0.5, 1.5, (4096, 8)), jnp.bfloat16)
+  module = Affine()
+  params = module.init(jax.random.key(0), y)["params"]
+  out = module.apply({"params": params}, y)
+  assert out.dtype == jnp.bfloat16
+  grads = jax.grad(lambda p: jnp.sum(module.apply({"params": p}, y).astype(jnp.float32)))(params)
+  y64 = np.asarray(y.astype(jnp.float32), np.float64)
+  np.testing.assert_allclose(grads["ssf_scale"], y64.sum(0), rtol=1e-5)
+  np.testing.assert_allclose(grads["ssf_shift"], np.full(8, 4096.0), rtol=1e-6)
