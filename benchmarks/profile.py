@@ -50,8 +50,7 @@ def profile(spec: dict, out: str, trace_steps: int = 0) -> dict:
   t0 = time.perf_counter()
   step = s.train_step.lower(s.state, s.frozen, s.constants, batch).compile()
   compile_s = time.perf_counter() - t0
-  cost = step.cost_analysis()
-  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+  cost = run.step_cost(s, batch, step)  # a chunked step's counted as the step in one piece
   mem = step.memory_analysis()
   name = spec["method"] if spec["remat"] == "none" else f"{spec['method']}_remat_{spec['remat']}"
   os.makedirs(out, exist_ok=True)
@@ -60,6 +59,7 @@ def profile(spec: dict, out: str, trace_steps: int = 0) -> dict:
   report = {
       "method": spec["method"], "remat": spec["remat"], "variant": spec["variant"], "batch": b,
       "dtype": spec["dtype"], "compile_s": compile_s, "trainable_params": s.trainable_params,
+      "forward_chunks": s.forward_chunks,
       "gflop_per_img": cost.get("flops", 0.0) / b / 1e9,
       "transcendentals_per_img": cost.get("transcendentals", 0.0) / b,
       "gbytes_accessed_per_img": cost.get("bytes accessed", 0.0) / b / 1e9,

@@ -172,3 +172,28 @@ def test_startup_script_times_every_phase_of_a_tiny_run(tmp_path):
   phases = ("import", "build", "init_params", "setup_rest", "compile_step", "first_step")
   assert all(row[p] >= 0 for p in phases) and row["init"] == "lazy"
   assert abs(row["total"] - sum(row[p] for p in phases)) < 1e-6
+
+
+def test_step_cost_of_a_chunked_step_counts_every_chunk():
+  # XLA counts a loop body once: a step in 2 row chunks must still report the whole step's
+  # FLOPs, those of the same step compiled in one piece.
+  run = _load_run()
+  from jvt.train import sharding
+  spec = dict(variant="S/16", image_size=32, dtype="float32", remat="none", overrides=TINY,
+              method="vpt_deep", num_prompts=2, batch=16, eval_batch=16, warmup=1, steps=1,
+              seed=0)
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.standard_normal((16, 32, 32, 3)).astype(np.float32),
+           "label": rng.integers(0, 4, 16).astype(np.int32)}
+  flops = {}
+  for rows in (16, 8):
+    s = train.setup(run.bench_config(dict(spec, forward_chunk_rows=rows)), num_classes=4,
+                    steps_per_epoch=10)
+    b = sharding.shard_batch(batch, s.mesh)
+    compiled = s.train_step.lower(s.state, s.frozen, s.constants, b).compile()
+    flops[s.forward_chunks] = run.step_cost(s, b, compiled)["flops"]
+    if s.forward_chunks > 1:  # what the compiled loop alone reports: about one chunk's share
+      looped = compiled.cost_analysis()
+      looped = looped[0] if isinstance(looped, (list, tuple)) else looped
+      assert looped["flops"] < 0.75 * flops[1]
+  np.testing.assert_allclose(flops[2], flops[1], rtol=0.02)
