@@ -66,7 +66,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.grad_accum_steps = 1
   # Rows per device of each sequential chunk of the train step's forward pass (same loss and
   # gradients, other dropout draws; jvt.train.row_chunks). 0: the backend's choice (chunks of 8
-  # on CPU when at most a quarter of the parameters train; one piece elsewhere).
+  # on CPU when at most a quarter of the parameters train and images have >= 196 patches; one
+  # piece elsewhere).
   c.forward_chunk_rows = 0
   c.label_smoothing = 0.0
 

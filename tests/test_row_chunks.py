@@ -14,28 +14,29 @@ from jvt.train import row_chunks
 from helpers_train import tiny_config
 
 
-@pytest.mark.parametrize("rows, per_device, share, backend, expected", [
-    (0, 32, 0.01, "cpu", 4),  # auto on CPU, frozen backbone: chunks of 8
-    (0, 16, 0.25, "cpu", 2),
-    (0, 32, 0.26, "cpu", 1),  # most weights train: one piece
-    (0, 8, 0.01, "cpu", 1),  # already 8 rows
-    (0, 20, 0.01, "cpu", 1),  # 8 does not divide 20: one piece
-    (0, 32, 0.01, "gpu", 1),  # not measured off CPU: one piece
-    (0, 32, 0.01, "tpu", 1),
-    (4, 32, 1.0, "gpu", 8),  # explicit: any backend, any share
-    (32, 32, 0.01, "cpu", 1),
-    (64, 32, 0.01, "cpu", 1),
+@pytest.mark.parametrize("rows, per_device, share, patches, backend, expected", [
+    (0, 32, 0.01, 196, "cpu", 4),  # auto on CPU, frozen backbone, 224 px: chunks of 8
+    (0, 16, 0.25, 576, "cpu", 2),
+    (0, 32, 0.26, 196, "cpu", 1),  # most weights train: one piece
+    (0, 64, 0.01, 16, "cpu", 1),  # small images (the demo's 32 px): one piece
+    (0, 8, 0.01, 196, "cpu", 1),  # already 8 rows
+    (0, 20, 0.01, 196, "cpu", 1),  # 8 does not divide 20: one piece
+    (0, 32, 0.01, 196, "gpu", 1),  # not measured off CPU: one piece
+    (0, 32, 0.01, 196, "tpu", 1),
+    (4, 32, 1.0, 16, "gpu", 8),  # explicit: any backend, share and image size
+    (32, 32, 0.01, 196, "cpu", 1),
+    (64, 32, 0.01, 196, "cpu", 1),
 ])
-def test_num_chunks(rows, per_device, share, backend, expected):
-  assert row_chunks.num_chunks(rows, per_device, trainable_share=share,
+def test_num_chunks(rows, per_device, share, patches, backend, expected):
+  assert row_chunks.num_chunks(rows, per_device, trainable_share=share, patches=patches,
                                backend=backend) == expected
 
 
 def test_num_chunks_rejects_bad_settings():
   with pytest.raises(ValueError, match=r"forward_chunk_rows=3 does not divide the 16 rows"):
-    row_chunks.num_chunks(3, 16, trainable_share=0.0, backend="cpu")
+    row_chunks.num_chunks(3, 16, trainable_share=0.0, patches=196, backend="cpu")
   with pytest.raises(ValueError, match=r"forward_chunk_rows=-1: use 0"):
-    row_chunks.num_chunks(-1, 16, trainable_share=0.0, backend="cpu")
+    row_chunks.num_chunks(-1, 16, trainable_share=0.0, patches=196, backend="cpu")
 
 
 def test_split_rows_takes_strided_rows():
@@ -94,9 +95,10 @@ TUNING = {"vpt": dict(num_prompts=2), "da_vpt": dict(num_prompts=2, num_proxy_pr
           "adaptformer": dict(dropout=0.0)}
 
 
-def _setup(method: str, chunk_rows: int = 0, batch: int = 8):
+def _setup(method: str, chunk_rows: int = 0, batch: int = 8, image_size: int = 16):
   config = tiny_config(batch=batch)
   config.unlock()
+  config.model.image_size = image_size
   config.tuning = dict(method=method, **TUNING.get(method, {}))
   config.forward_chunk_rows = chunk_rows
   if method == "fact":  # FacT's factors need mlp_dim = 4 * hidden_size
@@ -132,12 +134,14 @@ def test_every_method_takes_the_same_step_in_chunks(method):
   chex.assert_trees_all_close(chunked, whole, rtol=2e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("method, chunk_rows, expected", [
-    ("vpt", 0, 2),  # auto on CPU: 16 rows in chunks of 8 (frozen backbone)
-    ("full", 0, 1),  # auto: every weight trains
-    ("full", 4, 4),  # the config's rows win
+@pytest.mark.parametrize("method, chunk_rows, image_size, expected", [
+    ("vpt", 0, 112, 2),  # auto on CPU: 16 rows of 196 patches in chunks of 8 (frozen backbone)
+    ("vpt", 0, 16, 1),  # auto: 4 patches per image, one piece
+    ("full", 0, 112, 1),  # auto: every weight trains
+    ("full", 4, 16, 4),  # the config's rows win
 ])
-def test_setup_chooses_the_chunks(method, chunk_rows, expected):
+def test_setup_chooses_the_chunks(method, chunk_rows, image_size, expected):
   if jax.default_backend() != "cpu" and chunk_rows == 0:
     pytest.skip("auto chunks only on CPU")
-  assert _setup(method, chunk_rows, batch=16).forward_chunks == expected
+  s = _setup(method, chunk_rows, batch=16, image_size=image_size)
+  assert s.forward_chunks == expected

@@ -37,7 +37,6 @@ def test_eight_devices_match_one(train_data_dir, reference_run, tmp_path, tmp_pa
 def test_eight_devices_with_row_chunks_match_one(train_data_dir, reference_run, tmp_path,
                                                  tmp_path_factory):
   # 2 rows per device in chunks of 1: each chunk's strided rows stay spread over all 8 devices.
-  # (The one-device reference runs its 16 rows in the CPU default's 2 chunks of 8.)
   workdir = tmp_path / "eight_chunked"
   argv = cli_args(train_data_dir, workdir, **REFERENCE) + ["--config.forward_chunk_rows=1"]
   proc = run_cli(argv, cli_env(tmp_path_factory.getbasetemp(), devices=8))

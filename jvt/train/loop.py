@@ -384,6 +384,7 @@ def setup(config, *, num_classes: int, steps_per_epoch: int,
       int(config.forward_chunk_rows),
       config.batch_size // mesh.devices.size // int(config.grad_accum_steps),
       trainable_share=num_trainable / max(1, num_trainable + partition.count_params(frozen)),
+      patches=(int(config.model.image_size) // model.patch_size) ** 2,
       backend=jax.default_backend())
   train_step = make_train_step(model, tx, objective, accum_steps=int(config.grad_accum_steps),
                                seed=int(config.seed), mesh=mesh, forward_chunks=chunks)

@@ -25,27 +25,29 @@ import jax.numpy as jnp
 
 PyTree = Any
 
-# "auto" (forward_chunk_rows=0) on CPU: rows per chunk on each device, and the largest share of
-# the parameters that may train for chunking to pay (measured, docs/performance.md).
+# "auto" (forward_chunk_rows=0) on CPU: rows per chunk on each device, the largest share of the
+# parameters that may train and the fewest patches per image for chunking to pay (measured at
+# 224 px with 16 px patches, docs/performance.md; small images run in one piece).
 CPU_CHUNK_ROWS = 8
 MAX_TRAINABLE_SHARE = 0.25
+MIN_PATCHES = 196
 
 
 def num_chunks(rows_setting: int, per_device_rows: int, *, trainable_share: float,
-               backend: str) -> int:
+               patches: int, backend: str) -> int:
   """How many sequential chunks the forward of `per_device_rows` rows per device runs in.
 
   rows_setting: `config.forward_chunk_rows`. 0 ("auto"): chunks of `CPU_CHUNK_ROWS` rows on
-  CPU when at most `MAX_TRAINABLE_SHARE` of the parameters train and the rows split evenly
-  into more than one chunk; one chunk otherwise and on every other backend (not measured
-  there). N > 0: chunks of N rows per device (N must divide the rows; N >= the rows: one
-  chunk).
+  CPU when at most `MAX_TRAINABLE_SHARE` of the parameters train, each image has at least
+  `MIN_PATCHES` patches and the rows split evenly into more than one chunk; one chunk
+  otherwise and on every other backend (not measured there). N > 0: chunks of N rows per
+  device (N must divide the rows; N >= the rows: one chunk).
   """
   if rows_setting < 0:
     raise ValueError(f"forward_chunk_rows={rows_setting}: use 0 (auto: the backend's choice) "
                      "or the rows per device of each chunk (>= 1).")
   if rows_setting == 0:
-    if (backend != "cpu" or trainable_share > MAX_TRAINABLE_SHARE
+    if (backend != "cpu" or trainable_share > MAX_TRAINABLE_SHARE or patches < MIN_PATCHES
         or per_device_rows % CPU_CHUNK_ROWS or per_device_rows <= CPU_CHUNK_ROWS):
       return 1
     return per_device_rows // CPU_CHUNK_ROWS
