@@ -77,6 +77,11 @@ def test_chunked_forward_draws_per_chunk_randomness():
   assert not np.allclose(out[0::2], out[1::2])
 
 
+def test_chunked_forward_rejects_a_batch_the_chunks_do_not_divide():
+  with pytest.raises(ValueError, match=r"a batch of 6 rows does not split into 4 forward chunks"):
+    row_chunks.chunked_forward(lambda i, r: i, jnp.ones((6, 3)), jax.random.key(0), 4)
+
+
 def test_chunked_forward_rejects_an_output_batched_on_another_axis():
   def forward(images, rng):
     return {"stacked": jnp.stack([images, images])}  # [2, B, ...]: batch second

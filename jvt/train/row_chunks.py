@@ -92,6 +92,9 @@ def chunked_forward(forward: Callable[[jax.Array, jax.Array], PyTree], images: j
   """
   if n == 1:
     return forward(images, rng)
+  if images.shape[0] % n:
+    raise ValueError(f"a batch of {images.shape[0]} rows does not split into {n} forward chunks: "
+                     "use a chunk count that divides the (micro)batch.")
   whole = jax.eval_shape(forward, images, rng)
   parts = jax.lax.map(lambda a: forward(a[1], jax.random.fold_in(rng, a[0])),
                       (jnp.arange(n), split_rows(images, n)))
