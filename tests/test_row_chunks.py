@@ -150,3 +150,13 @@ def test_setup_chooses_the_chunks(method, chunk_rows, image_size, expected):
     pytest.skip("auto chunks only on CPU")
   s = _setup(method, chunk_rows, batch=16, image_size=image_size)
   assert s.forward_chunks == expected
+
+
+def test_setup_rejects_bad_chunk_rows_before_loading_the_backbone(tmp_path):
+  # The missing checkpoint would fail too, later: the config's mistake is named first.
+  config = tiny_config(batch=16, pretrained=str(tmp_path / "missing.npz"))
+  config.unlock()
+  config.forward_chunk_rows = 3
+  config.lock()
+  with pytest.raises(ValueError, match=r"forward_chunk_rows=3 does not divide the 16 rows"):
+    train.setup(config, num_classes=4, steps_per_epoch=10)

@@ -350,6 +350,8 @@ def _check_batch_sizes(config, mesh) -> None:
     raise ValueError(f"grad_accum_steps={config.grad_accum_steps} must be >= 1 and divide the "
                      f"per-device batch {per_device} (batch_size={config.batch_size} over "
                      f"{mesh.devices.size} devices).")
+  row_chunks.check_rows(int(config.forward_chunk_rows),
+                        per_device // int(config.grad_accum_steps))
 
 
 def setup(config, *, num_classes: int, steps_per_epoch: int,
@@ -363,6 +365,13 @@ def setup(config, *, num_classes: int, steps_per_epoch: int,
   rules = model.partition_rules
   mask = partition.trainable_mask(params, model)
   trainable, frozen = partition.split_params(params, mask)
+  num_trainable = partition.count_params(trainable)
+  chunks = row_chunks.num_chunks(
+      int(config.forward_chunk_rows),
+      config.batch_size // mesh.devices.size // int(config.grad_accum_steps),
+      trainable_share=num_trainable / max(1, num_trainable + partition.count_params(frozen)),
+      patches=(int(config.model.image_size) // model.patch_size) ** 2,
+      backend=jax.default_backend())
   total_steps, warmup = _durations(config, steps_per_epoch)
   opt = _optimizer_dict(config, warmup)
   tx = partition.make_optimizer(opt, rules, total_steps=total_steps,
@@ -379,13 +388,6 @@ def setup(config, *, num_classes: int, steps_per_epoch: int,
   opt_state = jax.jit(tx.init, out_shardings=sharding.replicated(mesh))(trainable_r)
   state = TrainState(step=replicate(np.zeros((), np.int32)), trainable=trainable_r,
                      opt_state=opt_state, method_state=method_state)
-  num_trainable = partition.count_params(trainable)
-  chunks = row_chunks.num_chunks(
-      int(config.forward_chunk_rows),
-      config.batch_size // mesh.devices.size // int(config.grad_accum_steps),
-      trainable_share=num_trainable / max(1, num_trainable + partition.count_params(frozen)),
-      patches=(int(config.model.image_size) // model.patch_size) ** 2,
-      backend=jax.default_backend())
   train_step = make_train_step(model, tx, objective, accum_steps=int(config.grad_accum_steps),
                                seed=int(config.seed), mesh=mesh, forward_chunks=chunks)
   return Setup(config=config, model=model, mesh=mesh, tx=tx, rules=rules, frozen=frozen_r,

@@ -43,21 +43,25 @@ def num_chunks(rows_setting: int, per_device_rows: int, *, trainable_share: floa
   otherwise and on every other backend (not measured there). N > 0: chunks of N rows per
   device (N must divide the rows; N >= the rows: one chunk).
   """
-  if rows_setting < 0:
-    raise ValueError(f"forward_chunk_rows={rows_setting}: use 0 (auto: the backend's choice) "
-                     "or the rows per device of each chunk (>= 1).")
+  check_rows(rows_setting, per_device_rows)
   if rows_setting == 0:
     if (backend != "cpu" or trainable_share > MAX_TRAINABLE_SHARE or patches < MIN_PATCHES
         or per_device_rows % CPU_CHUNK_ROWS or per_device_rows <= CPU_CHUNK_ROWS):
       return 1
     return per_device_rows // CPU_CHUNK_ROWS
-  if rows_setting >= per_device_rows:
-    return 1
-  if per_device_rows % rows_setting:
+  return max(1, per_device_rows // rows_setting)
+
+
+def check_rows(rows_setting: int, per_device_rows: int) -> None:
+  """Raises ValueError for a `config.forward_chunk_rows` the trainer cannot use (checked before
+  any parameter is loaded)."""
+  if rows_setting < 0:
+    raise ValueError(f"forward_chunk_rows={rows_setting}: use 0 (auto: the backend's choice) "
+                     "or the rows per device of each chunk (>= 1).")
+  if 0 < rows_setting < per_device_rows and per_device_rows % rows_setting:
     raise ValueError(f"forward_chunk_rows={rows_setting} does not divide the {per_device_rows} "
                      "rows each device runs per forward pass (batch_size / devices / "
                      "grad_accum_steps): pick a divisor of it, or 0 for the backend's choice.")
-  return per_device_rows // rows_setting
 
 
 def split_rows(tree: PyTree, n: int) -> PyTree:

@@ -569,3 +569,24 @@ def test_configs_take_the_authors_per_task_values():
   assert (t["num_prompts"], t["num_kv_prompts"]) == (32, 5)
   assert tuning("vtab/adapter_plus", "task=resisc45")["dim"] == 32
   assert tuning("fgvc/adapter_plus", "task=cars")["dim"] == 32
+
+
+def test_difffit_bf16_gamma_gradient_is_summed_in_fp32():
+  # As SSF's: gamma's gradient sums every row; in bf16 a sum of 4096 rows of ~1 is off by
+  # percents, in fp32 it matches the float64 sum to ~1e-6.
+  import types
+  import flax.linen as nn
+  from jvt.methods.difffit import DiffFit
+
+  class Branch(nn.Module):
+    @nn.compact
+    def __call__(self, y):
+      return DiffFit().on_branch(self, None, None, y, types.SimpleNamespace(name="attn"))
+
+  y = jnp.asarray(np.random.default_rng(0).uniform(0.5, 1.5, (4096, 8)), jnp.bfloat16)
+  module = Branch()
+  params = module.init(jax.random.key(0), y)["params"]
+  assert module.apply({"params": params}, y).dtype == jnp.bfloat16
+  grads = jax.grad(lambda p: jnp.sum(module.apply({"params": p}, y).astype(jnp.float32)))(params)
+  np.testing.assert_allclose(grads["difffit_attn"],
+                             np.asarray(y.astype(jnp.float32), np.float64).sum(0), rtol=1e-5)
