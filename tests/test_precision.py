@@ -67,7 +67,7 @@ def test_batched_mixed_einsum_against_float64(spec, a_shape, b_shape):
   b = b.astype(np.float32)
   out_shape = np.einsum(spec, a, b).shape
   g = rng.standard_normal(out_shape).astype(np.float32)
-  f = lambda a, b: precision.einsum(spec, a, b, jnp.bfloat16, saveable=False)  # noqa: E731
+  f = lambda a, b: precision.einsum(spec, a, b, jnp.bfloat16)  # noqa: E731
   out, vjp = jax.vjp(f, jnp.asarray(a), jnp.asarray(b, jnp.bfloat16))
   assert out.dtype == jnp.float32 and out.shape == out_shape
   np.testing.assert_allclose(out, np.einsum(spec, _bf16(a), _bf16(b)), rtol=1e-5, atol=1e-5)
@@ -143,3 +143,26 @@ def test_bf16_vit_gradients_follow_float32():
   flat16 = jnp.concatenate([x.ravel() for x in jax.tree.leaves(g16)])
   err = float(jnp.linalg.norm(flat32 - flat16) / jnp.linalg.norm(flat32))
   assert err < 3e-2, err  # bf16 operands: relative errors of 1e-3 to 1e-2
+
+
+def test_bf16_dots_remat_saves_the_projections_bf16_outputs(capsys):
+  """Under model.remat="dots" a bf16 block keeps its projections' outputs for the backward
+  pass: the bf16 values after the bias add (2 bytes each), not the fp32 products (4)."""
+  from jax.ad_checkpoint import print_saved_residuals
+
+  model = build_model("S/16", 5, tuning=dict(method="full"), dtype=jnp.bfloat16, remat="dots",
+                      hidden_size=32, mlp_dim=64, num_heads=2, num_layers=2, patch_size=8)
+  params = init_params(model, jax.random.key(0), image_size=16)
+  images = jnp.ones((2, 16, 16, 3), jnp.float32)
+
+  def loss(p):
+    logits, _ = model.apply({"params": p}, images, train=True)
+    return jnp.sum(logits ** 2)
+
+  print_saved_residuals(loss, params)  # one "<aval> <why>" line per residual
+  named = [line.split()[0] for line in capsys.readouterr().out.splitlines()
+           if precision.SAVEABLE_NAME in line]
+  # 2 blocks x the 5 projections whose outputs the recomputed blocks need (query, key, value,
+  # out, mlp in; the backward pass needs nothing of mlp out's output).
+  assert len(named) == 2 * 5, named
+  assert all(aval.startswith("bf16[") for aval in named), named

@@ -55,7 +55,8 @@ class Projection(nn.Module):
     for m in self.methods:
       kernel = m.on_kernel(self, kernel, site)
     x = x.astype(self.dtype)
-    if precision.uses_mixed(self.dtype):  # bf16 operands, fp32 accumulation and bias add
+    mixed = precision.uses_mixed(self.dtype)
+    if mixed:  # bf16 operands, fp32 accumulation and bias add
       spec = precision.tensordot_spec(x.ndim, kernel.ndim, self.in_axes)
       y = precision.einsum(spec, x, kernel, self.dtype)
     else:
@@ -64,6 +65,8 @@ class Projection(nn.Module):
       bias = self.param("bias", nn.initializers.zeros, self.features)
       y = y + bias.astype(y.dtype)
     y = y.astype(self.dtype)
+    if mixed:  # what the "dots" remat policy keeps: the bf16 output, not the fp32 product
+      y = precision.saveable_value(y)
     for m in self.methods:
       y = m.on_projection(self, x, y, site)
     return y

@@ -16,8 +16,9 @@ whose contracting axis is not minor (attention's backward) falls to a thunk that
 type combination at run time. Batched products (attention's) are therefore laid out explicitly
 as [batch, rows, contracted] x [batch, cols, contracted] (`_minor_product`), forward and
 backward, which XLA:CPU runs natively (bf16 VPT-Deep, ViT-S/16: 14.5 -> 18.3 img/s).
-Outputs are tagged `checkpoint_name(..., SAVEABLE_NAME)` so the "dots" remat policy keeps
-saving them (it recognises dot_general primitives, not custom VJPs).
+Projection outputs are tagged `checkpoint_name(..., SAVEABLE_NAME)` so the "dots" remat policy
+keeps saving them (it recognises dot_general primitives, not custom VJPs); `Projection` tags
+its output after the bias add and the cast to bf16, so that policy keeps 2 bytes a value, not 4.
 """
 from __future__ import annotations
 
@@ -108,19 +109,25 @@ def _mixed_bwd(spec, dtype, residuals, g):
 _mixed.defvjp(_mixed_fwd, _mixed_bwd)
 
 
-def einsum(spec: str, a, b, dtype, *, saveable: bool = True):
+def einsum(spec: str, a, b, dtype):
   """`jnp.einsum(spec, a, b)` computed in `dtype`.
 
   Returns fp32 on the mixed path (`uses_mixed(dtype)`: the caller adds biases in fp32 and
   casts once), else `dtype`. Every index of an operand must also occur in the other operand or
-  in the output (true of projections and attention). `saveable`: tag the output for the "dots" remat
-  policy (projections; not attention's batched products, which that policy recomputes).
+  in the output (true of projections and attention). The output is not tagged for the "dots"
+  remat policy: `Projection` tags its value after the bias add and the cast back to `dtype`
+  (`saveable_value`, half the bytes of the fp32 product); attention's batched products are
+  recomputed under that policy.
   """
   if not uses_mixed(dtype):
     return jnp.einsum(spec, a.astype(dtype), b.astype(dtype))
   _grad_specs(spec)  # validate at trace time, not first in the backward pass
-  out = _mixed(spec, a, b, dtype)
-  return checkpoint_name(out, SAVEABLE_NAME) if saveable else out
+  return _mixed(spec, a, b, dtype)
+
+
+def saveable_value(x):
+  """`x` tagged for the "dots" remat policy, which keeps tagged values for the backward pass."""
+  return checkpoint_name(x, SAVEABLE_NAME)
 
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"

@@ -81,7 +81,7 @@ class MultiHeadDotProductAttention(nn.Module):
     # the transposed [Dh, T'] x [T', T] form, 4x slower (40% of a batch-32 forward pass).
     q, k, v = (jnp.transpose(t, (0, 2, 1, 3)) for t in (q, k, v))
     # [B, H, T, T'] (fp32 accumulation in bf16 on CPU, see jvt.models.precision)
-    logits = precision.einsum("bhqd,bhkd->bhqk", q, k, self.dtype, saveable=False)
+    logits = precision.einsum("bhqd,bhkd->bhqk", q, k, self.dtype)
     logits = logits.astype(jnp.float32)
     if mask is not None:
       extra = k.shape[2] - mask.shape[-1]  # key tokens a method added (E2VPT)
@@ -91,7 +91,7 @@ class MultiHeadDotProductAttention(nn.Module):
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = softmax(logits, axis=-1)  # its VJP keeps only probs (jvt.models.softmax)
     probs_c = nn.Dropout(self.attention_dropout)(probs, deterministic=deterministic)
-    y = precision.einsum("bhqk,bhkd->bhqd", probs_c, v, self.dtype, saveable=False)
+    y = precision.einsum("bhqk,bhkd->bhqd", probs_c, v, self.dtype)
     y = jnp.transpose(y.astype(self.dtype), (0, 2, 1, 3))  # [B, T, H, Dh]
     out = self._proj("out", (d,), in_axes=2)(y, site.at(name="out"))  # [B, T, D]
     return out, probs, query
