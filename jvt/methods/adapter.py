@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from jvt.methods.base import Method
-from jvt.models.layers import Projection
 from jvt.methods.leaves import BLOCK
+from jvt.models.layers import Projection
 
 POSITIONS = ("attn", "mlp")
 PLACEMENTS = ("houlsby", "pfeiffer", "adapter_plus")

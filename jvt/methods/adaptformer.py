@@ -20,8 +20,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jvt.methods.base import Method
-from jvt.models.layers import Projection
 from jvt.methods.leaves import BLOCK
+from jvt.models.layers import Projection
 
 NORMS = ("none", "ln")
 INITS = ("lora", "xavier")
