@@ -402,17 +402,3 @@ def test_forward_bad_input(overrides, apply_kwargs, match):
   x = jax.ShapeDtypeStruct((1, IMAGE, IMAGE, 3), jnp.float32)
   with pytest.raises(ValueError, match=match):
     jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x.shape), **apply_kwargs))
-
-
-def test_projection_without_a_site_is_a_dense_layer_and_refuses_methods():
-  from flax import linen as nn
-  from jvt.models.layers import Projection
-
-  x = jax.random.normal(jax.random.key(0), (2, 3, 5))
-  proj, dense = Projection((4,), name="p"), nn.Dense(4, name="p")
-  params = dense.init(jax.random.key(1), x)
-  assert jax.tree.map(jnp.shape, proj.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape,
-                                                                                  params)
-  np.testing.assert_allclose(proj.apply(params, x), dense.apply(params, x), rtol=1e-6)
-  with pytest.raises(ValueError, match="no site"):
-    Projection((4,), methods=(object(),)).init(jax.random.key(0), x)

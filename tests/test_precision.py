@@ -166,26 +166,3 @@ def test_bf16_dots_remat_saves_the_projections_bf16_outputs(capsys):
   # out, mlp in; the backward pass needs nothing of mlp out's output).
   assert len(named) == 2 * 5, named
   assert all(aval.startswith("bf16[") for aval in named), named
-
-
-@pytest.mark.parametrize("tuning", [dict(method="adapter"), dict(method="adaptformer"),
-                                    dict(method="adapter", placement="adapter_plus")])
-def test_bf16_adapter_products_take_bf16_operands(tuning):
-  """The adapters' down / up projections take the same bf16 x bf16 -> f32 path as the
-  backbone's (they were flax Dense layers, whose bf16 products XLA:CPU ran in fp32)."""
-  kw = dict(dtype=jnp.bfloat16, hidden_size=32, mlp_dim=64, num_heads=2, num_layers=2,
-            patch_size=8)
-  plain = build_model("S/16", 5, tuning=dict(method="full"), **kw)
-  model = build_model("S/16", 5, tuning=tuning, **kw)
-  images = jnp.ones((2, 16, 16, 3), jnp.float32)
-
-  def dots(m):
-    params = init_params(m, jax.random.key(0), image_size=16)
-    rngs = {"dropout": jax.random.key(1)}  # AdaptFormer's dropout
-    loss = lambda p: jnp.sum(m.apply({"params": p}, images, train=True, rngs=rngs)[0] ** 2)  # noqa: E731
-    return _dots(jax.jit(jax.grad(loss)).lower(params).compile().as_text())
-
-  with_adapters, without = dots(model), dots(plain)
-  assert len(with_adapters) > len(without)  # the adapters' products are there
-  # Only the head's three products (fp32 by design) are not bf16 x bf16 -> f32.
-  assert sum(d != ("bf16xbf16", "f32") for d in with_adapters) == 3, with_adapters

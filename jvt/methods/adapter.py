@@ -28,7 +28,6 @@ import jax.numpy as jnp
 
 from jvt.methods.base import Method
 from jvt.methods.leaves import BLOCK
-from jvt.models.layers import Projection
 
 POSITIONS = ("attn", "mlp")
 PLACEMENTS = ("houlsby", "pfeiffer", "adapter_plus")
@@ -48,9 +47,9 @@ def _bottleneck(x, dim: int, init: str, dtype):
     down_init = up_init = _houlsby_init()
   else:
     down_init, up_init = nn.initializers.xavier_uniform(), nn.initializers.zeros
-  h = Projection((dim,), dtype=dtype, name="down", kernel_init=down_init)(x)
+  h = nn.Dense(dim, dtype=dtype, name="down", kernel_init=down_init)(x)
   h = nn.gelu(h, approximate=False)
-  return Projection((x.shape[-1],), dtype=dtype, name="up", kernel_init=up_init)(h)
+  return nn.Dense(x.shape[-1], dtype=dtype, name="up", kernel_init=up_init)(h)
 
 
 class Bottleneck(nn.Module):

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 
 from jvt.methods.base import Method
 from jvt.methods.leaves import BLOCK
-from jvt.models.layers import Projection
 
 NORMS = ("none", "ln")
 INITS = ("lora", "xavier")
@@ -40,10 +39,10 @@ class ParallelBottleneck(nn.Module):
   def __call__(self, x, train: bool):
     d = x.shape[-1]
     down_init = TORCH_LINEAR_INIT if self.down_init == "lora" else nn.initializers.xavier_uniform()
-    h = Projection((self.dim,), dtype=self.dtype, name="down", kernel_init=down_init)(x)
+    h = nn.Dense(self.dim, dtype=self.dtype, name="down", kernel_init=down_init)(x)
     h = nn.relu(h)
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
-    return Projection((d,), dtype=self.dtype, name="up", kernel_init=nn.initializers.zeros)(h)
+    return nn.Dense(d, dtype=self.dtype, name="up", kernel_init=nn.initializers.zeros)(h)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,9 +32,6 @@ class Projection(nn.Module):
 
   `methods` (already in hook order) may replace the kernel (`kernel` hook) and change the
   output (`projection` hook) at `site` (its `name`: "query", ..., "mlp_in", "mlp_out").
-  Without a site it is a plain dense layer (leaves `kernel`, `bias`, as `nn.Dense`'s) whose bf16
-  product accumulates in fp32 on CPU (`jvt.models.precision`): the methods' own small layers
-  (adapters' down / up projections) use it that way.
   """
   features: tuple[int, ...]
   in_axes: int = 1
@@ -44,9 +41,7 @@ class Projection(nn.Module):
   kernel_init: Any = nn.initializers.xavier_uniform()
 
   @nn.compact
-  def __call__(self, x, site=None):
-    if site is None and self.methods:
-      raise ValueError(f"Projection {self.name!r} has methods but no site for their hooks.")
+  def __call__(self, x, site):
     in_shape = x.shape[-self.in_axes:]
     fan_in = int(np.prod(in_shape))
     fan_out = int(np.prod(self.features))
@@ -55,8 +50,7 @@ class Projection(nn.Module):
       # Initialise as the equivalent 2-D matrix so fan-in/out are those of the flat layer.
       return self.kernel_init(key, (fan_in, fan_out), dtype).reshape(shape)
 
-    if site is not None:
-      site = site.at(in_axes=self.in_axes, features=tuple(self.features), dtype=self.dtype)
+    site = site.at(in_axes=self.in_axes, features=tuple(self.features), dtype=self.dtype)
     kernel = self.param("kernel", kernel_init, (*in_shape, *self.features))
     for m in self.methods:
       kernel = m.on_kernel(self, kernel, site)
