@@ -1,4 +1,4 @@
-"""jvt.models.precision: bf16 products with fp32 accumulation, forward and backward."""
+"""jvt.precision: bf16 products with fp32 accumulation, forward and backward."""
 from __future__ import annotations
 
 import re
@@ -9,7 +9,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from jvt.models import build_model, init_params, precision
+from jvt import precision
+from jvt.models import build_model, init_params
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu",
                                 reason="the mixed path is taken on CPU only")
@@ -87,16 +88,23 @@ def test_float32_path_is_plain_einsum():
   np.testing.assert_array_equal(got, jnp.einsum("ij,jk->ik", a, b))
 
 
-def _dots(hlo: str) -> list[tuple[str, str]]:
-  """(operand dtypes, result dtype) of every dot in optimised HLO text (operand types are
-  looked up from their definitions: fused computations print operands by name only)."""
+def _dot_ops(hlo: str) -> list[tuple[str, str, str]]:
+  """(operand dtypes, result dtype, op name) of every dot in optimised HLO text (operand types
+  are looked up from their definitions: fused computations print operands by name only)."""
   types = dict(re.findall(r"(%[\w.\-]+) = (\w+)\[", hlo))
   out = []
   for line in hlo.splitlines():
     m = re.search(r"= (\w+)\[[^\]]*\]\S* dot\((%[\w.\-]+), (%[\w.\-]+)\)", line)
     if m:
-      out.append((f"{types[m.group(2)]}x{types[m.group(3)]}", m.group(1)))
+      name = re.search(r'op_name="([^"]*)"', line)
+      out.append((f"{types[m.group(2)]}x{types[m.group(3)]}", m.group(1),
+                  name.group(1) if name else ""))
   return out
+
+
+def _dots(hlo: str) -> list[tuple[str, str]]:
+  """(operand dtypes, result dtype) of every dot in optimised HLO text."""
+  return [(operands, result) for operands, result, _ in _dot_ops(hlo)]
 
 
 def test_bf16_vit_train_step_dots_take_bf16_operands():
@@ -166,3 +174,36 @@ def test_bf16_dots_remat_saves_the_projections_bf16_outputs(capsys):
   # out, mlp in; the backward pass needs nothing of mlp out's output).
   assert len(named) == 2 * 5, named
   assert all(aval.startswith("bf16[") for aval in named), named
+
+
+# (tuning, the plug-in dense layers' module names, how many there are in 2 blocks)
+PLUG_IN_DENSE = [
+    (dict(method="adapter"), ("down", "up"), 2 * 2 * 2),  # attn and mlp, per block
+    (dict(method="adapter", placement="pfeiffer"), ("down", "up"), 2 * 2),
+    (dict(method="adapter", placement="adapter_plus"), ("down", "up"), 2 * 2),
+    (dict(method="adaptformer"), ("down", "up"), 2 * 2),
+    (dict(method="convpass"), ("down", "up"), 2 * 2 * 2),  # attn and mlp, per block
+    (dict(method="repadapter"), ("down",), 2 * 2),  # its up is a group-wise map
+]
+
+
+@pytest.mark.parametrize("tuning,names,layers", PLUG_IN_DENSE)
+def test_bf16_plug_in_dense_products_take_bf16_operands(tuning, names, layers):
+  """The adapters' own dense layers (`jvt.methods.dense.Dense`) take the backbone's bf16 x bf16
+  -> f32 path: the forward product and both gradients of each are mixed (flax Dense's would be
+  converted to fp32 by XLA:CPU)."""
+  model = build_model("S/16", 5, tuning=tuning, dtype=jnp.bfloat16, hidden_size=32, mlp_dim=64,
+                      num_heads=2, num_layers=2, patch_size=8)
+  params = init_params(model, jax.random.key(0), image_size=16)
+  images = jnp.ones((2, 16, 16, 3), jnp.float32)
+  rngs = {"dropout": jax.random.key(1)}
+
+  def loss(p):
+    return jnp.sum(model.apply({"params": p}, images, train=True, rngs=rngs)[0] ** 2)
+
+  ops = _dot_ops(jax.jit(jax.grad(loss)).lower(params).compile().as_text())
+  plug_in = [(operands, result) for operands, result, name in ops
+             if any(f"/{n}/" in name for n in names)]
+  assert len(plug_in) == 3 * layers, ops  # forward and two gradients each
+  assert all(d == ("bf16xbf16", "f32") for d in plug_in), plug_in
+  jax.block_until_ready(jax.jit(jax.grad(loss))(params))  # and XLA:CPU runs it

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jvt.methods.base import Method
+from jvt.methods.dense import Dense
 from jvt.methods.leaves import BLOCK
 
 POSITIONS = ("attn", "mlp")
@@ -47,9 +48,9 @@ def _bottleneck(x, dim: int, init: str, dtype):
     down_init = up_init = _houlsby_init()
   else:
     down_init, up_init = nn.initializers.xavier_uniform(), nn.initializers.zeros
-  h = nn.Dense(dim, dtype=dtype, name="down", kernel_init=down_init)(x)
+  h = Dense(dim, dtype=dtype, name="down", kernel_init=down_init)(x)
   h = nn.gelu(h, approximate=False)
-  return nn.Dense(x.shape[-1], dtype=dtype, name="up", kernel_init=up_init)(h)
+  return Dense(x.shape[-1], dtype=dtype, name="up", kernel_init=up_init)(h)
 
 
 class Bottleneck(nn.Module):

@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jvt.methods.base import Method
+from jvt.methods.dense import Dense
 from jvt.methods.leaves import BLOCK
 
 NORMS = ("none", "ln")
@@ -39,10 +40,10 @@ class ParallelBottleneck(nn.Module):
   def __call__(self, x, train: bool):
     d = x.shape[-1]
     down_init = TORCH_LINEAR_INIT if self.down_init == "lora" else nn.initializers.xavier_uniform()
-    h = nn.Dense(self.dim, dtype=self.dtype, name="down", kernel_init=down_init)(x)
+    h = Dense(self.dim, dtype=self.dtype, name="down", kernel_init=down_init)(x)
     h = nn.relu(h)
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
-    return nn.Dense(d, dtype=self.dtype, name="up", kernel_init=nn.initializers.zeros)(h)
+    return Dense(d, dtype=self.dtype, name="up", kernel_init=nn.initializers.zeros)(h)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,7 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jvt import precision
 from jvt.methods.base import Method
+from jvt.methods.dense import Dense
 from jvt.methods.leaves import BLOCK
 
 CONV_INITS = ("identity", "xavier")
@@ -59,8 +61,8 @@ class Bypass(nn.Module):
     b, t, d = z.shape
     h, w = self.grid
     n = h * w
-    u = nn.Dense(self.dim, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
-                 name="down")(z)
+    u = Dense(self.dim, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
+              name="down")(z)
     u = quick_gelu(u)  # [B, T, dim]
     conv = nn.Conv(self.dim, (3, 3), padding=1, dtype=self.dtype, name="conv",
                    kernel_init=(_identity_centre if self.conv_init == "identity"
@@ -69,10 +71,10 @@ class Bypass(nn.Module):
     # Tokens outside the grid: the same convolution on 1x1 images (centre tap only).
     kernel = conv.variables["params"]["kernel"]  # [3, 3, dim, dim]
     bias = conv.variables["params"]["bias"]
-    rest = u[:, :t - n] @ kernel[1, 1].astype(self.dtype) + bias.astype(self.dtype)
+    rest = precision.dense(u[:, :t - n], kernel[1, 1], bias, 1, self.dtype)
     u = quick_gelu(jnp.concatenate([rest, grid], axis=1))  # [B, T, dim]
     u = nn.Dropout(self.dropout)(u, deterministic=not train)
-    return nn.Dense(d, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="up")(u)
+    return Dense(d, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="up")(u)
 
 
 @dataclasses.dataclass(frozen=True)

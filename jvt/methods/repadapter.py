@@ -26,6 +26,7 @@ import numpy as np
 from flax import traverse_util
 
 from jvt.methods.base import Method
+from jvt.methods.dense import Dense
 from jvt.methods.leaves import BLOCK
 
 # The norm whose output each adapter changes -> the projections that read it.
@@ -117,8 +118,8 @@ class _Adapter(nn.Module):
 
   @nn.compact
   def __call__(self, z, train: bool):
-    h = nn.Dense(self.dim, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
-                 name="down")(z)
+    h = Dense(self.dim, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
+              name="down")(z)
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
     return GroupLinear(z.shape[-1], self.groups, dtype=self.dtype, name="up")(h)
 

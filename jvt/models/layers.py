@@ -16,15 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jvt.models import precision
+from jvt import precision
 
 Dtype = Any
-
-
-def _tensordot(x, w, n_axes):
-  """Contract the last `n_axes` axes of x with the first `n_axes` axes of w."""
-  return jax.lax.dot_general(
-      x, w, ((tuple(range(x.ndim - n_axes, x.ndim)), tuple(range(n_axes))), ((), ())))
 
 
 class Projection(nn.Module):
@@ -54,19 +48,9 @@ class Projection(nn.Module):
     kernel = self.param("kernel", kernel_init, (*in_shape, *self.features))
     for m in self.methods:
       kernel = m.on_kernel(self, kernel, site)
-    x = x.astype(self.dtype)
-    mixed = precision.uses_mixed(self.dtype)
-    if mixed:  # bf16 operands, fp32 accumulation and bias add
-      spec = precision.tensordot_spec(x.ndim, kernel.ndim, self.in_axes)
-      y = precision.einsum(spec, x, kernel, self.dtype)
-    else:
-      y = _tensordot(x, kernel.astype(self.dtype), self.in_axes)
-    if self.use_bias:
-      bias = self.param("bias", nn.initializers.zeros, self.features)
-      y = y + bias.astype(y.dtype)
-    y = y.astype(self.dtype)
-    if mixed:  # what the "dots" remat policy keeps: the bf16 output, not the fp32 product
-      y = precision.saveable_value(y)
+    x = x.astype(self.dtype)  # what the projection hooks see
+    bias = self.param("bias", nn.initializers.zeros, self.features) if self.use_bias else None
+    y = precision.dense(x, kernel, bias, self.in_axes, self.dtype)
     for m in self.methods:
       y = m.on_projection(self, x, y, site)
     return y

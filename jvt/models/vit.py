@@ -32,8 +32,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jvt import precision
 from jvt.methods.base import Site, ordered
-from jvt.models import barrier, precision
+from jvt.models import barrier
 from jvt.models.layers import LayerNorm, Projection
 from jvt.models.gelu import gelu
 from jvt.models.softmax import softmax
@@ -80,7 +81,7 @@ class MultiHeadDotProductAttention(nn.Module):
     # probabilities by the values as [T, T'] x [T', Dh] per head; left to choose, it computed
     # the transposed [Dh, T'] x [T', T] form, 4x slower (40% of a batch-32 forward pass).
     q, k, v = (jnp.transpose(t, (0, 2, 1, 3)) for t in (q, k, v))
-    # [B, H, T, T'] (fp32 accumulation in bf16 on CPU, see jvt.models.precision)
+    # [B, H, T, T'] (fp32 accumulation in bf16 on CPU, see jvt.precision)
     logits = precision.einsum("bhqd,bhkd->bhqk", q, k, self.dtype)
     logits = logits.astype(jnp.float32)
     if mask is not None:

@@ -16,9 +16,11 @@ whose contracting axis is not minor (attention's backward) falls to a thunk that
 type combination at run time. Batched products (attention's) are therefore laid out explicitly
 as [batch, rows, contracted] x [batch, cols, contracted] (`_minor_product`), forward and
 backward, which XLA:CPU runs natively (bf16 VPT-Deep, ViT-S/16: 14.5 -> 18.3 img/s).
-Projection outputs are tagged `checkpoint_name(..., SAVEABLE_NAME)` so the "dots" remat policy
-keeps saving them (it recognises dot_general primitives, not custom VJPs); `Projection` tags
-its output after the bias add and the cast to bf16, so that policy keeps 2 bytes a value, not 4.
+`dense` (the backbone's projections and the plug-ins' dense layers) tags its output
+`checkpoint_name(..., SAVEABLE_NAME)` so the "dots" remat policy keeps saving it (the policy
+recognises dot_general primitives, not custom VJPs), after the bias add and the cast to bf16, so
+that policy keeps 2 bytes a value, not 4. This module sits below `jvt.models` and `jvt.methods`:
+both use it.
 """
 from __future__ import annotations
 
@@ -115,7 +117,7 @@ def einsum(spec: str, a, b, dtype):
   Returns fp32 on the mixed path (`uses_mixed(dtype)`: the caller adds biases in fp32 and
   casts once), else `dtype`. Every index of an operand must also occur in the other operand or
   in the output (true of projections and attention). The output is not tagged for the "dots"
-  remat policy: `Projection` tags its value after the bias add and the cast back to `dtype`
+  remat policy: `dense` tags its value after the bias add and the cast back to `dtype`
   (`saveable_value`, half the bytes of the fp32 product); attention's batched products are
   recomputed under that policy.
   """
@@ -123,6 +125,28 @@ def einsum(spec: str, a, b, dtype):
     return jnp.einsum(spec, a.astype(dtype), b.astype(dtype))
   _grad_specs(spec)  # validate at trace time, not first in the backward pass
   return _mixed(spec, a, b, dtype)
+
+
+def dense(x, kernel, bias, in_axes: int, dtype):
+  """x . kernel + bias over x's last `in_axes` axes, in `dtype` (bias None: none).
+
+  x: [..., *in_shape]; kernel: [*in_shape, *features] (fp32 parameters); bias: [*features].
+  Returns [..., *features] in `dtype`. On the mixed path the product takes bf16 operands with
+  fp32 accumulation, the bias is added in fp32, and the one cast back to bf16 is tagged for the
+  "dots" remat policy (2 bytes a saved value). Elsewhere it is flax `nn.Dense`'s arithmetic:
+  operands and bias cast to `dtype`, one `dot_general`.
+  """
+  x = x.astype(dtype)
+  mixed = uses_mixed(dtype)
+  if mixed:
+    y = einsum(tensordot_spec(x.ndim, kernel.ndim, in_axes), x, kernel, dtype)
+  else:
+    contract = (tuple(range(x.ndim - in_axes, x.ndim)), tuple(range(in_axes)))
+    y = jax.lax.dot_general(x, kernel.astype(dtype), (contract, ((), ())))
+  if bias is not None:
+    y = y + bias.astype(y.dtype)
+  y = y.astype(dtype)
+  return saveable_value(y) if mixed else y
 
 
 def saveable_value(x):
