@@ -3,8 +3,9 @@
 Flax `nn.Dense`'s parameters (`kernel` [in, features], `bias` [features], fp32) and, in fp32,
 its arithmetic; in bf16 on CPU the product takes the backbone's mixed path (`jvt.precision`):
 bf16 operands with fp32 accumulation, forward and backward, where `nn.Dense` would convert both
-operands of each product to fp32 (sequential adapter, ViT-S/16, bf16, batch 32: about 1.08x the
-step's speed, docs/performance.md).
+operands of each product to fp32 (ViT-S/16, bf16, batch 32: the sequential adapter's step
+1.07-1.09x faster on a CPU with AVX-512 BF16, RepAdapter's 1.33x on one without;
+docs/performance.md).
 """
 from __future__ import annotations
 
