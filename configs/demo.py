@@ -19,6 +19,9 @@ seed 0; tuning seeds 0, 1, 2; re-measured 2026-12-01 after the attention layout 
 | da_vpt | 0.592 / 0.466 / 0.406 | 1,924 |
 | full | 0.782 / 0.720 / 0.768 | 319,972 |
 
+That is on the AMD EPYC (Zen 5); on a 2-core Intel Xeon seed 0 gives 0.308 / 0.472 / 0.596 /
+0.816 (2026-12-01): float rounding differs by CPU, and full fine-tuning is the most sensitive.
+
 The prompt methods are 0.07 to 0.29 above the probe on every seed (tests/test_demo.py checks
 at least 0.05). Full fine-tuning of this small model is the most accurate, but it trains 166
 times the parameters and stores the whole model per task instead of 2k numbers.
