@@ -107,18 +107,26 @@ def _dots(hlo: str) -> list[tuple[str, str]]:
   return [(operands, result) for operands, result, _ in _dot_ops(hlo)]
 
 
+def _tiny_bf16_vit(tuning, **overrides):
+  """A 2-block bf16 ViT with `tuning`, its parameters, and the loss sum(logits^2) of a batch
+  [2, 16, 16, 3] of ones in training mode (dropout rng given)."""
+  model = build_model("S/16", 5, tuning=tuning, dtype=jnp.bfloat16, hidden_size=32, mlp_dim=64,
+                      num_heads=2, num_layers=2, patch_size=8, **overrides)
+  params = init_params(model, jax.random.key(0), image_size=16)
+  images = jnp.ones((2, 16, 16, 3), jnp.float32)
+  rngs = {"dropout": jax.random.key(1)}
+
+  def loss(p):
+    logits, _ = model.apply({"params": p}, images, train=True, rngs=rngs)
+    return jnp.sum(logits ** 2)
+
+  return params, loss
+
+
 def test_bf16_vit_train_step_dots_take_bf16_operands():
   """The point of the module: XLA:CPU keeps every projection and attention product of a bf16
   ViT's gradient in bf16 x bf16 -> f32 (its fast path) instead of converting to fp32."""
-  model = build_model("S/16", 5, tuning=dict(method="full"), dtype=jnp.bfloat16,
-                      hidden_size=32, mlp_dim=64, num_heads=2, num_layers=2, patch_size=8)
-  params = init_params(model, jax.random.key(0), image_size=16)
-  images = jnp.ones((2, 16, 16, 3), jnp.float32)
-
-  def loss(p):
-    logits, _ = model.apply({"params": p}, images, train=True)
-    return jnp.sum(logits ** 2)
-
+  params, loss = _tiny_bf16_vit(dict(method="full"))
   hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
   dots = _dots(hlo)
   assert dots, "no dot found in the HLO"
@@ -158,15 +166,7 @@ def test_bf16_dots_remat_saves_the_projections_bf16_outputs(capsys):
   pass: the bf16 values after the bias add (2 bytes each), not the fp32 products (4)."""
   from jax.ad_checkpoint import print_saved_residuals
 
-  model = build_model("S/16", 5, tuning=dict(method="full"), dtype=jnp.bfloat16, remat="dots",
-                      hidden_size=32, mlp_dim=64, num_heads=2, num_layers=2, patch_size=8)
-  params = init_params(model, jax.random.key(0), image_size=16)
-  images = jnp.ones((2, 16, 16, 3), jnp.float32)
-
-  def loss(p):
-    logits, _ = model.apply({"params": p}, images, train=True)
-    return jnp.sum(logits ** 2)
-
+  params, loss = _tiny_bf16_vit(dict(method="full"), remat="dots")
   print_saved_residuals(loss, params)  # one "<aval> <why>" line per residual
   named = [line.split()[0] for line in capsys.readouterr().out.splitlines()
            if precision.SAVEABLE_NAME in line]
@@ -192,15 +192,7 @@ def test_bf16_plug_in_dense_products_take_bf16_operands(tuning, names, layers):
   """The adapters' own dense layers (`jvt.methods.dense.Dense`) take the backbone's bf16 x bf16
   -> f32 path: the forward product and both gradients of each are mixed (flax Dense's would be
   converted to fp32 by XLA:CPU)."""
-  model = build_model("S/16", 5, tuning=tuning, dtype=jnp.bfloat16, hidden_size=32, mlp_dim=64,
-                      num_heads=2, num_layers=2, patch_size=8)
-  params = init_params(model, jax.random.key(0), image_size=16)
-  images = jnp.ones((2, 16, 16, 3), jnp.float32)
-  rngs = {"dropout": jax.random.key(1)}
-
-  def loss(p):
-    return jnp.sum(model.apply({"params": p}, images, train=True, rngs=rngs)[0] ** 2)
-
+  params, loss = _tiny_bf16_vit(tuning)
   ops = _dot_ops(jax.jit(jax.grad(loss)).lower(params).compile().as_text())
   plug_in = [(operands, result) for operands, result, name in ops
              if any(f"/{n}/" in name for n in names)]
