@@ -85,9 +85,10 @@ def train_data_dir(tmp_path_factory) -> str:
 
 def cli_env(tmp_root: pathlib.Path, devices: int = 1) -> dict:
   """Environment of a CLI subprocess: `devices` fake CPU devices, a shared compilation cache."""
+  from conftest import xla_flags  # here, not at the top: the CLI loads this file as a config
   env = dict(os.environ)
   env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = xla_flags(devices)
   env["JAX_PLATFORMS"] = "cpu"
   env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_root / "jax_cache")
   env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"

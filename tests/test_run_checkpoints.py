@@ -12,6 +12,8 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from conftest import xla_flags
+
 from jvt.train.checkpointing import RunCheckpointer
 
 
@@ -156,7 +158,7 @@ def test_two_processes_save_and_restore_their_shards(tmp_path):
     port = s.getsockname()[1]
   (tmp_path / "worker.py").write_text(_WORKER)
   env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-         "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+         "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1)}
   procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(i), str(port),
                              str(tmp_path / "run")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=env, text=True) for i in range(2)]

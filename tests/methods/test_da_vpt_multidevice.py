@@ -11,6 +11,8 @@ import sys
 
 import numpy as np
 
+from conftest import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _WORKER = r"""
@@ -71,7 +73,7 @@ def test_eight_devices_equal_one_device(tmp_path):
   procs = {}
   for n in (1, 8):
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+           "XLA_FLAGS": xla_flags(n)}
     procs[n] = subprocess.Popen([sys.executable, str(tmp_path / "worker.py"),
                                  str(tmp_path / f"run{n}")], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
