@@ -27,6 +27,16 @@ DATA = dict(num_train=256, num_validation=32, num_test=32, image_size=16, seed=0
 TINY_VIT = dict(hidden_size=32, mlp_dim=64, num_heads=2, num_layers=2, patch_size=8)
 
 
+# The smallest settings of each registered method on the tiny ViT (16 px images, 2 blocks).
+# Dropout off: tests that compare two step functions need the same masks.
+SMALL_TUNING = {"vpt": dict(num_prompts=2), "da_vpt": dict(num_prompts=2, num_proxy_prompts=2),
+                "da_vpt_plus": dict(num_prompts=2, num_proxy_prompts=2),
+                "e2vpt": dict(num_prompts=2, num_kv_prompts=2, dropout=0.0), "vp": dict(pad=2),
+                "distill_proj": dict(dim=8, num=1), "fact": dict(rank=4, dropout=0.0),
+                "convpass": dict(dim=4, dropout=0.0), "repadapter": dict(dim=4, dropout=0.0),
+                "adaptformer": dict(dropout=0.0)}
+
+
 def tiny_config(data_dir: str = "", **kw):
   """The tiny run's locked ConfigDict; keyword arguments as in `get_config`'s arg."""
   a = parse_arg(",".join(f"{k}={v}" for k, v in kw.items()) or None, **_ARGS)

@@ -11,7 +11,7 @@ from jvt import train
 from jvt.methods import registry
 from jvt.train import row_chunks
 
-from helpers_train import tiny_config
+from helpers_train import SMALL_TUNING as TUNING, tiny_config
 
 
 @pytest.mark.parametrize("rows, per_device, share, patches, backend, expected", [
@@ -89,16 +89,6 @@ def test_chunked_forward_rejects_an_output_batched_on_another_axis():
 
   with pytest.raises(ValueError, match=r"forward output \['stacked'\] has shape \(2, 8, 3\)"):
     row_chunks.chunked_forward(forward, jnp.ones((8, 3)), jax.random.key(0), 2)
-
-
-# The smallest settings of each registered method on the tiny ViT (16 px images, 2 blocks).
-# Dropout off: chunks draw their own masks by design.
-TUNING = {"vpt": dict(num_prompts=2), "da_vpt": dict(num_prompts=2, num_proxy_prompts=2),
-          "da_vpt_plus": dict(num_prompts=2, num_proxy_prompts=2),
-          "e2vpt": dict(num_prompts=2, num_kv_prompts=2, dropout=0.0), "vp": dict(pad=2),
-          "distill_proj": dict(dim=8, num=1), "fact": dict(rank=4, dropout=0.0),
-          "convpass": dict(dim=4, dropout=0.0), "repadapter": dict(dim=4, dropout=0.0),
-          "adaptformer": dict(dropout=0.0)}
 
 
 def _setup(method: str, chunk_rows: int = 0, batch: int = 8, image_size: int = 16):

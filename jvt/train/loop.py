@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 
 from jvt.train import objectives as objectives_lib
-from jvt import partition
+from jvt import partition, precision
 from jvt.train import row_chunks, sharding
 from jvt import protocols
 from jvt.losses import classification
@@ -143,6 +143,9 @@ class Setup:
   trainable_params: int
   schedule: Any
   forward_chunks: int = 1  # sequential row chunks of each forward pass (jvt.train.row_chunks)
+  # Whether `frozen`'s kernels are held in the compute dtype (`frozen_for_steps`);
+  # `frozen_as_loaded` gives the loaded fp32 values back.
+  frozen_cast: bool = False
 
 
 def _dtype(name: str):
@@ -306,12 +309,13 @@ def _check_pretrained_path(path: str) -> None:
                             "with --config.pretrained.path=FILE, or '' for a random backbone.")
 
 
-def _load_backbone(config, model, key) -> PyTree:
+def _load_backbone(config, model, key, warn: bool = True) -> PyTree:
   path = config.pretrained.path
   _check_pretrained_path(path)
   params = init_params(model, key, image_size=config.model.image_size)
   if not path:
-    log.warning("config.pretrained.path is empty: the backbone is randomly initialised.")
+    if warn:
+      log.warning("config.pretrained.path is empty: the backbone is randomly initialised.")
     return jax.device_get(params)
   from jvt.checkpoints import load_pretrained
   return load_pretrained(path, params, model, format=config.pretrained.format or None,
@@ -379,7 +383,8 @@ def setup(config, *, num_classes: int, steps_per_epoch: int,
   schedule = partition.optimizer_schedule(opt, total_steps)
   objective = objectives_lib.make_objective(model, config)
   replicate = lambda tree: sharding.replicate_tree(tree, mesh)  # noqa: E731
-  frozen_r, trainable_r = replicate(frozen), replicate(trainable)
+  frozen_steps = frozen_for_steps(model, frozen)
+  frozen_r, trainable_r = replicate(frozen_steps), replicate(trainable)
   ctx = objectives_lib.ObjectiveContext(
       model=model, params=params, config=config, num_classes=num_classes,
       class_examples=class_examples, apply_fn=objectives_lib.chunked_apply)
@@ -394,7 +399,31 @@ def setup(config, *, num_classes: int, steps_per_epoch: int,
                state=state, objective=objective, constants=constants, train_step=train_step,
                eval_step=make_eval_step(model), total_steps=total_steps,
                steps_per_epoch=steps_per_epoch, num_classes=num_classes,
-               trainable_params=num_trainable, schedule=schedule, forward_chunks=chunks)
+               trainable_params=num_trainable, schedule=schedule, forward_chunks=chunks,
+               frozen_cast=frozen_steps is not frozen)
+
+
+def frozen_for_steps(model, frozen: PyTree) -> PyTree:
+  """The frozen tree the train and eval steps take: on CPU in bf16 (the mixed path), its
+  kernels cast once to the compute dtype (`precision.cast_frozen_kernels`: the same products,
+  without a cast at every use, in half the bytes). Unchanged (the same object) in fp32, off CPU,
+  and when a method reads a kernel itself (an `on_kernel` hook, DoRA's fp32 weight norm), whose
+  arithmetic would otherwise see rounded weights."""
+  from jvt.methods.base import Method
+  if any(type(m).on_kernel is not Method.on_kernel for m in model.methods):
+    return frozen
+  return precision.cast_frozen_kernels(frozen, model.dtype)
+
+
+def frozen_as_loaded(s: Setup) -> PyTree:
+  """The frozen parameters as loaded (fp32), on the host: `s.frozen` itself, or, where its
+  kernels were cast for the steps, the backbone loaded again from `config.pretrained` (the same
+  file, or the same seed's initialisation) and split as `setup` split it. For exports, which
+  merge into and fingerprint the backbone at its stored precision."""
+  if not s.frozen_cast:
+    return jax.device_get(s.frozen)
+  params = _load_backbone(s.config, s.model, jax.random.key(s.config.seed), warn=False)
+  return partition.split_params(params, partition.trainable_mask(params, s.model))[1]
 
 
 def _fetch(tree: PyTree) -> PyTree:
@@ -579,7 +608,7 @@ def _train_and_evaluate(config, run_dir: RunDirectory, stop: _StopSignals):
                num_classes=num_classes)
   if pi == 0:
     run_dir.write_final(final, history)
-    run_dir.export(s.model, jax.device_get(state.trainable), jax.device_get(s.frozen))
+    run_dir.export(s.model, jax.device_get(state.trainable), frozen_as_loaded(s))
     if config.write_plots:
       run_dir.plot_curves()
     if not config.keep_checkpoints:
