@@ -402,3 +402,22 @@ def test_forward_bad_input(overrides, apply_kwargs, match):
   x = jax.ShapeDtypeStruct((1, IMAGE, IMAGE, 3), jnp.float32)
   with pytest.raises(ValueError, match=match):
     jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x.shape), **apply_kwargs))
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_init_params_of_a_remat_model_match_the_plain_model_and_leave_nothing_alive(remat):
+  """Remat changes neither the parameter tree nor its values, and once the caller drops the
+  parameters no array of the initialisation stays alive (under lazy_init, jax.checkpoint's
+  trace cache kept a whole fp32 copy of them until jax.clear_caches)."""
+  import gc
+  tuning = [dict(method="vpt", num_prompts=2, deep=True)]
+  gc.collect()
+  before = {id(a) for a in jax.live_arrays()}
+  params = jvt.init_params(small_model(tuning, remat=remat), jax.random.key(3), IMAGE)
+  plain = jvt.init_params(small_model(tuning), jax.random.key(3), IMAGE)
+  assert jax.tree.structure(params) == jax.tree.structure(plain)
+  jax.tree.map(np.testing.assert_array_equal, params, plain)
+  del params, plain
+  gc.collect()
+  left = [a.shape for a in jax.live_arrays() if id(a) not in before]
+  assert not left, f"{len(left)} arrays of the initialisation still alive: {left[:5]}"
