@@ -77,7 +77,8 @@ def test_bf16_setup_holds_bf16_kernels_and_gives_the_loaded_fp32_back(backbone_n
   frozen = _flat(jax.device_get(s.frozen))
   assert set(frozen) == set(backbone) - {k for k in backbone if "lora" in k}
   for k, v in frozen.items():
-    want = backbone[k].astype(jnp.bfloat16) if k.endswith("/kernel") and v.ndim >= 2 else backbone[k]
+    is_kernel = k.endswith("/kernel") and v.ndim >= 2
+    want = backbone[k].astype(jnp.bfloat16) if is_kernel else backbone[k]
     assert v.dtype == want.dtype, k
     np.testing.assert_array_equal(v, want, err_msg=k)
   loaded = _flat(train.frozen_as_loaded(s))
@@ -95,7 +96,14 @@ def test_kernels_stay_fp32_where_a_method_reads_them_or_the_run_is_fp32(method, 
   assert kernels and all(v.dtype == jnp.float32 for v in kernels.values())
 
 
-@pytest.mark.parametrize("method", sorted(registry()))
+# One method of each way a method meets the backbone in the default run (prompt tokens, an
+# objective with a class mapping, a projection plug-in, a kernel hook, a dense plug-in, an
+# affine in fp32, a convolution); every other registered method under `-m slow`.
+DEFAULT_RUN = ("vpt", "da_vpt", "lora", "dora", "adapter", "ssf", "convpass")
+
+
+@pytest.mark.parametrize("method", [
+    m if m in DEFAULT_RUN else pytest.param(m, marks=pytest.mark.slow) for m in sorted(registry())])
 def test_every_method_takes_the_same_bf16_step_with_bf16_frozen_kernels(method):
   """Two steps on the cast frozen tree and on the fp32 one: bitwise the same trainable leaves
   and metrics (the head starts at zero, so the second step is the one the backbone shapes)."""
