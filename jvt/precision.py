@@ -157,9 +157,10 @@ def cast_frozen_kernels(frozen, dtype):
   it is used: in the forward pass, again in the backward pass (the input's gradient), and again
   where remat recomputes the forward; a frozen kernel never changes, so one cast at set-up
   gives the same bf16 operands without those per-step converts, and holds the frozen backbone in
-  half the bytes (bf16 VPT-Deep, ViT-S/16, batch 8: train +9%, eval +14% images/s;
-  docs/performance.md). Only for kernels that every use casts to `dtype` (projections, the
-  patch embedding, heads): the caller keeps fp32 where a method reads a kernel itself.
+  half the bytes (ViT-S/16, batch 8, on a 2-core Zen 4: eval +2 to +14% images/s, the train
+  step within the noise; docs/performance.md). Only for kernels that every use casts to
+  `dtype` (projections, the patch embedding, heads): the caller keeps fp32 where a method reads
+  a kernel itself.
   """
   if not uses_mixed(dtype):
     return frozen
