@@ -152,8 +152,8 @@ def test_bf16_vit_gradients_follow_float32():
     logits, _ = model.apply({"params": p}, images)
     return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[:, 0])
 
-  g32 = jax.grad(lambda p: loss(m32, p))(params)
-  g16 = jax.grad(lambda p: loss(m16, p))(params)
+  g32 = jax.jit(jax.grad(lambda p: loss(m32, p)))(params)  # jitted: one compilation each
+  g16 = jax.jit(jax.grad(lambda p: loss(m16, p)))(params)
   assert all(b.dtype == jnp.float32 for b in jax.tree.leaves(g16))  # fp32 gradients
   flat32 = jnp.concatenate([x.ravel() for x in jax.tree.leaves(g32)])
   flat16 = jnp.concatenate([x.ravel() for x in jax.tree.leaves(g16)])
