@@ -69,6 +69,27 @@ def tiny_config(data_dir: str = "", **kw):
   return c
 
 
+def small_method_setup(method: str, *, batch: int = 8, image_size: int = 16, chunk_rows: int = 0,
+                       dtype: str = "float32", pretrained: str = ""):
+  """`jvt.train.setup` of the tiny ViT with `method` at its SMALL_TUNING settings (4 classes,
+  random class examples for DA-VPT's mapping): for tests that compare two step functions."""
+  import numpy as np
+  from jvt.train import loop
+  config = tiny_config(batch=batch, pretrained=pretrained)
+  config.unlock()
+  config.model.image_size = image_size
+  config.model.dtype = dtype
+  config.tuning = dict(method=method, **SMALL_TUNING.get(method, {}))
+  config.forward_chunk_rows = chunk_rows
+  if method == "fact":  # FacT's factors need mlp_dim = 4 * hidden_size
+    config.model.overrides = dict(config.model.overrides, mlp_dim=128)
+  config.lock()
+  rng = np.random.default_rng(0)
+  return loop.setup(config, num_classes=4, steps_per_epoch=10, class_examples=lambda k: (
+      rng.standard_normal((4, image_size, image_size, 3)).astype(np.float32),
+      np.arange(4, dtype=np.int32)))
+
+
 _ARGS = dict(data_dir="", steps=8, batch=16, accum=1, lr=0.1, warmup=-1, log_every=2,
              ckpt_every=4, num_classes=-1, method="vpt", pretrained="", plots=False, seed=0)
 

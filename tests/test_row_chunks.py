@@ -11,7 +11,7 @@ from jvt import train
 from jvt.methods import registry
 from jvt.train import row_chunks
 
-from helpers_train import SMALL_TUNING as TUNING, tiny_config
+from helpers_train import small_method_setup, tiny_config
 
 
 @pytest.mark.parametrize("rows, per_device, share, patches, backend, expected", [
@@ -91,20 +91,6 @@ def test_chunked_forward_rejects_an_output_batched_on_another_axis():
     row_chunks.chunked_forward(forward, jnp.ones((8, 3)), jax.random.key(0), 2)
 
 
-def _setup(method: str, chunk_rows: int = 0, batch: int = 8, image_size: int = 16):
-  config = tiny_config(batch=batch)
-  config.unlock()
-  config.model.image_size = image_size
-  config.tuning = dict(method=method, **TUNING.get(method, {}))
-  config.forward_chunk_rows = chunk_rows
-  if method == "fact":  # FacT's factors need mlp_dim = 4 * hidden_size
-    config.model.overrides = dict(config.model.overrides, mlp_dim=128)
-  config.lock()
-  rng = np.random.default_rng(0)
-  return train.setup(config, num_classes=4, steps_per_epoch=10, class_examples=lambda k: (
-      rng.standard_normal((4, 16, 16, 3)).astype(np.float32), np.arange(4, dtype=np.int32)))
-
-
 def _two_steps(s, step, batch):
   """Two steps from a copy of the set-up's state (the step donates it). The head starts at
   zero, so only the second step's loss depends on the features."""
@@ -119,7 +105,7 @@ def test_every_method_takes_the_same_step_in_chunks(method):
   rng = np.random.default_rng(1)
   batch = {"image": rng.standard_normal((8, 16, 16, 3)).astype(np.float32),
            "label": np.array([0, 1, 2, 3, 0, 1, 2, 3], np.int32)}
-  s = _setup(method, chunk_rows=8)
+  s = small_method_setup(method, chunk_rows=8)
   assert s.forward_chunks == 1
   chunked_step = train.make_train_step(s.model, s.tx, s.objective, seed=s.config.seed,
                                        mesh=s.mesh, forward_chunks=4)
@@ -139,7 +125,7 @@ def test_every_method_takes_the_same_step_in_chunks(method):
 def test_setup_chooses_the_chunks(method, chunk_rows, image_size, expected):
   if jax.default_backend() != "cpu" and chunk_rows == 0:
     pytest.skip("auto chunks only on CPU")
-  s = _setup(method, chunk_rows, batch=16, image_size=image_size)
+  s = small_method_setup(method, chunk_rows=chunk_rows, batch=16, image_size=image_size)
   assert s.forward_chunks == expected
 
 

@@ -37,6 +37,7 @@ from jvt import partition, precision
 from jvt.train import row_chunks, sharding
 from jvt import protocols
 from jvt.losses import classification
+from jvt.methods.base import Method
 from jvt.models import build_model, init_params
 from jvt import files
 from jvt.files import RunWriteError
@@ -409,7 +410,6 @@ def frozen_for_steps(model, frozen: PyTree) -> PyTree:
   without a cast at every use, in half the bytes). Unchanged (the same object) in fp32, off CPU,
   and when a method reads a kernel itself (an `on_kernel` hook, DoRA's fp32 weight norm), whose
   arithmetic would otherwise see rounded weights."""
-  from jvt.methods.base import Method
   if any(type(m).on_kernel is not Method.on_kernel for m in model.methods):
     return frozen
   return precision.cast_frozen_kernels(frozen, model.dtype)
