@@ -65,6 +65,9 @@ def tiny_config(data_dir: str = "", **kw):
   c.write_plots = a.plots
   c.progress_bar = False
   c.seed = a.seed
+  # Keeps JAX's caches across the suite's many set-ups (the default drops them: about 40 s
+  # more in tests/methods; tests/test_setup_memory.py covers it).
+  c.release_setup_caches = False
   c.lock()
   return c
 

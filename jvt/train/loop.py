@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -386,14 +387,21 @@ def setup(config, *, num_classes: int, steps_per_epoch: int,
   replicate = lambda tree: sharding.replicate_tree(tree, mesh)  # noqa: E731
   frozen_steps = frozen_for_steps(model, frozen)
   frozen_r, trainable_r = replicate(frozen_steps), replicate(trainable)
+  # Set-up forwards (DA-VPT's class mapping) run a per-device eval batch at a time, so their
+  # temporaries are no larger than the eval step's: 64-image chunks left ViT-S/16 runs ~130 MB
+  # more resident memory for the rest of the run (docs/performance.md).
+  setup_chunk = max(1, int(config.eval_batch_size) // mesh.devices.size)
   ctx = objectives_lib.ObjectiveContext(
       model=model, params=params, config=config, num_classes=num_classes,
-      class_examples=class_examples, apply_fn=objectives_lib.chunked_apply)
+      class_examples=class_examples,
+      apply_fn=functools.partial(objectives_lib.chunked_apply, chunk=setup_chunk))
   method_state = replicate(objective.init_state(ctx))
   constants = replicate(objective.constants(ctx))
   opt_state = jax.jit(tx.init, out_shardings=sharding.replicated(mesh))(trainable_r)
   state = TrainState(step=replicate(np.zeros((), np.int32)), trainable=trainable_r,
                      opt_state=opt_state, method_state=method_state)
+  if config.get("release_setup_caches", True):
+    release_setup_caches()
   train_step = make_train_step(model, tx, objective, accum_steps=int(config.grad_accum_steps),
                                seed=int(config.seed), mesh=mesh, forward_chunks=chunks)
   return Setup(config=config, model=model, mesh=mesh, tx=tx, rules=rules, frozen=frozen_r,
@@ -402,6 +410,19 @@ def setup(config, *, num_classes: int, steps_per_epoch: int,
                steps_per_epoch=steps_per_epoch, num_classes=num_classes,
                trainable_params=num_trainable, schedule=schedule, forward_chunks=chunks,
                frozen_cast=frozen_steps is not frozen)
+
+
+def release_setup_caches() -> None:
+  """Drops JAX's staging and compilation caches once a run is set up (`jax.clear_caches`).
+
+  Set-up traces and compiles many one-off functions: `init_params`' lazy initialisers (flax's
+  partial evaluation caches their jaxprs), the frozen-kernel casts, DA-VPT's mapping forward.
+  JAX keeps them for the life of the process though no step calls them again: ViT-S/16 and
+  B/16 runs held 80-95 MB more resident memory through training (docs/performance.md). The
+  train and eval steps are compiled after this; a caller's own jitted functions compile again
+  on their next call (`config.release_setup_caches=False` keeps them).
+  """
+  jax.clear_caches()
 
 
 def frozen_for_steps(model, frozen: PyTree) -> PyTree:

@@ -41,7 +41,7 @@ log = logging.getLogger("jvt.train.rundir")
 # Fields that may differ between a run and its resumption (they do not change the result).
 _RESUMABLE_FIELDS = ("progress_bar", "overwrite", "write_plots", "log_every_steps",
                      "keep_checkpoints", "checkpoint_every_steps", "max_to_keep",
-                     "eval_batch_size")
+                     "eval_batch_size", "release_setup_caches")
 # What a run writes in its workdir (the lock file aside): `overwrite` removes exactly these.
 RUN_FILES = ("config.json", "metrics.jsonl", "final_metrics.json", "curves.png")
 RUN_DIRS = ("checkpoints", "tb", "export", "checkpoints_damaged")
