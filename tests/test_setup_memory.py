@@ -1,5 +1,5 @@
 """What a run's set-up leaves behind (`jvt.train.loop.setup`): DA-VPT's class-mapping forward
-runs a per-device eval batch at a time, and JAX's staging caches are released once the run is
+runs a per-device train batch at a time, and JAX's staging caches are released once the run is
 set up (docs/performance.md: both kept ViT-S/16 runs 80-130 MB more resident)."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from jvt.train import loop
 from helpers_train import SMALL_TUNING, tiny_config
 
 NUM_CLASSES = 4
-EVAL_BATCH = 4
+BATCH = 4
 
 
 def _class_examples(num_images: int, image_size: int):
@@ -25,7 +25,7 @@ def _class_examples(num_images: int, image_size: int):
   return images, np.arange(num_images, dtype=np.int32) % NUM_CLASSES
 
 
-def test_da_vpt_mapping_forward_runs_in_eval_batches_with_the_same_mapping(monkeypatch):
+def test_da_vpt_mapping_forward_runs_in_train_batches_with_the_same_mapping(monkeypatch):
   seen = []  # the leading dimension of every forward the set-up runs
   real = terms._jitted_apply
 
@@ -38,15 +38,14 @@ def test_da_vpt_mapping_forward_runs_in_eval_batches_with_the_same_mapping(monke
     return run
 
   monkeypatch.setattr(terms, "_jitted_apply", recording)
-  config = tiny_config(method="da_vpt")
+  config = tiny_config(method="da_vpt", batch=BATCH)  # eval batch 32
   config.unlock()
   config.tuning = dict(method="da_vpt", **SMALL_TUNING["da_vpt"])
-  config.eval_batch_size = EVAL_BATCH
   config.lock()
   images, labels = _class_examples(10, config.model.image_size)
   s = loop.setup(config, num_classes=NUM_CLASSES, steps_per_epoch=10,
                  class_examples=lambda k: (images, labels))
-  per_device = EVAL_BATCH // jax.device_count()
+  per_device = BATCH // jax.device_count()
   assert seen == [per_device] * -(-10 // per_device)  # the last chunk zero-padded
 
   # The mapping is that of one forward over all ten images (another chunking, an independent

@@ -387,10 +387,11 @@ def setup(config, *, num_classes: int, steps_per_epoch: int,
   replicate = lambda tree: sharding.replicate_tree(tree, mesh)  # noqa: E731
   frozen_steps = frozen_for_steps(model, frozen)
   frozen_r, trainable_r = replicate(frozen_steps), replicate(trainable)
-  # Set-up forwards (DA-VPT's class mapping) run a per-device eval batch at a time, so their
-  # temporaries are no larger than the eval step's: 64-image chunks left ViT-S/16 runs ~130 MB
-  # more resident memory for the rest of the run (docs/performance.md).
-  setup_chunk = max(1, int(config.eval_batch_size) // mesh.devices.size)
+  # Set-up forwards (DA-VPT's class mapping) run a per-device train batch at a time, so their
+  # temporaries stay below the train step's: 64-image chunks left ViT-S/16 runs at batch 8
+  # ~130 MB more resident memory for the rest of the run (docs/performance.md). The train
+  # batch, not the eval batch: a resumed run may change eval_batch_size, not what set-up computes.
+  setup_chunk = max(1, int(config.batch_size) // mesh.devices.size)
   ctx = objectives_lib.ObjectiveContext(
       model=model, params=params, config=config, num_classes=num_classes,
       class_examples=class_examples,
