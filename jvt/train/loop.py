@@ -401,7 +401,7 @@ def setup(config, *, num_classes: int, steps_per_epoch: int,
   opt_state = jax.jit(tx.init, out_shardings=sharding.replicated(mesh))(trainable_r)
   state = TrainState(step=replicate(np.zeros((), np.int32)), trainable=trainable_r,
                      opt_state=opt_state, method_state=method_state)
-  if config.get("release_setup_caches", True):
+  if config.release_setup_caches:
     release_setup_caches()
   train_step = make_train_step(model, tx, objective, accum_steps=int(config.grad_accum_steps),
                                seed=int(config.seed), mesh=mesh, forward_chunks=chunks)
