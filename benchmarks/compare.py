@@ -84,6 +84,8 @@ def _label(row: dict) -> str:
   notes = []
   if row.get("remat", "none") != "none":
     notes.append(f"remat {row['remat']}")
+  if row.get("num_devices", 1) > 1:
+    notes.append(f"{row['num_devices']} CPU devices")
   if row.get("forward_chunks", 1) > 1:
     notes.append(f"{row['forward_chunks']} row chunks")
   return f"{row['method']} ({', '.join(notes)})" if notes else row["method"]
@@ -207,6 +209,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--num-prompts", type=int, default=10)
   p.add_argument("--num-classes", type=int, default=100)
   p.add_argument("--overrides", default="{}", help="JSON of ViT dims (jvt names).")
+  p.add_argument("--cpu-devices", type=int, default=0,
+                 help="jvt's config.cpu_devices: its step split over this many CPU devices "
+                      "(0: one). PyTorch's side is the same single-process step either way.")
   p.add_argument("--timeout", type=float, default=None, help="Seconds per child.")
   p.add_argument("--join", nargs=2, metavar=("JVT_JSON", "TORCH_JSON"),
                  help="Only join two existing results.json files into the table.")
@@ -245,7 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   pairs, failed = [], False
   for method, remat in map(parse_method, args.methods):
     pair = {"jvt": None, "torch": None}
-    for side, module, spec in (("jvt", run, dict(base, method=method, remat=remat)),
+    jvt_spec = dict(base, method=method, remat=remat, cpu_devices=args.cpu_devices)
+    for side, module, spec in (("jvt", run, jvt_spec),
                                ("torch", torch_step, dict(base, method=method))):
       try:
         pair[side] = module.run_child(spec, args.timeout)

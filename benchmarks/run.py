@@ -84,6 +84,7 @@ def bench_config(spec: dict):
   c.optimizer.warmup_steps = 0
   c.seed = spec["seed"]
   c.forward_chunk_rows = spec.get("forward_chunk_rows", 0)
+  c.cpu_devices = spec.get("cpu_devices", 0)
   c.lock()
   return c
 
@@ -93,7 +94,8 @@ def step_cost(s, batch, compiled) -> dict:
 
   XLA counts a loop's body once, so for a step whose forward runs in row chunks
   (`s.forward_chunks > 1`) the cost is that of the same step in one piece, lowered (not
-  compiled) from the trainer's `make_train_step`.
+  compiled) from the trainer's `make_train_step`. A compiled step over several devices counts
+  one device's share (its partitioned module), so that count is scaled back to the whole batch.
   """
   if s.forward_chunks > 1:
     from jvt import train
@@ -105,7 +107,11 @@ def step_cost(s, batch, compiled) -> dict:
     cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
-  return dict(cost or {})
+  cost = dict(cost or {})
+  if s.forward_chunks <= 1 and s.mesh.devices.size > 1:
+    cost = {k: v * s.mesh.devices.size if isinstance(v, (int, float)) else v
+            for k, v in cost.items()}
+  return cost
 
 
 def _reset_peak_rss() -> bool:
@@ -157,6 +163,7 @@ def measure(spec: dict) -> dict:
   from jvt.train import sharding
 
   load_before = os.getloadavg()[0]
+  sharding.use_cpu_devices(spec.get("cpu_devices", 0))  # before the backend starts
   jax.devices()  # the backend is up: what is resident now is the libraries, not the model
   base_rss = _rss_mb()
   config = bench_config(spec)
@@ -316,8 +323,9 @@ def markdown(rows: Sequence[dict]) -> str:
     full = _find(rows, "full", remat)
     x_full = _ratio(r["train_img_s"], full["train_img_s"]) if full else None
     gflop = r.get("flops_per_img", 0.0) / 1e9
-    n = r.get("forward_chunks", 1)
-    chunks = f" ({n} row chunks)" if n > 1 else ""
+    n, d = r.get("forward_chunks", 1), r.get("num_devices", 1)
+    notes = ([f"{d} devices"] if d > 1 else []) + ([f"{n} row chunks"] if n > 1 else [])
+    chunks = f" ({', '.join(notes)})" if notes else ""
     lines.append(
         f"| {r['method']}{chunks} | {remat} | {r['trainable_params']:,} | "
         f"{r['train_img_s']:.2f} ({r['train_img_s_min']:.2f}-{r['train_img_s_max']:.2f}) | "
@@ -354,6 +362,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--forward-chunk-rows", type=int, default=0,
                  help="config.forward_chunk_rows (0: the trainer's choice for the backend).")
+  p.add_argument("--cpu-devices", type=int, default=0,
+                 help="config.cpu_devices: split the CPU into this many data-parallel devices "
+                      "(0: one CPU device).")
   p.add_argument("--timeout", type=float, default=None, help="Seconds per method (default none).")
   p.add_argument("--out", required=True, help="Directory for results.json and results.md.")
   return p.parse_args(argv)
@@ -393,7 +404,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               steps=args.steps or (5 if cpu else 20),
               warmup=args.warmup if args.warmup is not None else (2 if cpu else 5),
               num_prompts=args.num_prompts, num_classes=args.num_classes, overrides=overrides,
-              seed=args.seed, forward_chunk_rows=args.forward_chunk_rows)
+              seed=args.seed, forward_chunk_rows=args.forward_chunk_rows,
+              cpu_devices=args.cpu_devices)
   os.makedirs(args.out, exist_ok=True)
   rows, failures = [], []
   for remat in remats:

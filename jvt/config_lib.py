@@ -73,6 +73,10 @@ def base_config() -> ml_collections.ConfigDict:
   # compiled (80-95 MB resident through a ViT-S/16 or B/16 run); jitted functions of the
   # caller's compile again on their next call (jvt.train.loop.release_setup_caches).
   c.release_setup_caches = True
+  # CPU runs: split the host CPU into this many XLA devices, one data-parallel replica each
+  # (jvt.train.sharding.use_cpu_devices; batch sizes must divide by it). 0: the process's
+  # devices (one CPU device unless XLA_FLAGS says otherwise). No effect on GPU / TPU hosts.
+  c.cpu_devices = 0
   c.label_smoothing = 0.0
 
   c.optimizer = ml_collections.ConfigDict()

@@ -157,6 +157,8 @@ def run(argv) -> int:
     raise ValueError("--config is required, e.g. --config=configs/demo.py")
   if not FLAGS.workdir:
     raise ValueError("--workdir is required.")
+  from jvt.train import sharding
+  sharding.use_cpu_devices(config.get("cpu_devices", 0))  # before JAX's backend starts
   # jvt's own messages at INFO on process 0; libraries (orbax, tfds) only warnings.
   logging.getLogger().setLevel(logging.WARNING)
   logging.getLogger("jvt").setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)

@@ -60,6 +60,25 @@ def test_harness_runs_two_methods_and_writes_every_key(tmp_path):
   assert "da_vpt vs vpt_deep" not in table  # no vpt_deep row, so no such ratio
 
 
+def test_cpu_devices_split_the_step_and_count_the_whole_batch(tmp_path):
+  # XLA's cost analysis of a step over 2 devices counts one device's half; the harness
+  # reports the whole batch's FLOPs, those of the same step on one device.
+  rows = {}
+  for devices in (1, 2):
+    out = tmp_path / f"bench{devices}"
+    cmd = [sys.executable, SCRIPT, "--variant", "S/16", "--batch", "4", "--image-size", "32",
+           "--overrides", json.dumps(TINY), "--methods", "vpt_deep", "--dtype", "float32",
+           "--steps", "1", "--warmup", "1", "--num-prompts", "2", "--num-classes", "4",
+           "--cpu-devices", str(devices), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows[devices] = json.loads((out / "results.json").read_text())[0]
+    table = (out / "results.md").read_text()
+    assert ("| vpt_deep (2 devices) |" in table) == (devices == 2), table
+  assert [rows[d]["num_devices"] for d in (1, 2)] == [1, 2]
+  np.testing.assert_allclose(rows[2]["flops_per_img"], rows[1]["flops_per_img"], rtol=0.02)
+
+
 def test_markdown_ratios_and_goals():
   run = _load_run()
   base = dict(backend="cpu", device_kind="cpu", variant="S/16", batch=8, eval_img_s=1.0,

@@ -44,6 +44,22 @@ def test_eight_devices_with_row_chunks_match_one(train_data_dir, reference_run, 
   _assert_params_match(workdir, reference_run)
 
 
+def test_cpu_devices_key_matches_one(train_data_dir, reference_run, tmp_path,
+                                     tmp_path_factory):
+  """`--config.cpu_devices=8` in a process whose XLA_FLAGS ask for one CPU device: the key
+  splits the CPU into 8 devices (batch 12 is refused for them) and trains as one device does."""
+  one = cli_env(tmp_path_factory.getbasetemp(), devices=1)
+  bad = run_cli(cli_args(train_data_dir, tmp_path / "bad", batch=12) +
+                ["--config.cpu_devices=8"], one, check=False)
+  assert bad.returncode == 2, bad.stderr[-3000:]
+  assert "batch_size=12 is not divisible by the 8 devices" in bad.stderr
+  workdir = tmp_path / "eight_by_key"
+  proc = run_cli(cli_args(train_data_dir, workdir, **REFERENCE) + ["--config.cpu_devices=8"],
+                 one)
+  assert "'step': 40" in proc.stdout
+  _assert_params_match(workdir, reference_run)
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))

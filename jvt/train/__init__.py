@@ -12,7 +12,8 @@ layer too; they keep their public names.
 from jvt.train.loop import (NonFiniteLossError, RunPreempted, Setup, TrainState, evaluate,
                             make_eval_step, make_train_step, model_from_config,
                             step_compiler_options, setup, train_and_evaluate)
+from jvt.train.sharding import use_cpu_devices
 
 __all__ = ["NonFiniteLossError", "RunPreempted", "Setup", "TrainState", "evaluate",
            "make_eval_step", "make_train_step", "model_from_config", "step_compiler_options",
-           "setup", "train_and_evaluate"]
+           "setup", "train_and_evaluate", "use_cpu_devices"]

@@ -363,6 +363,7 @@ def _check_batch_sizes(config, mesh) -> None:
 def setup(config, *, num_classes: int, steps_per_epoch: int,
           class_examples=None) -> Setup:
   """Builds model, parameters, optimizer, objective, state and jitted steps for a config."""
+  sharding.use_cpu_devices(config.cpu_devices)
   mesh = sharding.make_mesh()
   _check_batch_sizes(config, mesh)
   model = model_from_config(config, num_classes)
@@ -546,6 +547,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   `RunPreempted`; a failed write (disk full, permission) raises `RunWriteError` naming the
   file, the cause and the intact checkpoint to resume from.
   """
+  sharding.use_cpu_devices(config.cpu_devices)  # before anything starts JAX's backend
   protocols.check_selection(config.protocol, config.dataset.val_split,
                             config.dataset.test_split)
   _check_run_fields(config)
