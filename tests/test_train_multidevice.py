@@ -12,6 +12,7 @@ import socket
 import subprocess
 
 import numpy as np
+import pytest
 
 from helpers_train import (REFERENCE, REPO, cli_args, cli_env, load_trainable, read_jsonl,  # noqa: F401
                            reference_run, run_cli, train_data_dir)
@@ -44,15 +45,21 @@ def test_eight_devices_with_row_chunks_match_one(train_data_dir, reference_run, 
   _assert_params_match(workdir, reference_run)
 
 
-def test_cpu_devices_key_matches_one(train_data_dir, reference_run, tmp_path,
-                                     tmp_path_factory):
-  """`--config.cpu_devices=8` in a process whose XLA_FLAGS ask for one CPU device: the key
-  splits the CPU into 8 devices (batch 12 is refused for them) and trains as one device does."""
+def test_cpu_devices_key_splits_the_cpu(train_data_dir, tmp_path, tmp_path_factory):
+  """`--config.cpu_devices=8` in a process whose XLA_FLAGS ask for one CPU device: the run
+  has 8 devices, so batch 12 is refused for them (before anything is written)."""
   one = cli_env(tmp_path_factory.getbasetemp(), devices=1)
   bad = run_cli(cli_args(train_data_dir, tmp_path / "bad", batch=12) +
                 ["--config.cpu_devices=8"], one, check=False)
   assert bad.returncode == 2, bad.stderr[-3000:]
   assert "batch_size=12 is not divisible by the 8 devices" in bad.stderr
+
+
+@pytest.mark.slow
+def test_cpu_devices_key_matches_one(train_data_dir, reference_run, tmp_path,
+                                     tmp_path_factory):
+  """The 8 devices of `--config.cpu_devices=8` train as one device does."""
+  one = cli_env(tmp_path_factory.getbasetemp(), devices=1)
   workdir = tmp_path / "eight_by_key"
   proc = run_cli(cli_args(train_data_dir, workdir, **REFERENCE) + ["--config.cpu_devices=8"],
                  one)
