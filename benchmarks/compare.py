@@ -211,7 +211,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--overrides", default="{}", help="JSON of ViT dims (jvt names).")
   p.add_argument("--cpu-devices", type=int, default=0,
                  help="jvt's config.cpu_devices: its step split over this many CPU devices "
-                      "(0: one). PyTorch's side is the same single-process step either way.")
+                      "(0: the process's devices). PyTorch's side is its usual step either way.")
   p.add_argument("--timeout", type=float, default=None, help="Seconds per child.")
   p.add_argument("--join", nargs=2, metavar=("JVT_JSON", "TORCH_JSON"),
                  help="Only join two existing results.json files into the table.")

@@ -364,7 +364,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                  help="config.forward_chunk_rows (0: the trainer's choice for the backend).")
   p.add_argument("--cpu-devices", type=int, default=0,
                  help="config.cpu_devices: split the CPU into this many data-parallel devices "
-                      "(0: one CPU device).")
+                      "(0: the process's devices).")
   p.add_argument("--timeout", type=float, default=None, help="Seconds per method (default none).")
   p.add_argument("--out", required=True, help="Directory for results.json and results.md.")
   return p.parse_args(argv)

@@ -62,21 +62,28 @@ def test_harness_runs_two_methods_and_writes_every_key(tmp_path):
 
 def test_cpu_devices_split_the_step_and_count_the_whole_batch(tmp_path):
   # XLA's cost analysis of a step over 2 devices counts one device's half; the harness
-  # reports the whole batch's FLOPs, those of the same step on one device.
+  # reports the whole batch's FLOPs, those of the same step on one device, also when each
+  # device runs its rows in chunks (then the count comes from the step lowered in one piece).
   rows = {}
-  for devices in (1, 2):
-    out = tmp_path / f"bench{devices}"
+  for devices, chunk_rows in ((1, 0), (2, 0), (2, 1)):
+    out = tmp_path / f"bench{devices}_{chunk_rows}"
     cmd = [sys.executable, SCRIPT, "--variant", "S/16", "--batch", "4", "--image-size", "32",
            "--overrides", json.dumps(TINY), "--methods", "vpt_deep", "--dtype", "float32",
            "--steps", "1", "--warmup", "1", "--num-prompts", "2", "--num-classes", "4",
-           "--cpu-devices", str(devices), "--out", str(out)]
+           "--cpu-devices", str(devices), "--forward-chunk-rows", str(chunk_rows),
+           "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows[devices] = json.loads((out / "results.json").read_text())[0]
+    rows[devices, chunk_rows] = json.loads((out / "results.json").read_text())[0]
     table = (out / "results.md").read_text()
-    assert ("| vpt_deep (2 devices) |" in table) == (devices == 2), table
-  assert [rows[d]["num_devices"] for d in (1, 2)] == [1, 2]
-  np.testing.assert_allclose(rows[2]["flops_per_img"], rows[1]["flops_per_img"], rtol=0.02)
+    label = {(1, 0): "vpt_deep", (2, 0): "vpt_deep (2 devices)",
+             (2, 1): "vpt_deep (2 devices, 2 row chunks)"}[devices, chunk_rows]
+    assert f"| {label} |" in table, table
+  assert [r["num_devices"] for r in rows.values()] == [1, 2, 2]
+  assert rows[2, 1]["forward_chunks"] == 2
+  for key in ((2, 0), (2, 1)):
+    np.testing.assert_allclose(rows[key]["flops_per_img"], rows[1, 0]["flops_per_img"],
+                               rtol=0.02, err_msg=str(key))
 
 
 def test_markdown_ratios_and_goals():
