@@ -28,6 +28,23 @@ How each method is written (so that its cost is the published code's cost):
   bitfit      every bias (and the head).
   ssf         SSF scale and shift after every linear layer, layer norm and the patch embedding
               (forward hooks; the SSF repository edits timm's modules to the same effect).
+  convpass    PETL-ViT's Convpass (dim 8, QuickGELU, 3x3 conv identity-initialised, [CLS] as
+              a 1x1 image, dropout 0.1, scale 1) beside attention and MLP on the normed input.
+  repadapter  RepAdapter's linear adapter (Conv1d down 8, group-wise Conv1d up in 2 groups,
+              dropout 0.1, scale 1) after each block norm, as the authors' code on [B, D, T].
+  fact        FacT-TT (rank 8, scale 1, dropout 0.1): U and V shared by all blocks, a core per
+              projection; q, k, v increments on timm's fused qkv, the MLP in 4 D-wide slices.
+  dora        DoRA r=8, alpha=8 on the query and value thirds of the fused qkv, the norm a
+              constant (the authors' `dora_simple`), the frozen product computed once.
+  difffit     every bias, every norm and a per-channel scale on each block's two branches.
+  layernorm   every norm's weight and bias.
+  partial     the last block and the final norm (partial-1).
+  vp          a learnable pad-30 frame added to the image (visual_prompting's PadPrompter).
+  e2vpt       VPT-Deep with 10 prompts (dropout 0.1) plus 5 key-value prompts per attention,
+              prepended to keys and values.
+  adapter_plus one bottleneck adapter after each block with a per-channel scale (Adapter+).
+Every method trains as many parameters as jvt's method of the same name (compared with run.py's
+rows on a 2-block S/16 at 64 px: `trainable_params`).
 
 Writes `DIR/results.json` with the row keys of `benchmarks/run.py` (`backend` = "torch",
 `framework` = "torch"), so `benchmarks/compare.py` joins the two on (method, variant, batch,
@@ -49,7 +66,8 @@ from typing import Sequence
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 METHODS = ("full", "linear", "vpt_deep", "vpt_shallow", "da_vpt", "lora", "adapter",
-           "adaptformer", "bitfit", "ssf")
+           "adaptformer", "bitfit", "ssf", "convpass", "repadapter", "fact", "dora", "difffit",
+           "layernorm", "partial", "vp", "e2vpt", "adapter_plus")
 DEFAULT_METHODS = "full,linear,vpt_deep,lora,adapter,adaptformer,bitfit,ssf"
 DTYPES = ("float32", "bfloat16")
 # jvt ViT override names -> the timm VisionTransformer argument they set.
@@ -57,6 +75,12 @@ OVERRIDES = ("hidden_size", "mlp_dim", "num_heads", "num_layers", "patch_size")
 LORA_RANK, LORA_ALPHA = 8, 8.0
 ADAPTER_DIM, ADAPTFORMER_SCALE = 8, 0.1
 DAVPT_WEIGHT = 0.05
+# The defaults of jvt's methods of the same names (jvt/methods/*.py), which run.py runs.
+BYPASS_DIM, BYPASS_SCALE, BYPASS_DROPOUT = 8, 1.0, 0.1  # convpass, repadapter
+REPADAPTER_GROUPS = 2
+FACT_RANK, FACT_SCALE, FACT_DROPOUT = 8, 1.0, 0.1
+VP_PAD = 30
+E2VPT_PROMPTS, E2VPT_KV_PROMPTS, E2VPT_DROPOUT = 10, 5, 0.1
 
 
 def _load(name: str, path: str):
@@ -122,6 +146,48 @@ def build(spec: dict):
         p.requires_grad_(True)
   elif method == "ssf":
     extra.ssf = m["add_ssf"](model)
+  elif method == "convpass":
+    grid = spec["image_size"] // d["patch_size"]
+    for i, blk in enumerate(blocks):
+      model.blocks[i] = m["ConvpassBlock"](blk, width, grid)
+  elif method == "repadapter":
+    for blk in blocks:
+      blk.norm1 = nn.Sequential(blk.norm1, m["RepAdapter"](width))
+      blk.norm2 = nn.Sequential(blk.norm2, m["RepAdapter"](width))
+  elif method == "fact":
+    extra.fact = m["FacTShared"](width)
+    for blk in blocks:
+      blk.attn.qkv = m["FacTQKV"](blk.attn.qkv, extra.fact)
+      blk.attn.proj = m["FacTLinear"](blk.attn.proj, extra.fact)
+      blk.mlp.fc1 = m["FacTFc1"](blk.mlp.fc1, extra.fact)
+      blk.mlp.fc2 = m["FacTFc2"](blk.mlp.fc2, extra.fact)
+  elif method == "dora":
+    for blk in blocks:
+      blk.attn.qkv = m["DoRAQV"](blk.attn.qkv, LORA_RANK, LORA_ALPHA)
+  elif method in ("difffit", "layernorm", "partial"):
+    last = f"blocks.{len(blocks) - 1}."
+    for name, p in model.named_parameters():
+      norm = name.startswith("norm.") or ".norm1." in name or ".norm2." in name
+      p.requires_grad_(name.startswith("head.") or (
+          method == "layernorm" and norm) or (
+          method == "difffit" and (norm or name.endswith(".bias"))) or (
+          method == "partial" and (name.startswith(last) or name.startswith("norm."))))
+    if method == "difffit":
+      for blk in blocks:
+        blk.ls1, blk.ls2 = m["ChannelScale"](width), m["ChannelScale"](width)
+  elif method == "vp":
+    model = m["PadPrompted"](model, spec["image_size"], VP_PAD)
+  elif method == "e2vpt":
+    bound = (6.0 / (3 * d["patch_size"] ** 2 + width)) ** 0.5
+    extra.prompts = nn.ParameterList(
+        [nn.Parameter(torch.empty(1, E2VPT_PROMPTS, width).uniform_(-bound, bound))
+         for _ in blocks])
+    for blk in blocks:
+      blk.attn = m["KVPromptAttention"](blk.attn, E2VPT_KV_PROMPTS)
+    model = m["PromptedViT"](model, extra.prompts, E2VPT_PROMPTS, E2VPT_DROPOUT)
+  elif method == "adapter_plus":
+    for i, blk in enumerate(blocks):
+      model.blocks[i] = nn.Sequential(blk, m["AdapterPlus"](width, ADAPTER_DIM))
   elif method not in ("full", "linear"):
     raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}.")
 
@@ -201,11 +267,13 @@ def _torch_modules():
       return out + torch.cat([dq, zeros, dv], dim=-1)
 
   class PromptedViT(nn.Module):
-    """VPT on a timm ViT: prompts after [CLS] at block 0, replaced before each deep block."""
+    """VPT on a timm ViT: prompts after [CLS] at block 0, replaced before each deep block
+    (dropout on the prompts: E2VPT's)."""
 
-    def __init__(self, vit, prompts, n):
+    def __init__(self, vit, prompts, n, dropout=0.0):
       super().__init__()
       self.vit, self.prompts, self.n = vit, prompts, n
+      self.drop = nn.Dropout(dropout)
 
     def forward(self, images, return_features=False):
       v = self.vit
@@ -215,7 +283,7 @@ def _torch_modules():
       b = x.shape[0]
       for i, blk in enumerate(v.blocks):
         if i < len(self.prompts):
-          p = self.prompts[i].expand(b, -1, -1).to(x.dtype)
+          p = self.drop(self.prompts[i].expand(b, -1, -1)).to(x.dtype)
           rest = x[:, 1:] if i == 0 else x[:, 1 + self.n:]
           x = torch.cat([x[:, :1], p, rest], dim=1)  # [B, 1 + n + N, D]
         x = blk(x)
@@ -223,6 +291,216 @@ def _torch_modules():
       feats = x[:, 0]
       logits = v.head(v.fc_norm(feats))
       return (logits, feats) if return_features else logits
+
+  def quick_gelu(x):
+    return x * torch.sigmoid(1.702 * x)
+
+  class Convpass(nn.Module):
+    """PETL-ViT's Convpass: Up(drop(act(Conv3x3(act(Down z))))) on the token grid, [CLS]
+    through the same convolution as a 1x1 image; conv identity at the centre tap."""
+
+    def __init__(self, width, grid):
+      super().__init__()
+      self.grid = grid
+      self.down, self.up = nn.Linear(width, BYPASS_DIM), nn.Linear(BYPASS_DIM, width)
+      self.conv = nn.Conv2d(BYPASS_DIM, BYPASS_DIM, 3, 1, 1)
+      nn.init.xavier_uniform_(self.down.weight)
+      for t in (self.down.bias, self.up.weight, self.up.bias, self.conv.weight, self.conv.bias):
+        nn.init.zeros_(t)
+      with torch.no_grad():
+        self.conv.weight[:, :, 1, 1] += torch.eye(BYPASS_DIM)
+      self.drop = nn.Dropout(BYPASS_DROPOUT)
+
+    def forward(self, z):
+      b, t, _ = z.shape
+      u = quick_gelu(self.down(z))  # [B, T, dim]
+      n, g = self.grid * self.grid, self.grid
+      patches = u[:, t - n:].reshape(b, g, g, -1).permute(0, 3, 1, 2)
+      patches = self.conv(patches).permute(0, 2, 3, 1).reshape(b, n, -1)
+      rest = u[:, :t - n].reshape(b * (t - n), -1, 1, 1)
+      rest = self.conv(rest).reshape(b, t - n, -1)
+      u = self.drop(quick_gelu(torch.cat([rest, patches], dim=1)))
+      return self.up(u)
+
+  class ConvpassBlock(nn.Module):
+    """x + Attn(LN1 x) + s Convpass(LN1 x), then the same beside the MLP (PETL-ViT)."""
+
+    def __init__(self, blk, width, grid):
+      super().__init__()
+      self.blk = blk
+      self.attn_bypass, self.mlp_bypass = Convpass(width, grid), Convpass(width, grid)
+
+    def forward(self, x):
+      blk, z = self.blk, self.blk.norm1(x)
+      x = x + blk.ls1(blk.attn(z)) + BYPASS_SCALE * self.attn_bypass(z)
+      z = blk.norm2(x)
+      return x + blk.ls2(blk.mlp(z)) + BYPASS_SCALE * self.mlp_bypass(z)
+
+  class RepAdapter(nn.Module):
+    """luogen1996/RepAdapter: z + s * Conv1d_groups(drop(Conv1d(z))) on [B, D, T]."""
+
+    def __init__(self, width):
+      super().__init__()
+      self.down = nn.Conv1d(width, BYPASS_DIM, 1)
+      self.up = nn.Conv1d(BYPASS_DIM, width, 1, groups=REPADAPTER_GROUPS)
+      nn.init.xavier_uniform_(self.down.weight)
+      for t in (self.down.bias, self.up.weight, self.up.bias):
+        nn.init.zeros_(t)
+      self.drop = nn.Dropout(BYPASS_DROPOUT)
+
+    def forward(self, z):
+      u = z.transpose(1, 2)  # [B, D, T]
+      return (self.up(self.drop(self.down(u))) * BYPASS_SCALE + u).transpose(1, 2)
+
+  class FacTShared(nn.Module):
+    """FacT-TT's U [D -> r] and V [r -> D] (zero), shared by every block, and its dropout."""
+
+    def __init__(self, width):
+      super().__init__()
+      self.u = nn.Linear(width, FACT_RANK, bias=False)
+      self.v = nn.Linear(FACT_RANK, width, bias=False)
+      nn.init.zeros_(self.v.weight)
+      self.drop = nn.Dropout(FACT_DROPOUT)
+
+    def delta(self, x, core):
+      return self.v(self.drop(core(self.u(x)))) * FACT_SCALE
+
+  class FacTQKV(nn.Module):
+    """timm's fused qkv plus FacT's increments with a [r, r] core each for q, k and v."""
+
+    def __init__(self, qkv, shared):
+      super().__init__()
+      self.qkv, self.shared = qkv, shared  # one module in every block: parameters() dedupes
+      self.cores = nn.ModuleList([nn.Linear(FACT_RANK, FACT_RANK, bias=False) for _ in range(3)])
+
+    def forward(self, x):
+      f = self.shared
+      return self.qkv(x) + torch.cat([f.delta(x, c) for c in self.cores], dim=-1)
+
+  class FacTLinear(nn.Module):
+    """A D -> D projection plus FacT's increment (the attention output projection)."""
+
+    def __init__(self, linear, shared):
+      super().__init__()
+      self.linear, self.shared = linear, shared
+      self.core = nn.Linear(FACT_RANK, FACT_RANK, bias=False)
+
+    def forward(self, x):
+      return self.linear(x) + self.shared.delta(x, self.core)
+
+  class FacTFc1(nn.Module):
+    """fc1 (D -> 4D) plus FacT's increment: a [r, 4r] core, V on each D-wide output slice."""
+
+    def __init__(self, linear, shared):
+      super().__init__()
+      self.linear, self.shared = linear, shared
+      self.core = nn.Linear(FACT_RANK, 4 * FACT_RANK, bias=False)
+
+    def forward(self, x):
+      f, (b, t, d) = self.shared, x.shape
+      h = f.drop(self.core(f.u(x))).reshape(b, t, 4, FACT_RANK)
+      return self.linear(x) + f.v(h).reshape(b, t, 4 * d) * FACT_SCALE
+
+  class FacTFc2(nn.Module):
+    """fc2 (4D -> D) plus FacT's increment: U on each D-wide input slice, a [4r, r] core."""
+
+    def __init__(self, linear, shared):
+      super().__init__()
+      self.linear, self.shared = linear, shared
+      self.core = nn.Linear(4 * FACT_RANK, FACT_RANK, bias=False)
+
+    def forward(self, x):
+      f, (b, t, d4) = self.shared, x.shape
+      u = f.u(x.reshape(b, t, 4, d4 // 4)).reshape(b, t, 4 * FACT_RANK)
+      return self.linear(x) + f.v(f.drop(self.core(u))) * FACT_SCALE
+
+  class DoRAQV(nn.Module):
+    """DoRA (the authors' `dora_simple`: the norm a constant) on the query and value thirds
+    of timm's fused qkv: m * (W + s B A) / ||W + s B A|| per output feature, written on the
+    fused output so that the frozen product runs once."""
+
+    def __init__(self, qkv, rank, alpha):
+      super().__init__()
+      self.qkv, self.scale = qkv, alpha / rank
+      d = qkv.in_features
+      self.a = nn.ParameterList([nn.Parameter(torch.empty(rank, d).uniform_(
+          -d ** -0.5, d ** -0.5)) for _ in range(2)])
+      self.b = nn.ParameterList([nn.Parameter(torch.zeros(d, rank)) for _ in range(2)])
+      w = qkv.weight.detach()
+      self.m = nn.ParameterList([nn.Parameter(w[:d].norm(dim=1).clone()),
+                                 nn.Parameter(w[2 * d:].norm(dim=1).clone())])
+
+    def forward(self, x):
+      out = self.qkv(x)  # [B, T, 3D]
+      d = self.qkv.in_features
+      parts = list(out.split(d, dim=-1))
+      for j, i in enumerate((0, 2)):
+        w = self.qkv.weight[i * d:(i + 1) * d]
+        bias = self.qkv.bias[i * d:(i + 1) * d]
+        norm = (w + self.scale * self.b[j] @ self.a[j]).norm(dim=1).detach()
+        lora = (x @ self.a[j].T.to(x.dtype)) @ self.b[j].T.to(x.dtype) * self.scale
+        parts[i] = (self.m[j] / norm) * (parts[i] - bias + lora) + bias
+      return torch.cat(parts, dim=-1)
+
+  class ChannelScale(nn.Module):
+    """x * gamma, gamma [D] init 1 (DiffFit's branch scale, in timm's LayerScale slot)."""
+
+    def __init__(self, width):
+      super().__init__()
+      self.gamma = nn.Parameter(torch.ones(width))
+
+    def forward(self, x):
+      return x * self.gamma
+
+  class PadPrompted(nn.Module):
+    """hjbahng/visual_prompting's PadPrompter before the ViT: images + a learnable frame."""
+
+    def __init__(self, vit, size, pad):
+      super().__init__()
+      self.vit, self.size, self.pad = vit, size, pad
+      self.pad_up = nn.Parameter(torch.randn(1, 3, pad, size))
+      self.pad_down = nn.Parameter(torch.randn(1, 3, pad, size))
+      self.pad_left = nn.Parameter(torch.randn(1, 3, size - 2 * pad, pad))
+      self.pad_right = nn.Parameter(torch.randn(1, 3, size - 2 * pad, pad))
+
+    def forward(self, images):
+      base = torch.zeros(1, 3, self.size - 2 * self.pad, self.size - 2 * self.pad)
+      frame = torch.cat([self.pad_left, base, self.pad_right], dim=3)
+      frame = torch.cat([self.pad_up, frame, self.pad_down], dim=2)
+      return self.vit(images + frame)
+
+  class KVPromptAttention(nn.Module):
+    """timm's attention with E2VPT's key-value prompts [H, M, Dh] prepended to the keys and
+    to the values (shared), kaiming-uniform as the authors' ORIGIN_INIT=2."""
+
+    def __init__(self, attn, m):
+      super().__init__()
+      self.attn = attn
+      self.kv = nn.Parameter(torch.empty(attn.num_heads, m, attn.head_dim))
+      nn.init.kaiming_uniform_(self.kv)
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+      a, (b, n, c) = self.attn, x.shape
+      qkv = a.qkv(x).reshape(b, n, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+      q, k, v = qkv.unbind(0)  # [B, H, N, Dh]
+      kv = self.kv.unsqueeze(0).expand(b, -1, -1, -1).to(k.dtype)
+      k, v = torch.cat([kv, k], dim=2), torch.cat([kv, v], dim=2)
+      x = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+      return a.proj(x)
+
+  class AdapterPlus(nn.Module):
+    """Adapter+ after the block: h + c * Up(gelu(Down h)), trunc-normal(0.01) weights."""
+
+    def __init__(self, width, dim):
+      super().__init__()
+      self.down, self.up = nn.Linear(width, dim), nn.Linear(dim, width)
+      for lin in (self.down, self.up):
+        nn.init.trunc_normal_(lin.weight, std=0.01, a=-0.02, b=0.02)
+        nn.init.zeros_(lin.bias)
+      self.scale = nn.Parameter(torch.ones(width))
+
+    def forward(self, h):
+      return h + self.scale * self.up(F.gelu(self.down(h)))
 
   def add_ssf(model):
     """Scale/shift parameters after each Linear, LayerNorm and the patch conv, via hooks."""
@@ -257,7 +535,11 @@ def _torch_modules():
     return (pos_term * with_pos).sum() / with_pos.sum().clamp(min=1) + neg_term.mean()
 
   return dict(Bottleneck=Bottleneck, Residual=Residual, Parallel=Parallel, LoRAQV=LoRAQV,
-              PromptedViT=PromptedViT, add_ssf=add_ssf, proxy_anchor=proxy_anchor)
+              PromptedViT=PromptedViT, add_ssf=add_ssf, proxy_anchor=proxy_anchor,
+              ConvpassBlock=ConvpassBlock, RepAdapter=RepAdapter, FacTShared=FacTShared,
+              FacTQKV=FacTQKV, FacTLinear=FacTLinear, FacTFc1=FacTFc1, FacTFc2=FacTFc2,
+              DoRAQV=DoRAQV, ChannelScale=ChannelScale, PadPrompted=PadPrompted,
+              KVPromptAttention=KVPromptAttention, AdapterPlus=AdapterPlus)
 
 
 def _cpu_model() -> str:

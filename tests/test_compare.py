@@ -107,3 +107,10 @@ def test_compare_rejects_empty_methods():
   cmp = _load("compare")
   with pytest.raises(SystemExit):
     cmp.parse(["--methods", " ,", "--out", "x"])
+
+
+def test_torch_step_has_every_method_run_py_benchmarks():
+  """A method benchmarked by run.py has a PyTorch step to compare with."""
+  ts, run = _load("torch_step"), _load("run")
+  assert set(run.DEFAULT_METHODS.split(",")) <= set(ts.METHODS)
+  assert set(ts.DEFAULT_METHODS.split(",")) <= set(ts.METHODS)
