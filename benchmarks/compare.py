@@ -12,7 +12,8 @@ Writes `DIR/compare.json` (both rows of every method and the run's metadata) and
 before and after (a 1-minute load above 0.5 before the run spoils it: the table says so; the
 load after it includes the run's own busy cores), and per method
 jvt and torch images/s, their ratio, both peak memories and their ratio, and each side's
-images/s over its own full fine-tuning. `--join` builds the same table from existing
+images/s over its own full fine-tuning. `--rounds N` measures each pair N times, alternating
+which side goes first, and reports the median of the pairs' ratios. `--join` builds the same table from existing
 results.json files (rows matched on method, variant, batch, image size and dtype).
 """
 from __future__ import annotations
@@ -77,6 +78,60 @@ def parse_method(text: str) -> tuple[str, str]:
   """"full" -> ("full", "none"); "full:dots" -> ("full", "dots"): jvt's remat policy."""
   method, _, remat = text.partition(":")
   return method, remat or "none"
+
+
+def _median(values):
+  values = sorted(values)
+  mid = len(values) // 2
+  return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def _merge_side(rows: Sequence[dict]) -> dict:
+  """One side's row of several rounds: median speeds, the rounds' extremes, the highest peak."""
+  out = dict(rows[0])
+  out["train_img_s"] = _median(r["train_img_s"] for r in rows)
+  out["train_img_s_min"] = min(r.get("train_img_s_min", r["train_img_s"]) for r in rows)
+  out["train_img_s_max"] = max(r.get("train_img_s_max", r["train_img_s"]) for r in rows)
+  if all(r.get("eval_img_s") is not None for r in rows):
+    out["eval_img_s"] = _median(r["eval_img_s"] for r in rows)
+  out["peak_mem_mb"] = max(r["peak_mem_mb"] for r in rows)
+  return out
+
+
+def merge_rounds(rounds: Sequence[dict]) -> dict:
+  """A pair from rounds of {"jvt": row, "torch": row or None}, each round measured back to back.
+
+  The pair's ratio is the median of the rounds' own ratios (each round's two steps ran within
+  seconds of each other, so drift between rounds cancels in it), not the ratio of the sides'
+  medians; both sides' rows keep their median speed and their highest peak memory."""
+  pair = {"jvt": _merge_side([r["jvt"] for r in rounds]), "torch": None}
+  timed = [r for r in rounds if r["torch"] is not None]
+  if timed:
+    pair["torch"] = _merge_side([r["torch"] for r in timed])
+  if len(rounds) > 1:
+    pair["rounds"] = [{"jvt_img_s": r["jvt"]["train_img_s"],
+                       "torch_img_s": r["torch"] and r["torch"]["train_img_s"]} for r in rounds]
+    ratios = [r["jvt_img_s"] / r["torch_img_s"] for r in pair["rounds"] if r["torch_img_s"]]
+    if ratios:
+      pair["ratio"] = _median(ratios)
+      pair["ratio_range"] = (min(ratios), max(ratios))
+  return pair
+
+
+def pair_ratio(pair: dict) -> float | None:
+  """jvt / torch images/s of a pair: the median of its rounds' ratios where it has rounds."""
+  if pair.get("ratio") is not None:
+    return pair["ratio"]
+  t = pair["torch"]
+  return _ratio(pair["jvt"]["train_img_s"], t and t["train_img_s"])
+
+
+def _ratio_text(pair: dict) -> str:
+  text = _f(pair_ratio(pair), ".2f", "x")
+  if pair.get("ratio_range"):
+    lo, hi = pair["ratio_range"]
+    text += f" ({lo:.2f}-{hi:.2f}, {len(pair['rounds'])} rounds)"
+  return text
 
 
 def _label(row: dict) -> str:
@@ -152,9 +207,14 @@ def markdown(pairs: Sequence[dict], meta: dict) -> str:
     step_ratio = _ratio(step_mb(j), t and step_mb(t))
     lines.append(
         f"| {_label(j)} | {j['train_img_s']:.2f} | {_f(t and t['train_img_s'])} | "
-        f"{_f(_ratio(j['train_img_s'], t and t['train_img_s']), '.2f', 'x')} | "
+        f"{_ratio_text(p)} | "
         f"{_mem(j)} | {_mem(t)} | {_f(peak_ratio, '.2f', 'x')} ({_f(step_ratio, '.2f', 'x')}) | "
         f"{_f(j_full, '.2f', 'x')} | {_f(t_full, '.2f', 'x')} |")
+  if any(p.get("rounds") for p in pairs):
+    lines += ["", "Rounds: each method's two steps were measured back to back that many times, "
+              "alternating which side went first; img/s are each side's median over the rounds, "
+              "jvt / torch the median of the rounds' own ratios (their range in brackets), "
+              "peak MB the highest of the rounds."]
   lines += ["", "Peak MB: each side's resident high-water mark during the timed steps, in its "
             "own process (compilation excluded); (step): that peak less the process's resident "
             "MB after importing the framework and before building the model (`base_rss_mb`), "
@@ -212,6 +272,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--cpu-devices", type=int, default=0,
                  help="jvt's config.cpu_devices: its step split over this many CPU devices "
                       "(0: the process's devices). PyTorch's side is its usual step either way.")
+  p.add_argument("--rounds", type=int, default=1,
+                 help="Back-to-back pairs per method, alternating which side goes first; the "
+                      "ratio is the median of the pairs' ratios (for machines whose speed "
+                      "drifts between runs).")
   p.add_argument("--timeout", type=float, default=None, help="Seconds per child.")
   p.add_argument("--join", nargs=2, metavar=("JVT_JSON", "TORCH_JSON"),
                  help="Only join two existing results.json files into the table.")
@@ -220,6 +284,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
   args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
   if not args.methods:
     p.error("--methods is empty.")
+  if args.rounds < 1:
+    p.error(f"--rounds {args.rounds}: must be at least 1.")
   try:
     args.overrides = json.loads(args.overrides)
   except json.JSONDecodeError as err:
@@ -249,21 +315,26 @@ def main(argv: Sequence[str] | None = None) -> int:
               overrides=args.overrides, seed=0)
   pairs, failed = [], False
   for method, remat in map(parse_method, args.methods):
-    pair = {"jvt": None, "torch": None}
     jvt_spec = dict(base, method=method, remat=remat, cpu_devices=args.cpu_devices)
-    for side, module, spec in (("jvt", run, jvt_spec),
-                               ("torch", torch_step, dict(base, method=method))):
-      try:
-        pair[side] = module.run_child(spec, args.timeout)
-      except (RuntimeError, subprocess.TimeoutExpired) as err:
-        print(err, file=sys.stderr)
-        failed = True
-    if pair["jvt"] is None:
+    sides = [("jvt", run, jvt_spec), ("torch", torch_step, dict(base, method=method))]
+    rounds = []
+    for r in range(args.rounds):
+      measured = {"jvt": None, "torch": None}
+      for side, module, spec in (sides if r % 2 == 0 else sides[::-1]):
+        try:
+          measured[side] = module.run_child(spec, args.timeout)
+        except (RuntimeError, subprocess.TimeoutExpired) as err:
+          print(err, file=sys.stderr)
+          failed = True
+      if measured["jvt"] is not None:
+        rounds.append(measured)
+    if not rounds:
       continue
+    pair = merge_rounds(rounds)
     pairs.append(pair)
     j, t = pair["jvt"], pair["torch"]
     print(f"{_label(j):>12}: jvt {j['train_img_s']:.2f} img/s, torch "
-          f"{_f(t and t['train_img_s'])} img/s", file=sys.stderr)
+          f"{_f(t and t['train_img_s'])} img/s, {_ratio_text(pair)}", file=sys.stderr)
     _write(args.out, pairs, dict(meta, uptime_after="(run in progress)"))
   _finish(meta)
   print(_write(args.out, pairs, meta))

@@ -114,3 +114,34 @@ def test_torch_step_has_every_method_run_py_benchmarks():
   ts, run = _load("torch_step"), _load("run")
   assert set(run.DEFAULT_METHODS.split(",")) <= set(ts.METHODS)
   assert set(ts.DEFAULT_METHODS.split(",")) <= set(ts.METHODS)
+
+
+def test_rounds_report_the_median_of_the_rounds_own_ratios():
+  cmp = _load("compare")
+  # The machine slows down between rounds: each round's ratio is 0.9, 1.2 or 1.0, while the
+  # sides' medians (8 and 10) would give 0.8.
+  rounds = [{"jvt": _row("vpt_deep", a, pj, 200.0, "jvt", remat="none", train_img_s_min=a - 1,
+                         train_img_s_max=a + 1, eval_img_s=2 * a),
+             "torch": _row("vpt_deep", b, pt, 700.0, "torch")}
+            for a, b, pj, pt in ((9.0, 10.0, 900.0, 1000.0), (6.0, 5.0, 950.0, 990.0),
+                                 (8.0, 8.0, 910.0, 1010.0))]
+  pair = cmp.merge_rounds(rounds)
+  assert pair["jvt"]["train_img_s"] == 8.0 and pair["torch"]["train_img_s"] == 8.0
+  assert (pair["jvt"]["train_img_s_min"], pair["jvt"]["train_img_s_max"]) == (5.0, 10.0)
+  assert pair["jvt"]["eval_img_s"] == 16.0
+  assert (pair["jvt"]["peak_mem_mb"], pair["torch"]["peak_mem_mb"]) == (950.0, 1010.0)
+  assert cmp.pair_ratio(pair) == pytest.approx(1.0)
+  assert pair["ratio_range"] == pytest.approx((0.9, 1.2))
+  table = cmp.markdown([pair], {"load_before_1m": 0.1})
+  assert "| 1.00x (0.90-1.20, 3 rounds) |" in table and "Rounds:" in table
+  # One round: the plain ratio of the two rows, no rounds note.
+  single = cmp.merge_rounds(rounds[:1])
+  assert "rounds" not in single and cmp.pair_ratio(single) == pytest.approx(0.9)
+  assert "Rounds:" not in cmp.markdown([single], {"load_before_1m": 0.1})
+
+
+def test_rounds_flag_must_be_positive():
+  cmp = _load("compare")
+  assert cmp.parse(["--rounds", "3", "--out", "x"]).rounds == 3
+  with pytest.raises(SystemExit):
+    cmp.parse(["--rounds", "0", "--out", "x"])
