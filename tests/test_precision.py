@@ -199,3 +199,51 @@ def test_bf16_plug_in_dense_products_take_bf16_operands(tuning, names, layers):
   assert len(plug_in) == 3 * layers, ops  # forward and two gradients each
   assert all(d == ("bf16xbf16", "f32") for d in plug_in), plug_in
   jax.block_until_ready(jax.jit(jax.grad(loss))(params))  # and XLA:CPU runs it
+
+
+# ---------------------------------------------------------------- bf16 on CPUs without bf16
+_X86 = ("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\n"
+        "flags\t\t: fpu sse2 avx2 fma {extra}\nbugs\t\t: sysret_ss_attrs\n\n"
+        "processor\t: 1\nflags\t\t: fpu avx512_bf16\n")
+_ARM = "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd sve {extra}\nCPU part\t: 0xd40\n"
+
+
+@pytest.mark.parametrize("text,extra,native", [
+    (_X86, "", False), (_X86, "avx512f avx512_bf16", True), (_X86, "amx_bf16", True),
+    (_ARM, "", False), (_ARM, "bf16 i8mm", True)])
+def test_cpu_flags_reads_the_first_cpu_of_proc_cpuinfo(tmp_path, text, extra, native):
+  path = tmp_path / "cpuinfo"
+  path.write_text(text.format(extra=extra))
+  flags = precision.cpu_flags(str(path))
+  assert ("avx2" in flags or "asimd" in flags) and set(extra.split()) <= flags
+  # Only the first CPU's line counts (x86's second processor here lists avx512_bf16).
+  message = precision.emulated_bf16_message("bfloat16", "cpu", flags)
+  assert (message is None) == native
+
+
+def test_cpu_flags_claims_nothing_without_a_flags_line(tmp_path):
+  assert precision.cpu_flags(str(tmp_path / "missing")) is None
+  (tmp_path / "other").write_text("Hardware\t: unknown\n")
+  assert precision.cpu_flags(str(tmp_path / "other")) is None
+  assert precision.emulated_bf16_message("bfloat16", "cpu", None) is None
+
+
+def test_emulated_bf16_message_only_for_16_bit_dtypes_on_cpu():
+  plain = frozenset({"fpu", "avx2"})
+  message = precision.emulated_bf16_message("bfloat16", "cpu", plain)
+  assert "model.dtype='bfloat16'" in message and "model.dtype='float32'" in message
+  assert precision.emulated_bf16_message("float16", "cpu", plain) is not None
+  assert precision.emulated_bf16_message("float32", "cpu", plain) is None
+  assert precision.emulated_bf16_message("bfloat16", "gpu", plain) is None
+  assert precision.emulated_bf16_message("bfloat16", "tpu", plain) is None
+
+
+def test_setup_warns_once_when_bf16_runs_on_a_cpu_without_it(monkeypatch, caplog):
+  from helpers_train import small_method_setup
+  for flags, expected in ((frozenset({"avx2"}), 1), (frozenset({"avx512_bf16"}), 0)):
+    monkeypatch.setattr(precision, "cpu_flags", lambda flags=flags: flags)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="jvt.train"):
+      small_method_setup("linear", dtype="bfloat16")
+    hits = [r for r in caplog.records if "without native bf16" in r.getMessage()]
+    assert len(hits) == expected, flags

@@ -368,6 +368,10 @@ def setup(config, *, num_classes: int, steps_per_epoch: int,
   _check_batch_sizes(config, mesh)
   model = model_from_config(config, num_classes)
   _check_image_size(config, model)
+  emulated = precision.emulated_bf16_message(config.model.dtype, jax.default_backend(),
+                                             precision.cpu_flags())
+  if emulated:
+    log.warning(emulated)
   params = _load_backbone(config, model, jax.random.key(config.seed))
   rules = model.partition_rules
   mask = partition.trainable_mask(params, model)
