@@ -55,6 +55,38 @@ def cpu_model() -> str:
   return platform.processor() or "unknown"
 
 
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # what sets XLA's and torch's kernels
+
+
+def cpu_detail(path: str = "/proc/cpuinfo") -> str:
+  """The first CPU's family and model numbers and which of ISA_FLAGS it has, e.g.
+  "cpu family 25 model 1; avx2; no avx512f, avx512_bf16, amx_bf16" ("" where unknown): virtual
+  machines often report only "AMD EPYC" as the model name, which does not tell a Zen 3 from a
+  Zen 5."""
+  fields = {}
+  try:
+    with open(path) as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if not line.strip() and fields:
+          break
+        if key in ("cpu family", "model", "flags"):
+          fields[key] = value.strip()
+  except OSError:
+    return ""
+  if not fields:
+    return ""
+  flags = set(fields.get("flags", "").split())
+  has = [f for f in ISA_FLAGS if f in flags]
+  lacks = [f for f in ISA_FLAGS if f not in flags]
+  parts = [f"cpu family {fields.get('cpu family', '?')} model {fields.get('model', '?')}",
+           ", ".join(has) or "none of " + ", ".join(ISA_FLAGS)]
+  if has and lacks:
+    parts.append("no " + ", ".join(lacks))
+  return "; ".join(parts)
+
+
 def uptime() -> str:
   """`uptime`'s line (load averages over 1, 5 and 15 minutes)."""
   try:
@@ -183,7 +215,9 @@ def markdown(pairs: Sequence[dict], meta: dict) -> str:
       "",
       f"- date: {meta.get('date', '?')}",
       f"- command: `{meta.get('command', '?')}`",
-      f"- hardware: {meta.get('cpu', '?')}, {meta.get('cpus', '?')} CPUs; jax "
+      f"- hardware: {meta.get('cpu', '?')}"
+      f"{' (' + meta['cpu_detail'] + ')' if meta.get('cpu_detail') else ''}, "
+      f"{meta.get('cpus', '?')} CPUs; jax "
       f"{meta.get('jax', '?')}, torch {meta.get('torch', '?')}",
       f"- uptime before: {meta.get('uptime_before', '?')}",
       f"- uptime after: {meta.get('uptime_after', '?')}",
@@ -236,7 +270,8 @@ def _versions() -> dict:
 def _meta(command: str) -> dict:
   text = uptime()
   return dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              command=command, cpu=cpu_model(), cpus=os.cpu_count(), uptime_before=text,
+              command=command, cpu=cpu_model(), cpu_detail=cpu_detail(), cpus=os.cpu_count(),
+              uptime_before=text,
               load_before_1m=os.getloadavg()[0], **_versions())
 
 

@@ -145,3 +145,20 @@ def test_rounds_flag_must_be_positive():
   assert cmp.parse(["--rounds", "3", "--out", "x"]).rounds == 3
   with pytest.raises(SystemExit):
     cmp.parse(["--rounds", "0", "--out", "x"])
+
+
+def test_cpu_detail_names_family_model_and_the_isa_that_matters(tmp_path):
+  cmp = _load("compare")
+  path = tmp_path / "cpuinfo"
+  path.write_text("processor\t: 0\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\n"
+                  "flags\t\t: fpu avx avx2 fma\n\nprocessor\t: 1\ncpu family\t: 26\n"
+                  "flags\t\t: avx512f avx512_bf16\n")
+  assert cmp.cpu_detail(str(path)) == ("cpu family 25 model 1; avx2; no avx512f, avx512_bf16, "
+                                       "amx_bf16")
+  path.write_text("cpu family\t: 26\nmodel\t\t: 2\nflags\t\t: avx2 avx512f avx512_bf16 amx_bf16\n")
+  assert cmp.cpu_detail(str(path)) == "cpu family 26 model 2; avx2, avx512f, avx512_bf16, amx_bf16"
+  assert cmp.cpu_detail(str(tmp_path / "missing")) == ""
+  table = cmp.markdown([{"jvt": _row("full", 1.0, 1.0, 0.0, "jvt"), "torch": None}],
+                       {"cpu": "AMD EPYC", "cpu_detail": "cpu family 25 model 1; avx2",
+                        "cpus": 2, "load_before_1m": 0.1})
+  assert "- hardware: AMD EPYC (cpu family 25 model 1; avx2), 2 CPUs" in table
