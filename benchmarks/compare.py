@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 from typing import Sequence
@@ -112,20 +113,14 @@ def parse_method(text: str) -> tuple[str, str]:
   return method, remat or "none"
 
 
-def _median(values):
-  values = sorted(values)
-  mid = len(values) // 2
-  return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
-
-
 def _merge_side(rows: Sequence[dict]) -> dict:
   """One side's row of several rounds: median speeds, the rounds' extremes, the highest peak."""
   out = dict(rows[0])
-  out["train_img_s"] = _median(r["train_img_s"] for r in rows)
+  out["train_img_s"] = statistics.median(r["train_img_s"] for r in rows)
   out["train_img_s_min"] = min(r.get("train_img_s_min", r["train_img_s"]) for r in rows)
   out["train_img_s_max"] = max(r.get("train_img_s_max", r["train_img_s"]) for r in rows)
   if all(r.get("eval_img_s") is not None for r in rows):
-    out["eval_img_s"] = _median(r["eval_img_s"] for r in rows)
+    out["eval_img_s"] = statistics.median(r["eval_img_s"] for r in rows)
   out["peak_mem_mb"] = max(r["peak_mem_mb"] for r in rows)
   return out
 
@@ -145,7 +140,7 @@ def merge_rounds(rounds: Sequence[dict]) -> dict:
                        "torch_img_s": r["torch"] and r["torch"]["train_img_s"]} for r in rounds]
     ratios = [r["jvt_img_s"] / r["torch_img_s"] for r in pair["rounds"] if r["torch_img_s"]]
     if ratios:
-      pair["ratio"] = _median(ratios)
+      pair["ratio"] = statistics.median(ratios)
       pair["ratio_range"] = (min(ratios), max(ratios))
   return pair
 
