@@ -13,8 +13,9 @@ before and after (a 1-minute load above 0.5 before the run spoils it: the table 
 load after it includes the run's own busy cores), and per method
 jvt and torch images/s, their ratio, both peak memories and their ratio, and each side's
 images/s over its own full fine-tuning. `--rounds N` measures each pair N times, alternating
-which side goes first, and reports the median of the pairs' ratios. `--join` builds the same table from existing
-results.json files (rows matched on method, variant, batch, image size and dtype).
+which side goes first, and reports the median of the pairs' ratios. `--join` builds the same
+table from existing results.json files (rows matched on method, variant, batch, image size and
+dtype).
 """
 from __future__ import annotations
 

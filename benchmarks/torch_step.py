@@ -122,12 +122,15 @@ def build(spec: dict):
     p.requires_grad_(True)
   extra = nn.Module()  # holds the method's own parameters
 
+  def prompts(depth, n):
+    """VPT's prompts: `depth` tensors [1, n, D], uniform in +-sqrt(6 / (3 * patch^2 + D))."""
+    bound = (6.0 / (3 * d["patch_size"] ** 2 + width)) ** 0.5
+    return nn.ParameterList(
+        [nn.Parameter(torch.empty(1, n, width).uniform_(-bound, bound)) for _ in range(depth)])
+
   if method in ("vpt_deep", "vpt_shallow", "da_vpt"):
     n = spec["num_prompts"]
-    depth = len(blocks) if method != "vpt_shallow" else 1
-    bound = (6.0 / (3 * d["patch_size"] ** 2 + width)) ** 0.5
-    extra.prompts = nn.ParameterList(
-        [nn.Parameter(torch.empty(1, n, width).uniform_(-bound, bound)) for _ in range(depth)])
+    extra.prompts = prompts(len(blocks) if method != "vpt_shallow" else 1, n)
     model = m["PromptedViT"](model, extra.prompts, n)
   elif method == "lora":
     for blk in blocks:
@@ -165,23 +168,21 @@ def build(spec: dict):
     for blk in blocks:
       blk.attn.qkv = m["DoRAQV"](blk.attn.qkv, LORA_RANK, LORA_ALPHA)
   elif method in ("difffit", "layernorm", "partial"):
-    last = f"blocks.{len(blocks) - 1}."
+    def is_norm(name):
+      return name.startswith("norm.") or ".norm1." in name or ".norm2." in name
+    trains = {"layernorm": is_norm,
+              "difffit": lambda name: is_norm(name) or name.endswith(".bias"),
+              "partial": lambda name: name.startswith((f"blocks.{len(blocks) - 1}.", "norm."))
+              }[method]
     for name, p in model.named_parameters():
-      norm = name.startswith("norm.") or ".norm1." in name or ".norm2." in name
-      p.requires_grad_(name.startswith("head.") or (
-          method == "layernorm" and norm) or (
-          method == "difffit" and (norm or name.endswith(".bias"))) or (
-          method == "partial" and (name.startswith(last) or name.startswith("norm."))))
+      p.requires_grad_(name.startswith("head.") or trains(name))
     if method == "difffit":
       for blk in blocks:
         blk.ls1, blk.ls2 = m["ChannelScale"](width), m["ChannelScale"](width)
   elif method == "vp":
     model = m["PadPrompted"](model, spec["image_size"], VP_PAD)
   elif method == "e2vpt":
-    bound = (6.0 / (3 * d["patch_size"] ** 2 + width)) ** 0.5
-    extra.prompts = nn.ParameterList(
-        [nn.Parameter(torch.empty(1, E2VPT_PROMPTS, width).uniform_(-bound, bound))
-         for _ in blocks])
+    extra.prompts = prompts(len(blocks), E2VPT_PROMPTS)
     for blk in blocks:
       blk.attn = m["KVPromptAttention"](blk.attn, E2VPT_KV_PROMPTS)
     model = m["PromptedViT"](model, extra.prompts, E2VPT_PROMPTS, E2VPT_DROPOUT)
