@@ -143,16 +143,24 @@ def _peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _time_calls(fn, n_warmup: int, n_timed: int) -> list[float]:
-  """Seconds of each of `n_timed` calls of fn() (each synced) after `n_warmup` calls."""
+def _minor_faults() -> int:
+  """The process's minor page faults so far (fresh pages the kernel had to map and zero)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _time_calls(fn, n_warmup: int, n_timed: int) -> tuple[list[float], float]:
+  """Seconds of each of `n_timed` calls of fn() (each synced) after `n_warmup` calls, and the
+  minor page faults per timed call."""
   import jax
   times = []
   for i in range(n_warmup + n_timed):
+    if i == n_warmup:
+      faults = _minor_faults()
     t0 = time.perf_counter()
     jax.block_until_ready(fn())
     if i >= n_warmup:
       times.append(time.perf_counter() - t0)
-  return times
+  return times, (_minor_faults() - faults) / max(n_timed, 1)
 
 
 def measure(spec: dict) -> dict:
@@ -195,7 +203,7 @@ def measure(spec: dict) -> dict:
     state, metrics = step(state, s.frozen, s.constants, batch)
     return state, metrics
 
-  train_times = _time_calls(train_call, spec["warmup"], spec["steps"])
+  train_times, train_faults = _time_calls(train_call, spec["warmup"], spec["steps"])
   stats = device.memory_stats() or {}
   if "peak_bytes_in_use" in stats:
     peak_mb, mem_source = stats["peak_bytes_in_use"] / 2**20, "device peak_bytes_in_use"
@@ -208,8 +216,8 @@ def measure(spec: dict) -> dict:
                "mask": np.ones((eb,), bool)}
   eval_batch = sharding.shard_batch(eval_host, s.mesh)
   evaluate = s.eval_step.lower(state.trainable, s.frozen, eval_batch).compile()
-  eval_times = _time_calls(lambda: evaluate(state.trainable, s.frozen, eval_batch),
-                           max(1, spec["warmup"] // 2), spec["steps"])
+  eval_times, _ = _time_calls(lambda: evaluate(state.trainable, s.frozen, eval_batch),
+                              max(1, spec["warmup"] // 2), spec["steps"])
   rates = [b / t for t in train_times]
   row = {
       "method": spec["method"],
@@ -232,6 +240,9 @@ def measure(spec: dict) -> dict:
       "flops_per_img": flops / b,
       "xla_temp_mb": getattr(memory, "temp_size_in_bytes", 0) / 2**20,
       "mem_source": mem_source,
+      # Fresh pages a timed step touched (on CPU about XLA's scratch block / 4 KB: glibc maps
+      # that block afresh every call; docs/performance.md, "Fresh pages every step").
+      "page_faults_per_step": train_faults,
       "peak_rss_total_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
       # Resident MB of the imported libraries and the backend before the run was built:
       # peak_mem_mb - base_rss_mb is the step's own memory (on CPU).

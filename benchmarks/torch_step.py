@@ -583,7 +583,8 @@ def measure(spec: dict) -> dict:
   train_call()  # the first step allocates gradients and momentum: torch's "compile"
   first_s = time.perf_counter() - t0
   rss_reset = run._reset_peak_rss()  # noqa: SLF001 (shared helper)
-  train_times = _time(train_call, spec["warmup"], spec["steps"])
+  train_times, train_faults = _time(train_call, spec["warmup"], spec["steps"],
+                                    run._minor_faults)  # noqa: SLF001
   peak_mb = run._peak_rss_mb()  # noqa: SLF001
   model.eval()
   eb = spec["eval_batch"]
@@ -593,7 +594,8 @@ def measure(spec: dict) -> dict:
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
       return model(eval_images).argmax(-1)
 
-  eval_times = _time(eval_call, max(1, spec["warmup"] // 2), spec["steps"])
+  eval_times, _ = _time(eval_call, max(1, spec["warmup"] // 2), spec["steps"],
+                        run._minor_faults)  # noqa: SLF001
   rates = [b / t for t in train_times]
   import resource
   return {
@@ -617,21 +619,25 @@ def measure(spec: dict) -> dict:
       "torch_version": torch.__version__,
       "torch_threads": torch.get_num_threads(),
       "mem_source": "peak RSS during steps" if rss_reset else "peak RSS of the process",
+      "page_faults_per_step": train_faults,
       "peak_rss_total_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
       "base_rss_mb": base_rss,
       "load_avg_1m": load_before,
   }
 
 
-def _time(fn, n_warmup: int, n_timed: int) -> list[float]:
-  """Seconds of each of `n_timed` calls of fn() after `n_warmup` calls (CPU: synchronous)."""
+def _time(fn, n_warmup: int, n_timed: int, faults_now) -> tuple[list[float], float]:
+  """Seconds of each of `n_timed` calls of fn() after `n_warmup` calls (CPU: synchronous), and
+  the minor page faults per timed call (`faults_now()`: the process's count so far)."""
   times = []
   for i in range(n_warmup + n_timed):
+    if i == n_warmup:
+      faults = faults_now()
     t0 = time.perf_counter()
     fn()
     if i >= n_warmup:
       times.append(time.perf_counter() - t0)
-  return times
+  return times, (faults_now() - faults) / max(n_timed, 1)
 
 
 # ------------------------------------------------------------------------------ the parent
