@@ -130,9 +130,10 @@ class FacT(Method):
       c = drop(x.reshape(*lead, d) @ u @ core, deterministic=not site.train)  # [..., r]
       delta = (c @ v).reshape(y.shape)
     if site.name == "mlp_in":
-      # The MLP's pre-activation: its cotangent (the GELU derivative times the hidden's
-      # cotangent) feeds V's gradient through a transposed copy; left to fuse, XLA:CPU
-      # recomputed the GELU derivative inside that transpose, 29 ms a block at S/16 batch 8.
+      # The MLP's pre-activation. Its cotangent feeds Dense_0's input gradient, the bias's and,
+      # through a transposed copy, V's. Without the barrier XLA:CPU scheduled that copy among
+      # the products (29 ms a block at S/16 batch 8, against 2.7 ms with it) and kept 23% more
+      # scratch; the step ran 1.15-1.31x faster with it (docs/performance.md, "FacT's MLP path").
       return barrier.materialize_cotangent(y + self.scale * delta)
     return y + self.scale * delta
 
