@@ -1,4 +1,4 @@
-"""jvt.models.barrier: an identity for values and gradients that keeps XLA:CPU's backward
+"""jvt.barrier: an identity for values and gradients that keeps XLA:CPU's backward
 fusions from recomputing the residual stream's cotangent chain in every block."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import jvt
-from jvt.models.barrier import materialize_cotangent
+from jvt.barrier import materialize_cotangent
 from jvt.train import loop as train
 from jvt.train import objectives
 

@@ -33,7 +33,7 @@ import numpy as np
 from flax import traverse_util
 
 from jvt.methods.base import Method
-from jvt.models import barrier
+from jvt import barrier
 
 VARIANTS = ("tt", "tk")
 TARGETS = ("query", "key", "value", "out", "mlp_in", "mlp_out")

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 from jvt import precision
 from jvt.methods.base import Site, ordered
-from jvt.models import barrier
+from jvt import barrier
 from jvt.models.layers import LayerNorm, Projection
 from jvt.models.gelu import gelu
 from jvt.models.softmax import softmax

@@ -280,7 +280,7 @@ def step_compiler_options() -> dict | None:
   jax.checkpoint's remat, whose recomputed forward is otherwise CSE'd into, or scheduled beside,
   the original one so it saves nothing (ViT-S/16 full fine-tuning, batch 8: 1080 MB of XLA
   temporaries with remat or without; kept, 152 MB with remat="full", 324 MB with "dots"), and
-  the residual stream's cotangent barriers (`jvt.models.barrier`), without which each block's
+  the residual stream's cotangent barriers (`jvt.barrier`), without which each block's
   weight gradients recompute the backward chain of every block above it (full fine-tuning
   6.2 -> 8.7 img/s, docs/performance.md). Other backends keep the barriers already.
   """
