@@ -33,17 +33,22 @@ def test_values_and_gradients_are_the_identitys():
   np.testing.assert_allclose(grad, 2 * (r @ w.T) * (1 - np.tanh(x64) ** 2) + 2 * r, rtol=1e-5)
 
 
-def _widest_backward_fusion(num_layers: int, method: str) -> int:
-  """Operands of the widest fusion inside the encoder blocks of the compiled CPU train step."""
-  model = jvt.build_model("S/16", 5, dict(method=method), hidden_size=32, mlp_dim=64,
-                          num_heads=2, num_layers=num_layers, patch_size=8)
+def _compiled_step_hlo(tuning: dict, num_layers: int, mlp_dim: int = 64) -> str:
+  """The optimised HLO of the trainer's CPU train step for a tiny ViT with `tuning`."""
+  model = jvt.build_model("S/16", 5, tuning, hidden_size=32, mlp_dim=mlp_dim, num_heads=2,
+                          num_layers=num_layers, patch_size=8)
   params = jvt.init_params(model, jax.random.key(0), image_size=32)
   tx = optax.sgd(0.1)
   state = train.TrainState(step=jnp.zeros((), jnp.int32), trainable=params,
                            opt_state=tx.init(params), method_state={})
   batch = {"image": jnp.zeros((4, 32, 32, 3)), "label": jnp.zeros((4,), jnp.int32)}
   step = train.make_train_step(model, tx, objectives.CrossEntropy())
-  hlo = step.lower(state, {}, {}, batch).compile().as_text()
+  return step.lower(state, {}, {}, batch).compile().as_text()
+
+
+def _widest_backward_fusion(num_layers: int, method: str) -> int:
+  """Operands of the widest fusion inside the encoder blocks of the compiled CPU train step."""
+  hlo = _compiled_step_hlo(dict(method=method), num_layers)
   entry = hlo[hlo.index("\nENTRY"):]
   return max(m.group(1).count("%")
              for m in re.finditer(r" fusion\((.*?)\), kind=\w+.*encoderblock", entry))
@@ -64,14 +69,6 @@ def test_fact_materialises_the_mlp_pre_activation_cotangent():
   # cotangent; without the barrier that copy took 29 ms a block (ViT-S/16 batch 8) and the
   # step ran 15-31% slower with 23% more scratch. The barrier must reach the compiled step,
   # once in every block.
-  model = jvt.build_model("S/16", 5, dict(method="fact", rank=4), hidden_size=32, mlp_dim=128,
-                          num_heads=2, num_layers=3, patch_size=8)
-  params = jvt.init_params(model, jax.random.key(0), image_size=32)
-  tx = optax.sgd(0.1)
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), trainable=params,
-                           opt_state=tx.init(params), method_state={})
-  batch = {"image": jnp.zeros((4, 32, 32, 3)), "label": jnp.zeros((4,), jnp.int32)}
-  step = train.make_train_step(model, tx, objectives.CrossEntropy())
-  hlo = step.lower(state, {}, {}, batch).compile().as_text()
+  hlo = _compiled_step_hlo(dict(method="fact", rank=4), num_layers=3, mlp_dim=128)
   barriers = re.findall(r"opt-barrier\(.*encoderblock_(\d+)/MlpBlock_0/Dense_0/", hlo)
   assert sorted(set(barriers)) == ["0", "1", "2"]
