@@ -148,16 +148,17 @@ def _minor_faults() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def _time_calls(fn, n_warmup: int, n_timed: int) -> tuple[list[float], float]:
-  """Seconds of each of `n_timed` calls of fn() (each synced) after `n_warmup` calls, and the
-  minor page faults per timed call."""
-  import jax
+def _time_calls(fn, n_warmup: int, n_timed: int,
+                finish=lambda out: out) -> tuple[list[float], float]:
+  """Seconds of each of `n_timed` calls of fn() after `n_warmup` calls, and the minor page faults
+  per timed call. `finish(out)` waits for a call's result (jax.block_until_ready for JAX;
+  PyTorch's CPU calls return finished)."""
   times = []
   for i in range(n_warmup + n_timed):
     if i == n_warmup:
       faults = _minor_faults()
     t0 = time.perf_counter()
-    jax.block_until_ready(fn())
+    finish(fn())
     if i >= n_warmup:
       times.append(time.perf_counter() - t0)
   return times, (_minor_faults() - faults) / max(n_timed, 1)
@@ -203,7 +204,8 @@ def measure(spec: dict) -> dict:
     state, metrics = step(state, s.frozen, s.constants, batch)
     return state, metrics
 
-  train_times, train_faults = _time_calls(train_call, spec["warmup"], spec["steps"])
+  train_times, train_faults = _time_calls(train_call, spec["warmup"], spec["steps"],
+                                          jax.block_until_ready)
   stats = device.memory_stats() or {}
   if "peak_bytes_in_use" in stats:
     peak_mb, mem_source = stats["peak_bytes_in_use"] / 2**20, "device peak_bytes_in_use"
@@ -217,7 +219,7 @@ def measure(spec: dict) -> dict:
   eval_batch = sharding.shard_batch(eval_host, s.mesh)
   evaluate = s.eval_step.lower(state.trainable, s.frozen, eval_batch).compile()
   eval_times, _ = _time_calls(lambda: evaluate(state.trainable, s.frozen, eval_batch),
-                              max(1, spec["warmup"] // 2), spec["steps"])
+                              max(1, spec["warmup"] // 2), spec["steps"], jax.block_until_ready)
   rates = [b / t for t in train_times]
   row = {
       "method": spec["method"],

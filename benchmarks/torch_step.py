@@ -583,8 +583,8 @@ def measure(spec: dict) -> dict:
   train_call()  # the first step allocates gradients and momentum: torch's "compile"
   first_s = time.perf_counter() - t0
   rss_reset = run._reset_peak_rss()  # noqa: SLF001 (shared helper)
-  train_times, train_faults = _time(train_call, spec["warmup"], spec["steps"],
-                                    run._minor_faults)  # noqa: SLF001
+  train_times, train_faults = run._time_calls(  # noqa: SLF001 (shared helper)
+      train_call, spec["warmup"], spec["steps"])
   peak_mb = run._peak_rss_mb()  # noqa: SLF001
   model.eval()
   eb = spec["eval_batch"]
@@ -594,8 +594,8 @@ def measure(spec: dict) -> dict:
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
       return model(eval_images).argmax(-1)
 
-  eval_times, _ = _time(eval_call, max(1, spec["warmup"] // 2), spec["steps"],
-                        run._minor_faults)  # noqa: SLF001
+  eval_times, _ = run._time_calls(  # noqa: SLF001
+      eval_call, max(1, spec["warmup"] // 2), spec["steps"])
   rates = [b / t for t in train_times]
   import resource
   return {
@@ -624,20 +624,6 @@ def measure(spec: dict) -> dict:
       "base_rss_mb": base_rss,
       "load_avg_1m": load_before,
   }
-
-
-def _time(fn, n_warmup: int, n_timed: int, faults_now) -> tuple[list[float], float]:
-  """Seconds of each of `n_timed` calls of fn() after `n_warmup` calls (CPU: synchronous), and
-  the minor page faults per timed call (`faults_now()`: the process's count so far)."""
-  times = []
-  for i in range(n_warmup + n_timed):
-    if i == n_warmup:
-      faults = faults_now()
-    t0 = time.perf_counter()
-    fn()
-    if i >= n_warmup:
-      times.append(time.perf_counter() - t0)
-  return times, (faults_now() - faults) / max(n_timed, 1)
 
 
 # ------------------------------------------------------------------------------ the parent

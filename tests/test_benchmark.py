@@ -47,6 +47,7 @@ def test_harness_runs_two_methods_and_writes_every_key(tmp_path):
                 "peak_mem_mb", "compile_s", "flops_per_img"):
       assert row[key] > 0, (row["method"], key, row[key])
     assert row["train_img_s_min"] <= row["train_img_s"] <= row["train_img_s_max"]
+    assert row["page_faults_per_step"] >= 0
     assert (row["variant"], row["batch"], row["backend"]) == ("S/16", 4, "cpu")
   # Trainable parameters, counted by hand for the tiny model (D=32, 2 blocks, 6 classes):
   # full = patch embedding 8*8*3*32+32, cls 32, posemb 17*32, 2 blocks of
@@ -58,6 +59,25 @@ def test_harness_runs_two_methods_and_writes_every_key(tmp_path):
   table = (out / "results.md").read_text()
   assert "| full | none |" in table and "| da_vpt | none |" in table
   assert "da_vpt vs vpt_deep" not in table  # no vpt_deep row, so no such ratio
+
+
+def test_time_calls_counts_the_fresh_pages_each_timed_call_touches():
+  import mmap
+  run = _load_run()
+  pages = 2048  # 8 MB of fresh anonymous memory a call, each page written once
+  page = mmap.PAGESIZE
+  finished = []
+
+  def touch():
+    block = mmap.mmap(-1, pages * page)
+    np.frombuffer(block, np.uint8)[::page] = 1
+    block.close()
+    return "out"
+
+  times, faults = run._time_calls(touch, 1, 3, finish=finished.append)
+  assert len(times) == 3 and all(t > 0 for t in times)
+  assert finished == ["out"] * 4  # every call's result, warm-up included, went to `finish`
+  assert pages <= faults < 2 * pages
 
 
 def test_cpu_devices_split_the_step_and_count_the_whole_batch(tmp_path):
