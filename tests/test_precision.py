@@ -131,10 +131,11 @@ def test_bf16_vit_train_step_dots_take_bf16_operands():
   dots = _dots(hlo)
   assert dots, "no dot found in the HLO"
   # 2 blocks x (6 projections (query, key, value, out, mlp in / out) + attention's 2 batched
-  # products), forward and two gradients: 48 products bf16 x bf16 -> f32. The head (forward
+  # products), forward and two gradients: 48 products bf16 x bf16 -> f32, plus the patch
+  # embedding's forward and kernel gradient (the images take no gradient). The head (forward
   # and 2 gradients, fp32 by design) is the only fp32 one.
   bf16 = [d for d in dots if d == ("bf16xbf16", "f32")]
-  assert len(bf16) == 2 * (6 + 2) * 3, dots
+  assert len(bf16) == 2 * (6 + 2) * 3 + 2, dots
   assert len(dots) - len(bf16) == 3, dots
   jax.block_until_ready(jax.jit(jax.grad(loss))(params))  # and XLA:CPU runs it
 

@@ -3,7 +3,9 @@
 `Projection` is a dense layer over several input/output axes (the shapes the official ViT
 checkpoints store: query kernels are [D, H, Dh]); its `kernel` and output go through each
 method's `kernel` / `projection` hook. `LayerNorm` (statistics in fp32) passes its output
-through the `norm` hooks. Plug-in parameters a hook creates live beside the pretrained ones
+through the `norm` hooks. `PatchEmbedding` is the stride-p p x p convolution of the official
+checkpoints (`embedding/kernel` [p, p, C, D]), computed on CPU as one product of the flattened
+patches. Plug-in parameters a hook creates live beside the pretrained ones
 (`query/lora_a`, `LayerNorm_0/ssf_scale`), so the backbone's names never change and loading a
 checkpoint is a tree merge.
 """
@@ -77,3 +79,53 @@ class LayerNorm(nn.Module):
     for m in self.methods:
       y = m.on_norm(self, x, y, site)
     return y
+
+
+class PatchEmbedding(nn.Module):
+  """[B, H, W, C] images -> [B, H/p, W/p, D] tokens: the official stride-p p x p convolution.
+
+  Parameters as `nn.Conv(D, (p, p), strides=p, padding="VALID")` keeps them (`kernel` [p, p, C,
+  D], lecun-normal; `bias` [D], zero), so checkpoints load unchanged. On CPU the convolution is
+  written as what it is, one product of each non-overlapping p x p x C patch with the kernel
+  (`patch_product`): XLA:CPU runs the convolution's input gradient, which VP's pixel prompt
+  needs, as a generic convolution at about 10 GFLOP/s (99 ms of a 1,028 ms ViT-S/16 batch-8
+  step, docs/performance.md), and the product in a few ms. Elsewhere it stays a convolution.
+  """
+  features: int
+  patch_size: int
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    p = self.patch_size
+    _, h, w, _ = images.shape
+    if h % p or w % p:
+      raise ValueError(f"images {h}x{w} are not a multiple of the patch size {p}: resize or "
+                       f"crop them to a multiple of {p} (e.g. data.image_size).")
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (p, p, images.shape[-1], self.features))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
+    if jax.default_backend() == "cpu":
+      return patch_product(images, kernel, bias, self.dtype)
+    return patch_convolution(images, kernel, bias, self.dtype)
+
+
+def patchify(images, p: int):
+  """[B, H, W, C] -> [B, H/p, W/p, p, p, C]: the non-overlapping p x p patches, row-major."""
+  b, h, w, c = images.shape
+  x = images.reshape(b, h // p, p, w // p, p, c)
+  return x.transpose(0, 1, 3, 2, 4, 5)
+
+
+def patch_product(images, kernel, bias, dtype):
+  """The patch embedding as a product: patches [B, h, w, p, p, C] . kernel [p, p, C, D]."""
+  return precision.dense(patchify(images.astype(dtype), kernel.shape[0]), kernel, bias, 3, dtype)
+
+
+def patch_convolution(images, kernel, bias, dtype):
+  """The patch embedding as flax `nn.Conv` computes it: operands in `dtype`, stride p, VALID."""
+  p = kernel.shape[0]
+  y = jax.lax.conv_general_dilated(images.astype(dtype), kernel.astype(dtype), (p, p), "VALID",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return y if bias is None else y + bias.astype(dtype)

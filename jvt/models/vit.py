@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jvt import precision
 from jvt.methods.base import Site, ordered
 from jvt import barrier
-from jvt.models.layers import LayerNorm, Projection
+from jvt.models.layers import LayerNorm, PatchEmbedding, Projection
 from jvt.models.gelu import gelu
 from jvt.models.softmax import softmax
 
@@ -444,9 +444,8 @@ class ViT(nn.Module):
     site = site.at(shared=shared)
     for m in ms:
       images = m.on_image(self, images, site)
-    x = nn.Conv(self.hidden_size, (self.patch_size, self.patch_size),
-                strides=(self.patch_size, self.patch_size), padding="VALID", dtype=self.dtype,
-                use_bias=self.patch_bias, name="embedding")(images.astype(self.dtype))
+    x = PatchEmbedding(self.hidden_size, self.patch_size, use_bias=self.patch_bias,
+                       dtype=self.dtype, name="embedding")(images)  # [B, h, w, D]
     b, h, w, d = x.shape
     site = site.at(grid=(h, w))
     for m in ms:
