@@ -10,14 +10,14 @@ VPT-Deep, DA-VPT and full fine-tuning. `count` is a structured task (as VTAB's C
 the source task taught the [CLS] token to ignore how many objects there are, so a linear probe
 on the frozen features stays near chance, while prompts, which change what every block
 attends to, recover much of it. Measured on the 2-core CPU (one backbone, pretrained with
-seed 0; tuning seeds 0, 1, 2; re-measured 2026-12-01 after the attention layout change):
+seed 0; tuning seeds 0, 1, 2; re-measured 2026-12-02 after GELU's forward became the erf form):
 
 | method | test accuracy (seeds 0 / 1 / 2) | trainable params |
 |---|---|---|
 | linear | 0.308 / 0.316 / 0.302 | 388 |
 | vpt_deep | 0.472 / 0.432 / 0.368 | 1,924 |
-| da_vpt | 0.592 / 0.466 / 0.406 | 1,924 |
-| full | 0.782 / 0.720 / 0.768 | 319,972 |
+| da_vpt | 0.598 / 0.466 / 0.406 | 1,924 |
+| full | 0.786 / 0.698 / 0.788 | 319,972 |
 
 That is on the AMD EPYC (Zen 5); on a 2-core Intel Xeon seed 0 gives 0.308 / 0.472 / 0.596 /
 0.816 (2026-12-01): float rounding differs by CPU, and full fine-tuning is the most sensitive.
