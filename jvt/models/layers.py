@@ -102,7 +102,7 @@ class PatchEmbedding(nn.Module):
     _, h, w, _ = images.shape
     if h % p or w % p:
       raise ValueError(f"images {h}x{w} are not a multiple of the patch size {p}: resize or "
-                       f"crop them to a multiple of {p} (e.g. data.image_size).")
+                       f"crop them to a multiple of {p} (config: model.image_size).")
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (p, p, images.shape[-1], self.features))
     bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
