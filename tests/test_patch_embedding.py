@@ -68,6 +68,7 @@ def test_images_not_a_multiple_of_the_patch_size_are_refused():
     layers.PatchEmbedding(8, 16).init(jax.random.key(0), jnp.zeros((1, 30, 32, 3)))
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the product form is CPU-only")
 def test_cpu_vp_step_runs_no_convolution():
   """On CPU the embedding is a product: a pixel prompt's image gradient runs no convolution
   (XLA:CPU's convolution input gradient took a tenth of a ViT-S/16 VP step)."""
@@ -81,6 +82,5 @@ def test_cpu_vp_step_runs_no_convolution():
     return jnp.sum(logits ** 2)
 
   hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
-  assert jax.default_backend() == "cpu"
   assert "convolution(" not in hlo
   assert np.all(np.isfinite(jax.jit(jax.grad(loss))(params)["vp"]["pad_up"]))

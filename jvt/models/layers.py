@@ -90,6 +90,8 @@ class PatchEmbedding(nn.Module):
   (`patch_product`): XLA:CPU runs the convolution's input gradient, which VP's pixel prompt
   needs, as a generic convolution at about 10 GFLOP/s (99 ms of a 1,028 ms ViT-S/16 batch-8
   step, docs/performance.md), and the product in a few ms. Elsewhere it stays a convolution.
+  Images whose sides are not a multiple of p are refused (the trainer checks
+  `model.image_size` before building the step; this covers images given to `apply` directly).
   """
   features: int
   patch_size: int
