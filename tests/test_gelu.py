@@ -1,4 +1,4 @@
-"""jvt.models.gelu: the values of exact GELU and the derivative of x * Phi(x)."""
+"""jvt.gelu: the values of exact GELU and the derivative of x * Phi(x)."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jvt.models.gelu import gelu
+from jvt.gelu import gelu
 
 
 def _reference(x):
@@ -67,3 +67,18 @@ def test_backward_pass_does_not_reuse_the_forward_erf():
   hlo = jax.jit(jax.grad(loss), compiler_options=train.step_compiler_options()).lower(
       x).compile().as_text()
   assert len(re.findall(r" erf\(", hlo)) == 2, re.findall(r".* erf\(.*", hlo)
+
+
+def test_backbone_and_adapters_compute_gelu_with_erf():
+  """Every exact GELU of the model, the MLP's and each sequential adapter's, is this one: the
+  lowered forward pass holds erf (one per MLP, one per adapter) and no erfc."""
+  import jvt
+  from conftest import IMAGE, NUM_CLASSES, SMALL
+
+  model = jvt.build_model("B/16", NUM_CLASSES, dict(method="adapter", dim=4), **SMALL)
+  x = jnp.ones((1, IMAGE, IMAGE, 3))
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+  hlo = jax.jit(model.apply).lower(params, x).as_text()
+  layers = SMALL["num_layers"]
+  assert "erfc" not in hlo
+  assert len(re.findall(r"\berf\b", hlo)) == layers * 3, re.findall(r".*\berf\b.*", hlo)

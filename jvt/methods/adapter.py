@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jvt.gelu import gelu
 from jvt.methods.base import Method
 from jvt.methods.dense import Dense
 from jvt.methods.leaves import BLOCK
@@ -49,7 +50,7 @@ def _bottleneck(x, dim: int, init: str, dtype):
   else:
     down_init, up_init = nn.initializers.xavier_uniform(), nn.initializers.zeros
   h = Dense(dim, dtype=dtype, name="down", kernel_init=down_init)(x)
-  h = nn.gelu(h, approximate=False)
+  h = gelu(h)  # exact (erf) GELU, as the authors' nn.GELU()
   return Dense(x.shape[-1], dtype=dtype, name="up", kernel_init=up_init)(h)
 
 

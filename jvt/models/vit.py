@@ -32,11 +32,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jvt import precision
-from jvt.methods.base import Site, ordered
 from jvt import barrier
+from jvt import precision
+from jvt.gelu import gelu
+from jvt.methods.base import Site, ordered
 from jvt.models.layers import LayerNorm, PatchEmbedding, Projection
-from jvt.models.gelu import gelu
 from jvt.models.softmax import softmax
 
 Dtype = Any
@@ -107,7 +107,7 @@ def activate(h, activation: str, gelu_approximate: bool):
   if activation == "swiglu":
     h1, h2 = jnp.split(h, 2, axis=-1)
     return jax.nn.silu(h1) * h2
-  # The exact form's VJP keeps only h (jvt.models.gelu); the tanh form is flax's.
+  # The exact form's VJP keeps only h (jvt.gelu); the tanh form is flax's.
   return nn.gelu(h, approximate=True) if gelu_approximate else gelu(h)
 
 

@@ -1,4 +1,4 @@
-"""Exact GELU whose backward pass keeps only its input.
+"""Exact GELU whose backward pass keeps only its input: the backbone's MLP and the adapters'.
 
 Differentiating `nn.gelu(x, approximate=False)` = x * Phi(x) makes XLA keep x and a
 derivative term beside the output for every MLP ([B, T, 4D] each, 9.2 MB per block for
