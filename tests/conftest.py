@@ -10,12 +10,23 @@ import functools
 import math
 import os
 
-# Tests compile hundreds of small programs and run each a handful of times, so XLA's backend
-# optimisation passes cost more compile time than they save at run time: level 0 takes
-# tests/methods from 317 s to 242 s on the 2-core CI CPU. Set before jax first builds its CPU
-# backend (the flag is read then); the subprocesses the tests start inherit it through
-# `xla_flags`. Training and benchmarks outside the tests keep XLA's default level.
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+from jaxlib import version as jaxlib_version  # the version only: no backend starts
+
+# Tests compile hundreds of small programs and run each a handful of times, so compile time is
+# most of their time:
+# - `--xla_backend_optimization_level=0`: XLA's backend optimisation passes cost more compile
+#   time than they save at run time (tests/methods 317 -> 242 s on the 2-core CI CPU);
+# - `--xla_cpu_use_fusion_emitters=false`: XLA:CPU's older loop-fusion emitters compile faster
+#   than its MLIR fusion emitters (the default run 919 -> 759 s on a 2-core Zen 4, 2026-12-03;
+#   tests/test_row_chunks.py 83 -> 54 s). Only for the jaxlib it was measured on: XLA aborts
+#   on a flag it does not know, and a later jaxlib may drop the older emitters.
+# Set before jax first builds its CPU backend (the flags are read then); the subprocesses the
+# tests start inherit them through `xla_flags`. Training and benchmarks outside the tests keep
+# XLA's defaults (the older emitters' train step is not faster: ViT-S/16 full fine-tuning
+# 0.95x in two alternating pairs).
+TEST_XLA_FLAGS = ["--xla_backend_optimization_level=0"]
+if jaxlib_version.__version__.startswith("0.10."):
+  TEST_XLA_FLAGS.append("--xla_cpu_use_fusion_emitters=false")
 
 
 def xla_flags(devices: int | None = None) -> str:
@@ -30,8 +41,9 @@ def xla_flags(devices: int | None = None) -> str:
   return " ".join(flags)
 
 
-if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", "").split():
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+_missing = [f for f in TEST_XLA_FLAGS if f not in os.environ.get("XLA_FLAGS", "").split()]
+if _missing:
+  os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *_missing]).strip()
 
 import jax  # noqa: E402  (after XLA_FLAGS is set)
 import numpy as np
