@@ -127,13 +127,16 @@ def einsum(spec: str, a, b, dtype):
   return _mixed(spec, a, b, dtype)
 
 
-def dense(x, kernel, bias, in_axes: int, dtype):
+def dense(x, kernel, bias, in_axes: int, dtype, saveable: bool = True):
   """x . kernel + bias over x's last `in_axes` axes, in `dtype` (bias None: none).
 
   x: [..., *in_shape]; kernel: [*in_shape, *features] (fp32 parameters); bias: [*features].
   Returns [..., *features] in `dtype`. On the mixed path the product takes bf16 operands with
   fp32 accumulation, the bias is added in fp32, and the one cast back to bf16 is tagged for the
-  "dots" remat policy (2 bytes a saved value). Elsewhere it is flax `nn.Dense`'s arithmetic:
+  "dots" remat policy (2 bytes a saved value) unless `saveable` is False: then that policy
+  recomputes it, which suits the low-rank plug-ins' products (LoRA, FacT: cheap to recompute
+  from an [..., r] operand, as large as the projection's output to keep; FacT's step held
+  96 MB more XLA temporaries with them saved). Elsewhere it is flax `nn.Dense`'s arithmetic:
   operands and bias cast to `dtype`, one `dot_general`.
   """
   x = x.astype(dtype)
@@ -146,7 +149,7 @@ def dense(x, kernel, bias, in_axes: int, dtype):
   if bias is not None:
     y = y + bias.astype(y.dtype)
   y = y.astype(dtype)
-  return saveable_value(y) if mixed else y
+  return saveable_value(y) if mixed and saveable else y
 
 
 def cast_frozen_kernels(frozen, dtype):

@@ -110,8 +110,8 @@ def _dots(hlo: str) -> list[tuple[str, str]]:
 def _tiny_bf16_vit(tuning, **overrides):
   """A 2-block bf16 ViT with `tuning`, its parameters, and the loss sum(logits^2) of a batch
   [2, 16, 16, 3] of ones in training mode (dropout rng given)."""
-  model = build_model("S/16", 5, tuning=tuning, dtype=jnp.bfloat16, hidden_size=32, mlp_dim=64,
-                      num_heads=2, num_layers=2, patch_size=8, **overrides)
+  dims = dict(hidden_size=32, mlp_dim=64, num_heads=2, num_layers=2, patch_size=8)
+  model = build_model("S/16", 5, tuning=tuning, dtype=jnp.bfloat16, **(dims | overrides))
   params = init_params(model, jax.random.key(0), image_size=16)
   images = jnp.ones((2, 16, 16, 3), jnp.float32)
   rngs = {"dropout": jax.random.key(1)}
@@ -200,6 +200,37 @@ def test_bf16_plug_in_dense_products_take_bf16_operands(tuning, names, layers):
   assert len(plug_in) == 3 * layers, ops  # forward and two gradients each
   assert all(d == ("bf16xbf16", "f32") for d in plug_in), plug_in
   jax.block_until_ready(jax.jit(jax.grad(loss))(params))  # and XLA:CPU runs it
+
+
+LOW_RANK = [dict(method="lora"), dict(method="fact", variant="tt"),
+            dict(method="fact", variant="tk")]
+FACT_DIMS = dict(mlp_dim=4 * 32)  # FacT's MLP factors need mlp_dim = 4 * hidden_size
+
+
+@pytest.mark.parametrize("tuning", LOW_RANK[:2], ids=["lora", "fact_tt"])
+def test_bf16_low_rank_products_take_bf16_operands(tuning):
+  """LoRA's and FacT's products (x A, (x A) B; x U C V) take the mixed path too: every product
+  of the gradient is bf16 x bf16 -> f32 but the head's three. Written as bf16 x bf16 -> bf16,
+  XLA:CPU converted them to fp32 products (FacT's bf16 step 1.09-1.33x slower). FacT-TK runs
+  the same projection code; its cores are fp32 products of the parameters G and P alone."""
+  params, loss = _tiny_bf16_vit(tuning, **FACT_DIMS)
+  dots = _dots(jax.jit(jax.grad(loss)).lower(params).compile().as_text())
+  mixed = [d for d in dots if d == ("bf16xbf16", "f32")]
+  assert len(dots) - len(mixed) == 3, dots
+  jax.block_until_ready(jax.jit(jax.grad(loss))(params))
+
+
+@pytest.mark.parametrize("tuning", LOW_RANK, ids=["lora", "fact_tt", "fact_tk"])
+def test_bf16_dots_remat_keeps_no_low_rank_product(tuning, capsys):
+  """Under remat "dots" only the backbone's projections keep their outputs: the low-rank
+  products are recomputed from their [..., r] operands (kept, FacT's step held 96 MB more)."""
+  from jax.ad_checkpoint import print_saved_residuals
+
+  params, loss = _tiny_bf16_vit(tuning, remat="dots", **FACT_DIMS)
+  print_saved_residuals(loss, params)
+  named = [line for line in capsys.readouterr().out.splitlines()
+           if precision.SAVEABLE_NAME in line]
+  assert len(named) == 2 * 5, named  # as test_bf16_dots_remat_saves_the_projections_bf16_outputs
 
 
 # ---------------------------------------------------------------- bf16 on CPUs without bf16

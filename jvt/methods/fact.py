@@ -32,8 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jvt.methods.base import Method
 from jvt import barrier
+from jvt import precision
+from jvt.methods.base import Method
 
 VARIANTS = ("tt", "tk")
 TARGETS = ("query", "key", "value", "out", "mlp_in", "mlp_out")
@@ -113,22 +114,25 @@ class FacT(Method):
                          tt_core_shape(site.name, r))
     else:
       core = tk_core(f["g"], f["p"], site.layer, site.name)
-    u, v, core = (a.astype(site.dtype) for a in (f["u"], f["v"], core))
+    u, v = f["u"], f["v"]
+    # bf16 operands with fp32 sums on the mixed path, as the backbone's products (XLA:CPU
+    # runs a bf16 x bf16 -> bf16 product in fp32 behind converts).
+    mm = lambda a, b: precision.dense(a, b, None, 1, site.dtype, saveable=False)
     drop = nn.Dropout(self.dropout)
     lead = x.shape[:-site.in_axes]
     if site.name == "mlp_in":
       if y.shape[-1] != 4 * d:
         raise ValueError(f"fact needs mlp_dim = 4 * hidden_size (got {y.shape[-1]} and {d}).")
-      c = drop(x @ u @ core, deterministic=not site.train)  # [..., 4r]
-      delta = (c.reshape(*lead, 4, r) @ v).reshape(*lead, 4 * d)
+      c = drop(mm(mm(x, u), core), deterministic=not site.train)  # [..., 4r]
+      delta = mm(c.reshape(*lead, 4, r), v).reshape(*lead, 4 * d)
     elif site.name == "mlp_out":
       if x.shape[-1] != 4 * d:
         raise ValueError(f"fact needs mlp_dim = 4 * hidden_size (got {x.shape[-1]} and {d}).")
-      h = (x.reshape(*lead, 4, d) @ u).reshape(*lead, 4 * r)
-      delta = drop(h @ core, deterministic=not site.train) @ v  # [..., D]
+      h = mm(x.reshape(*lead, 4, d), u).reshape(*lead, 4 * r)
+      delta = mm(drop(mm(h, core), deterministic=not site.train), v)  # [..., D]
     else:
-      c = drop(x.reshape(*lead, d) @ u @ core, deterministic=not site.train)  # [..., r]
-      delta = (c @ v).reshape(y.shape)
+      c = drop(mm(mm(x.reshape(*lead, d), u), core), deterministic=not site.train)  # [..., r]
+      delta = mm(c, v).reshape(y.shape)
     if site.name == "mlp_in":
       # The MLP's pre-activation. Its cotangent feeds Dense_0's input gradient, the bias's and,
       # through a transposed copy, V's. Without the barrier XLA:CPU scheduled that copy among

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from jvt import precision
 from jvt.methods.base import Method
 
 TARGETS = ("query", "key", "value", "out", "mlp_in", "mlp_out")
@@ -31,12 +32,6 @@ def check_low_rank(name: str, rank: int, targets) -> None:
     raise ValueError(f"{name}.targets={targets}: unknown {bad}; allowed values are "
                      f"{TARGETS} (at least one).")
 INITS = ("kaiming_uniform", "normal")
-
-
-def _tensordot(x, w, n_axes):
-  """Contract the last `n_axes` axes of x with the first `n_axes` axes of w."""
-  return jax.lax.dot_general(
-      x, w, ((tuple(range(x.ndim - n_axes, x.ndim)), tuple(range(n_axes))), ((), ())))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +72,10 @@ class LoRA(Method):
       init = nn.initializers.normal(1.0 / np.sqrt(fan_in))
     a = scope.param("lora_a", init, (*in_shape, self.rank))
     b = scope.param("lora_b", nn.initializers.zeros, (self.rank, *site.features))
-    h = _tensordot(x, a.astype(site.dtype), site.in_axes)  # [..., r]
-    return y + (self.alpha / self.rank) * _tensordot(h, b.astype(site.dtype), 1)
+    # Products as the backbone's (bf16 operands, fp32 sums on the mixed path; jvt.precision).
+    h = precision.dense(x, a, None, site.in_axes, site.dtype, saveable=False)  # [..., r]
+    return y + (self.alpha / self.rank) * precision.dense(h, b, None, 1, site.dtype,
+                                                          saveable=False)
 
   def merge(self, params):
     return merge_lora(params, alpha=self.alpha, rank=self.rank)
