@@ -8,7 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import jvt
 from jvt.gelu import gelu
+
+from conftest import IMAGE, NUM_CLASSES, SMALL
 
 
 def _reference(x):
@@ -72,9 +75,6 @@ def test_backward_pass_does_not_reuse_the_forward_erf():
 def test_backbone_and_adapters_compute_gelu_with_erf():
   """Every exact GELU of the model, the MLP's and each sequential adapter's, is this one: the
   lowered forward pass holds erf (one per MLP, one per adapter) and no erfc."""
-  import jvt
-  from conftest import IMAGE, NUM_CLASSES, SMALL
-
   model = jvt.build_model("B/16", NUM_CLASSES, dict(method="adapter", dim=4), **SMALL)
   x = jnp.ones((1, IMAGE, IMAGE, 3))
   params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
