@@ -9,6 +9,8 @@ jvt's variant (random weights), adds the method the way the public PyTorch code 
 `--steps` SGD-momentum steps (cross-entropy, random images and labels) after `--warmup` steps,
 then the eval forward under `torch.no_grad`. `--dtype bfloat16` wraps forward and loss in
 `torch.autocast("cpu", torch.bfloat16)` with fp32 parameters (PyTorch's mixed precision).
+`--profile-steps K` then profiles K more train steps and writes METHOD.torch_ops.md, PyTorch's
+operations by self CPU time a step, to set beside `benchmarks/profile.py`'s table of jvt's.
 
 How each method is written (so that its cost is the published code's cost):
   full        every parameter trains.
@@ -597,6 +599,8 @@ def measure(spec: dict) -> dict:
   eval_times, _ = run._time_calls(  # noqa: SLF001
       eval_call, max(1, spec["warmup"] // 2), spec["steps"])
   rates = [b / t for t in train_times]
+  if spec.get("profile_steps"):
+    _profile_ops(train_call, spec["profile_steps"], spec["profile_out"], spec)
   import resource
   return {
       "method": spec["method"],
@@ -626,6 +630,38 @@ def measure(spec: dict) -> dict:
   }
 
 
+def ops_table(rows: Sequence[tuple[str, float, int]], steps: int, title: str,
+              limit: int = 40) -> str:
+  """Markdown of PyTorch's operations by self CPU time a step, the largest first.
+
+  rows: (operation, self CPU microseconds over all `steps`, calls over all `steps`), as
+  torch.profiler's key averages give them. The layout is that of benchmarks/profile.py's
+  `.ops.md`, so that the two frameworks' steps can be read side by side.
+  """
+  rows = sorted(rows, key=lambda r: -r[1])
+  total_ms = sum(r[1] for r in rows) / 1e3 / steps
+  lines = [f"{title}: {total_ms:.1f} ms of operations per step (self CPU time)", "",
+           "| ms / step | share | calls / step | operation |", "|---:|---:|---:|---|"]
+  for name, self_us, calls in rows[:limit]:
+    ms = self_us / 1e3 / steps
+    lines.append(f"| {ms:.1f} | {100 * ms / total_ms:.1f}% | {calls / steps:g} | `{name}` |")
+  return "\n".join(lines) + "\n"
+
+
+def _profile_ops(train_call, steps: int, out: str, spec: dict) -> None:
+  """Profiles `steps` more train steps and writes `{out}/{method}.torch_ops.md`."""
+  from torch.profiler import ProfilerActivity, profile
+  with profile(activities=[ProfilerActivity.CPU]) as prof:
+    for _ in range(steps):
+      train_call()
+  rows = [(e.key, e.self_cpu_time_total, e.count) for e in prof.key_averages()]
+  title = (f"torch {spec['method']}, {spec['variant']}, batch {spec['batch']}, "
+           f"{spec['dtype']}")
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, f"{spec['method']}.torch_ops.md"), "w") as f:
+    f.write(ops_table(rows, steps, title))
+
+
 # ------------------------------------------------------------------------------ the parent
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
   """The CLI of benchmarks/run.py (less --remat), with CPU defaults."""
@@ -647,8 +683,15 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                  help=f"JSON of ViT dims in jvt's names ({', '.join(OVERRIDES)}).")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--timeout", type=float, default=None, help="Seconds per method.")
+  p.add_argument("--profile-steps", type=int, default=0,
+                 help="After the timing, profile this many more train steps with "
+                      "torch.profiler and write METHOD.torch_ops.md (self CPU time per "
+                      "operation) beside results.json: the counterpart of profile.py's "
+                      "table of jvt's operations.")
   p.add_argument("--out", required=True, help="Directory for results.json.")
   args = p.parse_args(argv)
+  if args.profile_steps < 0:
+    p.error(f"--profile-steps={args.profile_steps}: must be >= 0.")
   methods = [m.strip() for m in args.methods.split(",") if m.strip()]
   bad = [m for m in methods if m not in METHODS] or ([] if methods else ["(empty)"])
   if bad:
@@ -669,7 +712,8 @@ def specs(args: argparse.Namespace) -> list[dict]:
   base = dict(variant=args.variant, batch=args.batch, eval_batch=args.eval_batch or args.batch,
               image_size=args.image_size, dtype=args.dtype, steps=args.steps,
               warmup=args.warmup, num_prompts=args.num_prompts, num_classes=args.num_classes,
-              overrides=args.overrides, seed=args.seed)
+              overrides=args.overrides, seed=args.seed, profile_steps=args.profile_steps,
+              profile_out=os.path.abspath(args.out))
   return [dict(base, method=m) for m in args.methods]
 
 

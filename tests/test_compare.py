@@ -52,6 +52,26 @@ def test_torch_specs_carry_the_keys_run_py_children_read():
   assert (config.batch_size, config.model.variant) == (4, "S/16")
 
 
+def test_torch_ops_table_orders_by_self_time_per_step_and_sums_the_shares():
+  ts = _load("torch_step")
+  rows = [("aten::add", 3000.0, 6), ("aten::mm", 9000.0, 12), ("aten::gelu", 0.0, 3)]
+  table = ts.ops_table(rows, steps=3, title="torch full")
+  lines = table.splitlines()
+  # 12,000 us over 3 steps = 4.0 ms a step; mm 3.0 ms (75%), add 1.0 ms (25%).
+  assert lines[0] == "torch full: 4.0 ms of operations per step (self CPU time)"
+  assert lines[4:] == ["| 3.0 | 75.0% | 4 | `aten::mm` |", "| 1.0 | 25.0% | 2 | `aten::add` |",
+                       "| 0.0 | 0.0% | 1 | `aten::gelu` |"]
+  assert len(ts.ops_table(rows, steps=1, title="t", limit=1).splitlines()) == 5
+
+
+def test_torch_step_profile_steps_reach_the_child_spec():
+  ts = _load("torch_step")
+  spec = ts.specs(ts.parse(["--methods", "full", "--profile-steps", "3", "--out", "x"]))[0]
+  assert spec["profile_steps"] == 3 and spec["profile_out"] == os.path.abspath("x")
+  with pytest.raises(SystemExit):
+    ts.parse(["--profile-steps", "-1", "--out", "x"])
+
+
 def test_vit_dims_follow_jvt_variants():
   ts = _load("torch_step")
   assert ts.vit_dims("B/16", {}) == dict(hidden_size=768, mlp_dim=3072, num_heads=12,
