@@ -127,22 +127,48 @@ def einsum(spec: str, a, b, dtype):
   return _mixed(spec, a, b, dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _recomputed(spec, a, b):
+  """`jnp.einsum(spec, a, b)` that the "dots" remat policy recomputes rather than saves.
+
+  The policy saves every `dot_general` without batch dimensions. The forward rule calls this
+  function itself, as `_mixed_fwd` calls `_mixed`: the policy then sees a custom-VJP call, not a
+  `dot_general`, and recomputes it. The backward pass is JAX's own transpose of the product.
+  """
+  return jnp.einsum(spec, a, b)
+
+
+def _recomputed_fwd(spec, a, b):
+  return _recomputed(spec, a, b), (a, b)
+
+
+def _recomputed_bwd(spec, residuals, g):
+  _, transpose = jax.vjp(functools.partial(jnp.einsum, spec), *residuals)
+  return transpose(g)
+
+
+_recomputed.defvjp(_recomputed_fwd, _recomputed_bwd)
+
+
 def dense(x, kernel, bias, in_axes: int, dtype, saveable: bool = True):
   """x . kernel + bias over x's last `in_axes` axes, in `dtype` (bias None: none).
 
   x: [..., *in_shape]; kernel: [*in_shape, *features] (fp32 parameters); bias: [*features].
   Returns [..., *features] in `dtype`. On the mixed path the product takes bf16 operands with
   fp32 accumulation, the bias is added in fp32, and the one cast back to bf16 is tagged for the
-  "dots" remat policy (2 bytes a saved value) unless `saveable` is False: then that policy
-  recomputes it, which suits the low-rank plug-ins' products (LoRA, FacT: cheap to recompute
-  from an [..., r] operand, as large as the projection's output to keep; FacT's step held
-  96 MB more XLA temporaries with them saved). Elsewhere it is flax `nn.Dense`'s arithmetic:
-  operands and bias cast to `dtype`, one `dot_general`.
+  "dots" remat policy (2 bytes a saved value). Elsewhere it is flax `nn.Dense`'s arithmetic:
+  operands and bias cast to `dtype`, one `dot_general`, which that policy saves.
+  `saveable=False`: the "dots" policy recomputes the product on either path, which suits the
+  low-rank plug-ins' products (LoRA, FacT: cheap to recompute from an [..., r] operand, as large
+  as the projection's output to keep; with them saved FacT's bf16 step held 96 MB more XLA
+  temporaries, its fp32 step at batch 32 about 1 GB more, docs/performance.md).
   """
   x = x.astype(dtype)
   mixed = uses_mixed(dtype)
   if mixed:
     y = einsum(tensordot_spec(x.ndim, kernel.ndim, in_axes), x, kernel, dtype)
+  elif not saveable:
+    y = _recomputed(tensordot_spec(x.ndim, kernel.ndim, in_axes), x, kernel.astype(dtype))
   else:
     contract = (tuple(range(x.ndim - in_axes, x.ndim)), tuple(range(in_axes)))
     y = jax.lax.dot_general(x, kernel.astype(dtype), (contract, ((), ())))

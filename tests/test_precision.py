@@ -88,6 +88,22 @@ def test_float32_path_is_plain_einsum():
   np.testing.assert_array_equal(got, jnp.einsum("ij,jk->ik", a, b))
 
 
+@pytest.mark.parametrize("saveable", [True, False])
+def test_float32_dense_values_and_gradients_against_numpy(saveable):
+  """fp32 `dense`, saveable or not (the unsaved product is a custom VJP): x . W + b and its
+  gradients against numpy's formulas, for an x with two leading axes."""
+  rng = np.random.default_rng(3)
+  x, w = rng.standard_normal((2, 4, 6)), rng.standard_normal((6, 3))
+  bias, g = rng.standard_normal(3), rng.standard_normal((2, 4, 3))
+  f = lambda x, w, bias: precision.dense(x, w, bias, 1, jnp.float32, saveable=saveable)
+  y, vjp = jax.vjp(f, *(jnp.asarray(v, jnp.float32) for v in (x, w, bias)))
+  dx, dw, db = vjp(jnp.asarray(g, jnp.float32))
+  np.testing.assert_allclose(y, x @ w + bias, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dx, g @ w.T, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dw, np.einsum("abi,abo->io", x, g), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(db, g.sum((0, 1)), rtol=1e-5, atol=1e-5)
+
+
 def _dot_ops(hlo: str) -> list[tuple[str, str, str]]:
   """(operand dtypes, result dtype, op name) of every dot in optimised HLO text (operand types
   are looked up from their definitions: fused computations print operands by name only)."""
@@ -107,11 +123,11 @@ def _dots(hlo: str) -> list[tuple[str, str]]:
   return [(operands, result) for operands, result, _ in _dot_ops(hlo)]
 
 
-def _tiny_bf16_vit(tuning, **overrides):
-  """A 2-block bf16 ViT with `tuning`, its parameters, and the loss sum(logits^2) of a batch
-  [2, 16, 16, 3] of ones in training mode (dropout rng given)."""
+def _tiny_vit(tuning, dtype=jnp.bfloat16, **overrides):
+  """A 2-block ViT computing in `dtype` with `tuning`, its parameters, and the loss
+  sum(logits^2) of a batch [2, 16, 16, 3] of ones in training mode (dropout rng given)."""
   dims = dict(hidden_size=32, mlp_dim=64, num_heads=2, num_layers=2, patch_size=8)
-  model = build_model("S/16", 5, tuning=tuning, dtype=jnp.bfloat16, **(dims | overrides))
+  model = build_model("S/16", 5, tuning=tuning, dtype=dtype, **(dims | overrides))
   params = init_params(model, jax.random.key(0), image_size=16)
   images = jnp.ones((2, 16, 16, 3), jnp.float32)
   rngs = {"dropout": jax.random.key(1)}
@@ -126,7 +142,7 @@ def _tiny_bf16_vit(tuning, **overrides):
 def test_bf16_vit_train_step_dots_take_bf16_operands():
   """The point of the module: XLA:CPU keeps every projection and attention product of a bf16
   ViT's gradient in bf16 x bf16 -> f32 (its fast path) instead of converting to fp32."""
-  params, loss = _tiny_bf16_vit(dict(method="full"))
+  params, loss = _tiny_vit(dict(method="full"))
   hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
   dots = _dots(hlo)
   assert dots, "no dot found in the HLO"
@@ -167,7 +183,7 @@ def test_bf16_dots_remat_saves_the_projections_bf16_outputs(capsys):
   pass: the bf16 values after the bias add (2 bytes each), not the fp32 products (4)."""
   from jax.ad_checkpoint import print_saved_residuals
 
-  params, loss = _tiny_bf16_vit(dict(method="full"), remat="dots")
+  params, loss = _tiny_vit(dict(method="full"), remat="dots")
   print_saved_residuals(loss, params)  # one "<aval> <why>" line per residual
   named = [line.split()[0] for line in capsys.readouterr().out.splitlines()
            if precision.SAVEABLE_NAME in line]
@@ -193,7 +209,7 @@ def test_bf16_plug_in_dense_products_take_bf16_operands(tuning, names, layers):
   """The adapters' own dense layers (`jvt.methods.dense.Dense`) take the backbone's bf16 x bf16
   -> f32 path: the forward product and both gradients of each are mixed (flax Dense's would be
   converted to fp32 by XLA:CPU)."""
-  params, loss = _tiny_bf16_vit(tuning)
+  params, loss = _tiny_vit(tuning)
   ops = _dot_ops(jax.jit(jax.grad(loss)).lower(params).compile().as_text())
   plug_in = [(operands, result) for operands, result, name in ops
              if any(f"/{n}/" in name for n in names)]
@@ -213,24 +229,65 @@ def test_bf16_low_rank_products_take_bf16_operands(tuning):
   of the gradient is bf16 x bf16 -> f32 but the head's three. Written as bf16 x bf16 -> bf16,
   XLA:CPU converted them to fp32 products (FacT's bf16 step 1.09-1.21x slower). FacT-TK runs
   the same projection code; its cores are fp32 products of the parameters G and P alone."""
-  params, loss = _tiny_bf16_vit(tuning, **FACT_DIMS)
+  params, loss = _tiny_vit(tuning, **FACT_DIMS)
   dots = _dots(jax.jit(jax.grad(loss)).lower(params).compile().as_text())
   mixed = [d for d in dots if d == ("bf16xbf16", "f32")]
   assert len(dots) - len(mixed) == 3, dots
   jax.block_until_ready(jax.jit(jax.grad(loss))(params))
 
 
-@pytest.mark.parametrize("tuning", LOW_RANK, ids=["lora", "fact_tt", "fact_tk"])
-def test_bf16_dots_remat_keeps_no_low_rank_product(tuning, capsys):
-  """Under remat "dots" only the backbone's projections keep their outputs: the low-rank
-  products are recomputed from their [..., r] operands (kept, FacT's step held 96 MB more)."""
+def _saved_products(tuning, dtype, capsys) -> list[str]:
+  """The shapes of the per-image products a 2-block ViT keeps for its backward pass under remat
+  "dots" (in bf16 the values `dense` tags, in fp32 the `dot_general` outputs the policy saves;
+  per image: a leading batch axis of 2, so not FacT-TK's products of its parameters alone)."""
   from jax.ad_checkpoint import print_saved_residuals
 
-  params, loss = _tiny_bf16_vit(tuning, remat="dots", **FACT_DIMS)
-  print_saved_residuals(loss, params)
-  named = [line for line in capsys.readouterr().out.splitlines()
-           if precision.SAVEABLE_NAME in line]
-  assert len(named) == 2 * 5, named  # as test_bf16_dots_remat_saves_the_projections_bf16_outputs
+  params, loss = _tiny_vit(tuning, dtype=dtype, remat="dots", **FACT_DIMS)
+  capsys.readouterr()
+  print_saved_residuals(loss, params)  # one "<aval> <why>" line per residual
+  mark = precision.SAVEABLE_NAME if dtype == jnp.bfloat16 else "output of dot_general"
+  return sorted(line.split()[0] for line in capsys.readouterr().out.splitlines()
+                if mark in line and line.split("[", 1)[1].startswith("2,"))
+
+
+DTYPES = [jnp.bfloat16, jnp.float32]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp32"])
+@pytest.mark.parametrize("tuning", LOW_RANK, ids=["lora", "fact_tt", "fact_tk"])
+def test_dots_remat_keeps_no_low_rank_product(tuning, dtype, capsys):
+  """Under remat "dots" a LoRA / FacT step keeps the products full fine-tuning's keeps (the
+  projections' outputs) and no more: its own products are recomputed from their [..., r]
+  operands. Kept, they are as large as the projections' outputs (FacT's bf16 step held 96 MB
+  more XLA temporaries). In fp32 the policy would save every plain product: `dense(...,
+  saveable=False)` hides them from it."""
+  full = _saved_products(dict(method="full"), dtype, capsys)
+  assert len(full) == 2 * 5, full  # 2 blocks x query, key, value, out, mlp in
+  assert _saved_products(tuning, dtype, capsys) == full
+
+
+# (tuning, the products 2 blocks keep beyond full fine-tuning's: [..., 8] bottlenecks (Convpass:
+# its down projection and its outside tokens' [2, 1, 8] product), and the MLP out projection's
+# output where it is a sequential adapter's input (full fine-tuning's backward needs none of it))
+BOTTLENECKS = [(dict(method="adapter"), ["[2,5,8]"] * 4 + ["[2,5,32]"] * 2),
+               (dict(method="adaptformer"), ["[2,5,8]"] * 2),
+               (dict(method="convpass"), ["[2,5,8]"] * 4 + ["[2,1,8]"] * 4),
+               (dict(method="adapter", placement="adapter_plus"), ["[2,5,8]"] * 2 + ["[2,5,32]"] * 2)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp32"])
+@pytest.mark.parametrize("tuning,expected", BOTTLENECKS,
+                         ids=["adapter", "adaptformer", "convpass", "adapter_plus"])
+def test_dots_remat_recomputes_the_bottleneck_up_projections(tuning, expected, dtype, capsys):
+  """The adapters' up projections ([..., 8] -> [..., D]) are recomputed under "dots" too: beyond
+  full fine-tuning's products the step keeps the bottlenecks and no [..., D] output of an up
+  projection (kept, each would be as large as a projection's output)."""
+  full = _saved_products(dict(method="full"), dtype, capsys)
+  extra = _saved_products(dict(dim=8) | tuning, dtype, capsys)
+  for shape in full:
+    extra.remove(shape)  # every product full fine-tuning keeps is kept here too
+  prefix = "bf16" if dtype == jnp.bfloat16 else "f32"
+  assert extra == sorted(prefix + shape for shape in expected), extra
 
 
 # ---------------------------------------------------------------- bf16 on CPUs without bf16
