@@ -12,8 +12,9 @@ Writes `DIR/compare.json` (both rows of every method and the run's metadata) and
 before and after (a 1-minute load above 0.5 before the run spoils it: the table says so; the
 load after it includes the run's own busy cores), and per method
 jvt and torch images/s, their ratio, both peak memories and their ratio, and each side's
-images/s over its own full fine-tuning. `--rounds N` measures each pair N times, alternating
-which side goes first, and reports the median of the pairs' ratios. `--join` builds the same
+images/s over its own full fine-tuning (jvt's with the same remat policy where that row
+exists). `--rounds N` measures each pair N times, alternating which side goes first, and
+reports the median of the pairs' ratios. `--join` builds the same
 table from existing results.json files (rows matched on method, variant, batch, image size and
 dtype).
 """
@@ -226,10 +227,12 @@ def markdown(pairs: Sequence[dict], meta: dict) -> str:
             "| torch peak MB (step) | jvt / torch peak (step) | jvt x own full "
             "| torch x own full |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-  full = next((p for p in pairs if p["jvt"]["method"] == "full"
-               and p["jvt"].get("remat", "none") == "none"), None)
+  # "x own full": over the full fine-tuning row with the same remat policy (jvt's side), else
+  # the one without remat.
+  fulls = {p["jvt"].get("remat", "none"): p for p in pairs if p["jvt"]["method"] == "full"}
   for p in pairs:
     j, t = p["jvt"], p["torch"]
+    full = fulls.get(j.get("remat", "none"), fulls.get("none"))
     j_full = _ratio(j["train_img_s"], full["jvt"]["train_img_s"]) if full else None
     t_full = (_ratio(t["train_img_s"], full["torch"]["train_img_s"])
               if full and full["torch"] and t else None)

@@ -92,13 +92,16 @@ def test_join_and_table_ratios_by_hand():
   jvt = [_row("full", 6.0, 1800.0, 200.0, "jvt", remat="none"),
          _row("vpt_deep", 12.0, 1400.0, 200.0, "jvt", remat="none"),
          _row("vpt_deep", 11.0, 900.0, 200.0, "jvt", remat="full"),  # vs the same torch row
-         _row("ssf", 9.0, 1500.0, 200.0, "jvt", remat="none")]
+         _row("ssf", 9.0, 1500.0, 200.0, "jvt", remat="none"),
+         _row("full", 5.0, 1000.0, 200.0, "jvt", remat="dots"),
+         _row("vpt_deep", 10.0, 800.0, 200.0, "jvt", remat="dots")]
   torch = [_row("vpt_deep", 8.0, 1000.0, 700.0, "torch"), _row("full", 4.0, 1200.0, 700.0,
                                                                   "torch"),
            dict(_row("ssf", 5.0, 1000.0, 700.0, "torch"), dtype="bfloat16")]  # other dtype
   pairs = cmp.join(jvt, torch)
   assert [(p["jvt"]["method"], p["torch"] and p["torch"]["method"]) for p in pairs] == [
-      ("full", "full"), ("vpt_deep", "vpt_deep"), ("vpt_deep", "vpt_deep"), ("ssf", None)]
+      ("full", "full"), ("vpt_deep", "vpt_deep"), ("vpt_deep", "vpt_deep"), ("ssf", None),
+      ("full", "full"), ("vpt_deep", "vpt_deep")]
   meta = dict(date="d", command="c", cpu="cpu", cpus=2, uptime_before="u0",
               uptime_after="u1", load_before_1m=0.1, load_after_1m=0.2)
   table = cmp.markdown(pairs, meta)
@@ -110,6 +113,11 @@ def test_join_and_table_ratios_by_hand():
   # With remat: 11 / 8 = 1.38x, peaks 900 / 1000 = 0.90x, steps 700 / 300 = 2.33x.
   assert "| 11.00 | 8.00 | 1.38x | 900 (700) | 1,000 (300) | 0.90x (2.33x) |" in lines[
       "vpt_deep (remat full)"]
+  # No full fine-tuning row with remat "full": over the one without remat, 11 / 6 = 1.83x.
+  assert lines["vpt_deep (remat full)"].endswith("| 1.83x | 2.00x |")
+  # With remat "dots", over full fine-tuning with "dots": 10 / 5 = 2.00x (torch: 8 / 4).
+  assert lines["vpt_deep (remat dots)"].endswith("| 2.00x | 2.00x |")
+  assert lines["full (remat dots)"].endswith("| 1.00x | 1.00x |")
   assert "| 9.00 | - | - |" in lines["ssf"]
   assert "WARNING" not in table
   assert "WARNING" not in cmp.markdown(pairs, dict(meta, load_after_1m=2.0))  # its own load
