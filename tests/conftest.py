@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import tempfile
 
 from jaxlib import version as jaxlib_version  # the version only: no backend starts
 
@@ -47,10 +48,23 @@ if _missing:
 
 import jax  # noqa: E402  (after XLA_FLAGS is set)
 import numpy as np
+import pytest
 import scipy.special
 from flax import traverse_util
 
 import jvt
+
+@pytest.fixture(autouse=True, scope="session")
+def _temp_files_under_pytest(tmp_path_factory):
+  """Temporary files the library names for the user (a checkpoint mismatch's full key listing)
+  go under pytest's own temporary tree during the tests, which pytest prunes, not into the
+  system's /tmp, where every test run would leave them; subprocesses get it through TMPDIR."""
+  directory = str(tmp_path_factory.mktemp("tempfile"))
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(tempfile, "tempdir", directory)
+    patch.setenv("TMPDIR", directory)
+    yield directory
+
 
 # A tiny ViT: 3 blocks of width 32 with 4 heads, 8x8 patches on 24x24 images (9 patches).
 SMALL = dict(hidden_size=32, mlp_dim=64, num_heads=4, num_layers=3, patch_size=8)
