@@ -51,7 +51,7 @@ def _bottleneck(x, dim: int, init: str, dtype):
     down_init, up_init = nn.initializers.xavier_uniform(), nn.initializers.zeros
   h = Dense(dim, dtype=dtype, name="down", kernel_init=down_init)(x)
   h = gelu(h)  # exact (erf) GELU, as the authors' nn.GELU()
-  return Dense(x.shape[-1], dtype=dtype, name="up", kernel_init=up_init, saveable=False)(h)
+  return Dense(x.shape[-1], dtype=dtype, name="up", kernel_init=up_init)(h)
 
 
 class Bottleneck(nn.Module):

@@ -74,8 +74,7 @@ class Bypass(nn.Module):
     rest = precision.dense(u[:, :t - n], kernel[1, 1], bias, 1, self.dtype)
     u = quick_gelu(jnp.concatenate([rest, grid], axis=1))  # [B, T, dim]
     u = nn.Dropout(self.dropout)(u, deterministic=not train)
-    return Dense(d, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="up",
-                 saveable=False)(u)
+    return Dense(d, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="up")(u)
 
 
 @dataclasses.dataclass(frozen=True)

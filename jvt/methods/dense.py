@@ -18,21 +18,15 @@ from jvt import precision
 
 
 class Dense(nn.Module):
-  """y = x . kernel + bias over x's last axis; x [..., in] -> y [..., features] in `dtype`.
-
-  `saveable=False`: the "dots" remat policy recomputes y instead of keeping it (for an up
-  projection out of a few-unit bottleneck, as large as the block's activations to keep and
-  cheap to recompute; `precision.dense`).
-  """
+  """y = x . kernel + bias over x's last axis; x [..., in] -> y [..., features] in `dtype`."""
   features: int
   use_bias: bool = True
   dtype: Any = jnp.float32
   kernel_init: Any = nn.initializers.lecun_normal()
   bias_init: Any = nn.initializers.zeros
-  saveable: bool = True
 
   @nn.compact
   def __call__(self, x):
     kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
     bias = self.param("bias", self.bias_init, (self.features,)) if self.use_bias else None
-    return precision.dense(x, kernel, bias, 1, self.dtype, self.saveable)
+    return precision.dense(x, kernel, bias, 1, self.dtype)
