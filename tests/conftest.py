@@ -54,6 +54,7 @@ from flax import traverse_util
 
 import jvt
 
+
 @pytest.fixture(autouse=True, scope="session")
 def _temp_files_under_pytest(tmp_path_factory):
   """Temporary files the library names for the user (a checkpoint mismatch's full key listing)
