@@ -17,10 +17,12 @@ type combination at run time. Batched products (attention's) are therefore laid 
 as [batch, rows, contracted] x [batch, cols, contracted] (`_minor_product`), forward and
 backward, which XLA:CPU runs natively (bf16 VPT-Deep, ViT-S/16: 14.5 -> 18.3 img/s).
 `dense` (the backbone's projections and the plug-ins' dense layers) tags its output
-`checkpoint_name(..., SAVEABLE_NAME)` so the "dots" remat policy keeps saving it (the policy
-recognises dot_general primitives, not custom VJPs), after the bias add and the cast to bf16, so
-that policy keeps 2 bytes a value, not 4. This module sits below `jvt.models` and `jvt.methods`:
-both use it.
+`checkpoint_name(..., SAVEABLE_NAME)` so the "dots" remat policy keeps saving it, after the
+bias add and the cast to bf16, so that policy keeps 2 bytes a value, not 4. (The policy
+recognises dot_general primitives, also inside a custom VJP's forward rule; `_mixed_fwd` and
+`_recomputed_fwd` call their own custom-VJP function, so the policy sees a call, not a product,
+and recomputes it unless tagged.) This module sits below `jvt.models` and `jvt.methods`: both
+use it.
 """
 from __future__ import annotations
 
