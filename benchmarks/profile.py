@@ -90,17 +90,53 @@ def profile(spec: dict, out: str, trace_steps: int = 0) -> dict:
   return report
 
 
+def _computations(hlo: str) -> tuple[str, dict[str, list[str]]]:
+  """(the ENTRY computation's name, {computation: its instruction lines}) of an HLO module."""
+  comps, entry, current = {}, "", None
+  for line in hlo.splitlines():
+    header = re.match(r"(ENTRY )?%(\S+) \(", line)
+    if header and line.rstrip().endswith("{"):
+      current = header.group(2)
+      comps[current] = []
+      entry = current if header.group(1) else entry
+    elif line.startswith("}"):
+      current = None
+    elif current is not None:
+      comps[current].append(line)
+  return entry, comps
+
+
+# Computations a control-flow instruction runs as thunks of their own (a fusion's `calls=` and
+# a reduction's `to_apply=` run inside one kernel and get no trace events).
+_RUNS = re.compile(r" (?:while|call|conditional)\(")
+_CALLED = re.compile(r"\b(?:condition|body|to_apply|true_computation|false_computation)=%([^\s,]+)"
+                     r"|branch_computations=\{([^}]*)\}")
+
+
 def hlo_op_names(hlo: str) -> dict[str, tuple[str, str]]:
   """{instruction: (the op_name of the model code that made it, result shape)} for every
-  instruction of the optimised module's ENTRY computation (the ones the runtime executes), with
-  `jit(...)/` dropped and `encoderblock_<i>` folded to `block`."""
-  entry = hlo[hlo.find("\nENTRY"):]
+  instruction the runtime executes: the optimised module's ENTRY computation and, through its
+  `while` / `call` / `conditional` instructions, the computations they run (a step in row
+  chunks runs its forward and backward inside `lax.map`'s while loop). `jit(...)/` is dropped
+  and `encoderblock_<i>` folded to `block`."""
+  entry, comps = _computations(hlo)
+  runtime, todo = set(), [entry]
+  while todo:
+    comp = todo.pop()
+    if comp in runtime or comp not in comps:
+      continue
+    runtime.add(comp)
+    for line in comps[comp]:
+      if _RUNS.search(line):
+        for single, group in _CALLED.findall(line):
+          todo.extend([single] if single else re.findall(r"%([^\s,]+)", group))
   names = {}
-  for line in entry.splitlines():
-    m = re.match(r"\s*(?:ROOT )?%(\S+) = (\S+) .*?op_name=\"([^\"]+)\"", line)
-    if m:
-      op = re.sub(r"encoderblock_\d+", "block", m.group(3))
-      names[m.group(1)] = (re.sub(r"^jit\([^)]*\)/", "", op), m.group(2))
+  for comp in runtime:
+    for line in comps[comp]:
+      m = re.match(r"\s*(?:ROOT )?%(\S+) = (\S+) .*?op_name=\"([^\"]+)\"", line)
+      if m:
+        op = re.sub(r"encoderblock_\d+", "block", m.group(3))
+        names[m.group(1)] = (re.sub(r"^jit\([^)]*\)/", "", op), m.group(2))
   return names
 
 

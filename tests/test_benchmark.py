@@ -184,7 +184,7 @@ def test_profile_op_table_sums_trace_events_per_model_operation():
       '  ROOT %copy.2 = f32[4,8]{1,0} copy(%x), metadata={op_name="jit(step)/transpose"}',
       "}"])
   names = prof.hlo_op_names(hlo)
-  # Only ENTRY instructions; both blocks' products fold into one operation.
+  # Not the fusion computation's own instruction; both blocks' products fold into one operation.
   assert set(names) == {"ynn_fusion.3", "ynn_fusion.7", "copy.2"}
   mlp = ("jvp(ViT)/Transformer/block/MlpBlock_0/dot_general", "f32[8,4]{1,0}")
   assert names["ynn_fusion.3"] == names["ynn_fusion.7"] == mlp
@@ -202,6 +202,45 @@ def test_profile_op_table_sums_trace_events_per_model_operation():
                                        dtype="float32", remat="none"))
   assert "6.5 ms of operations per step" in table
   assert "| 6.0 | 92.3% | 1.5 | `f32[8,4]{1,0}` |" in table
+
+
+def test_profile_op_names_reach_into_the_computations_control_flow_runs():
+  # A step in row chunks runs its blocks inside lax.map's while loop: the instructions of the
+  # loop's body and condition, and of what they call, execute as thunks with trace events of
+  # their own; a fusion's and a reduction's computations do not.
+  prof = _load_profile()
+  hlo = "\n".join([
+      "%fused_computation.1 (p: f32[2]) -> f32[2] {",
+      '  %inner = f32[2]{0} add(%p, %p), metadata={op_name="jit(step)/inside/a/fusion"}',
+      "}", "",
+      "%region_add.8 (a: f32[], b: f32[]) -> f32[] {",
+      '  ROOT %add.3 = f32[] add(%a, %b), metadata={op_name="jit(step)/reducer/add"}',
+      "}", "",
+      "%region_called.7 (z: f32[2,4]) -> f32[2,4] {",
+      '  ROOT %copy.8 = f32[2,4]{1,0} copy(%z), metadata={op_name="jit(step)/while/body/copy"}',
+      "}", "",
+      "%region_cond.5 (arg: (s32[], f32[8,4])) -> pred[] {",
+      '  ROOT %lt.1 = pred[] compare(%i, %n), direction=LT, '
+      'metadata={op_name="jit(step)/while/cond/lt"}',
+      "}", "",
+      "%region_body.6 (arg: (s32[], f32[8,4])) -> (s32[], f32[8,4]) {",
+      '  %ynn_fusion.9 = f32[2,4]{1,0} fusion(%y), kind=kCustom, calls=%fused_computation.1, '
+      'metadata={op_name="jit(step)/while/body/closed_call/ViT/Transformer/encoderblock_3/'
+      'MlpBlock_0/dot_general"}',
+      '  %call.2 = f32[2,4]{1,0} call(%y), to_apply=%region_called.7, '
+      'metadata={op_name="jit(step)/while/body/call"}',
+      "}", "",
+      "ENTRY %main.9 (x: f32[8,4]) -> f32[8] {",
+      '  %while.4 = (s32[], f32[8,4]{1,0}) while(%t), condition=%region_cond.5, '
+      'body=%region_body.6, metadata={op_name="jit(step)/while"}',
+      '  ROOT %reduce.5 = f32[8]{0} reduce(%x, %c), dimensions={1}, to_apply=%region_add.8, '
+      'metadata={op_name="jit(step)/reduce_sum"}',
+      "}"])
+  names = prof.hlo_op_names(hlo)
+  assert set(names) == {"while.4", "reduce.5", "lt.1", "ynn_fusion.9", "call.2", "copy.8"}
+  assert names["ynn_fusion.9"] == (
+      "while/body/closed_call/ViT/Transformer/block/MlpBlock_0/dot_general", "f32[2,4]{1,0}")
+  assert names["copy.8"] == ("while/body/copy", "f32[2,4]{1,0}")
 
 
 def test_startup_script_times_every_phase_of_a_tiny_run(tmp_path):
