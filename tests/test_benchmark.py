@@ -282,3 +282,57 @@ def test_step_cost_of_a_chunked_step_counts_every_chunk():
       looped = looped[0] if isinstance(looped, (list, tuple)) else looped
       assert looped["flops"] < 0.75 * flops[1]
   np.testing.assert_allclose(flops[2], flops[1], rtol=0.02)
+
+
+def _load_products():
+  spec = importlib.util.spec_from_file_location(
+      "benchmarks_products", os.path.join(REPO, "benchmarks", "products.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_products_table_is_every_forward_with_the_two_gradients_jvt_computes():
+  # Each forward product is followed by its input- and weight-gradient products, whose specs
+  # must be the ones jvt's mixed-precision VJP multiplies (jvt.precision._grad_specs).
+  from jvt import precision
+  prods = _load_products().PRODUCTS
+  assert len(prods) % 3 == 0
+  for i in range(0, len(prods), 3):
+    (name, calls, spec), (_, ca, spec_a), (_, cb, spec_b) = prods[i:i + 3]
+    assert (spec_a, spec_b) == precision._grad_specs(spec), name
+    assert calls == ca == cb
+
+
+def test_products_script_times_each_product_and_counts_its_flops(tmp_path):
+  prods = _load_products()
+  rc = prods.main(["--variant", "Ti/16", "--batch", "2", "--image-size", "32", "--rounds", "1",
+                   "--calls", "1", "--out", str(tmp_path)])
+  assert rc == 0
+  rows = json.loads((tmp_path / "products.json").read_text())
+  assert [r["spec"] for r in rows] == [s for _, _, s in prods.PRODUCTS]
+  # Ti/16 at 32 px: 4 patches + [CLS] = 5 tokens, width 192, MLP 768, 3 heads of 64.
+  sizes = dict(b=2, t=5, q=5, k=5, d=192, f=768, h=3, e=64)
+  for r in rows:
+    a, b = r["spec"].split("->")[0].split(",")
+    assert [list(s) for s in r["shapes"]] == [[sizes[i] for i in a], [sizes[i] for i in b]]
+    # FLOPs from the operands' and the result's shapes: 2 x result size x contracted size.
+    out = r["spec"].split("->")[1]
+    contracted = [i for i in a if i in b and i not in out]
+    want = 2 * np.prod([sizes[i] for i in out]) * np.prod([sizes[i] for i in contracted])
+    assert r["gflop"] * 1e9 == pytest.approx(want)
+    assert r["jvt_ms"] > 0 and r["jvt_gflops"] == pytest.approx(r["gflop"] / r["jvt_ms"] * 1e3)
+    assert r["jvt_cores"] > 0
+  md = (tmp_path / "products.md").read_text()
+  assert md.count("\n| ") == len(rows) + 1  # header row and one row per product
+
+
+def test_products_jvt_call_is_the_einsum_of_its_spec():
+  prods = _load_products()
+  spec = "btd,bthe->hed"
+  shapes = prods.operand_shapes(spec, dict(b=2, t=3, d=4, h=2, e=5))
+  call = prods.jvt_product(spec, shapes, "float32", seed=3)
+  ka, kb = jax.random.split(jax.random.key(3))
+  a, b = jax.random.normal(ka, shapes[0]), jax.random.normal(kb, shapes[1])
+  np.testing.assert_allclose(call(), np.einsum(spec, np.asarray(a), np.asarray(b)),
+                             rtol=1e-5, atol=1e-5)
