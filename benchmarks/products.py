@@ -181,6 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:
       p.error("--torch needs PyTorch: pip install -e '.[bench]'.")
   import jax
+  load_before = os.getloadavg()[0]
   rows = measure(args.variant, args.batch, args.image_size, args.dtype, args.rounds,
                  args.calls, args.torch)
   os.makedirs(args.out, exist_ok=True)
@@ -188,7 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     json.dump(rows, f, indent=1)
   header = (f"ViT-{args.variant}, batch {args.batch}, {args.image_size} px, {args.dtype}, "
             f"jax backend {jax.default_backend()} ({jax.devices()[0].device_kind}), "
-            f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; median of {args.rounds} "
+            f"{os.cpu_count()} CPUs, 1-minute load {load_before:.2f} before and "
+            f"{os.getloadavg()[0]:.2f} after; median of {args.rounds} "
             f"rounds of {args.calls} calls.\n\n`python benchmarks/products.py "
             + " ".join(sys.argv[1:] if argv is None else argv) + "`")
   with open(os.path.join(args.out, "products.md"), "w") as f:
