@@ -163,6 +163,9 @@ def markdown(rows: Sequence[dict], header: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if repo not in sys.path:  # this checkout's jvt, also where another one is installed
+    sys.path.insert(0, repo)
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--variant", default="S/16")
   p.add_argument("--batch", type=int, default=8)
