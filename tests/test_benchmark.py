@@ -23,8 +23,11 @@ SCRIPT = os.path.join(REPO, "benchmarks", "run.py")
 TINY = {"hidden_size": 32, "mlp_dim": 64, "num_heads": 4, "num_layers": 2, "patch_size": 8}
 
 
-def _load_run():
-  spec = importlib.util.spec_from_file_location("benchmarks_run", SCRIPT)
+def _load_script(name: str):
+  """benchmarks/<name>.py as a module (the folder is not a package, and putting it on sys.path
+  would shadow the standard library's `profile`)."""
+  spec = importlib.util.spec_from_file_location(
+      f"benchmarks_{name}", os.path.join(REPO, "benchmarks", f"{name}.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -40,7 +43,7 @@ def test_harness_runs_two_methods_and_writes_every_key(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = json.loads((out / "results.json").read_text())
   assert [r["method"] for r in rows] == ["full", "da_vpt"]
-  run = _load_run()
+  run = _load_script("run")
   for row in rows:
     assert set(run.REQUIRED_KEYS) <= set(row)
     for key in ("train_img_s", "train_img_s_min", "train_img_s_max", "eval_img_s",
@@ -63,7 +66,7 @@ def test_harness_runs_two_methods_and_writes_every_key(tmp_path):
 
 def test_time_calls_counts_the_fresh_pages_each_timed_call_touches():
   import mmap
-  run = _load_run()
+  run = _load_script("run")
   pages = 2048  # 8 MB of fresh anonymous memory a call, each page written once
   page = mmap.PAGESIZE
   finished = []
@@ -107,7 +110,7 @@ def test_cpu_devices_split_the_step_and_count_the_whole_batch(tmp_path):
 
 
 def test_markdown_ratios_and_goals():
-  run = _load_run()
+  run = _load_script("run")
   base = dict(backend="cpu", device_kind="cpu", variant="S/16", batch=8, eval_img_s=1.0,
               compile_s=1.0, trainable_params=10, remat="none", flops_per_img=2e9)
   rows = [dict(base, method="full", train_img_s=2.0, train_img_s_min=1.0, train_img_s_max=3.0,
@@ -130,7 +133,7 @@ def test_markdown_ratios_and_goals():
 
 
 def test_unknown_method_is_a_clear_error():
-  run = _load_run()
+  run = _load_script("run")
   with pytest.raises(ValueError, match="unknown method 'vtp_deep'"):
     run.tuning_for("vtp_deep", 10)
 
@@ -163,16 +166,8 @@ def test_remat_saves_xla_cpu_memory_with_the_same_step():
     np.testing.assert_allclose(float(m_remat[key]), float(m_plain[key]), rtol=1e-5)
 
 
-def _load_profile():
-  spec = importlib.util.spec_from_file_location(
-      "benchmarks_profile", os.path.join(REPO, "benchmarks", "profile.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_profile_op_table_sums_trace_events_per_model_operation():
-  prof = _load_profile()
+  prof = _load_script("profile")
   hlo = "\n".join([
       "%fused_computation.1 (p: f32[2]) -> f32[2] {",
       '  %inner = f32[2]{0} add(%p, %p), metadata={op_name="jit(step)/inside/a/fusion"}',
@@ -208,7 +203,7 @@ def test_profile_op_names_reach_into_the_computations_control_flow_runs():
   # A step in row chunks runs its blocks inside lax.map's while loop: the instructions of the
   # loop's body and condition, and of what they call, execute as thunks with trace events of
   # their own; a fusion's and a reduction's computations do not.
-  prof = _load_profile()
+  prof = _load_script("profile")
   hlo = "\n".join([
       "%fused_computation.1 (p: f32[2]) -> f32[2] {",
       '  %inner = f32[2]{0} add(%p, %p), metadata={op_name="jit(step)/inside/a/fusion"}',
@@ -262,7 +257,7 @@ def test_startup_script_times_every_phase_of_a_tiny_run(tmp_path):
 def test_step_cost_of_a_chunked_step_counts_every_chunk():
   # XLA counts a loop body once: a step in 2 row chunks must still report the whole step's
   # FLOPs, those of the same step compiled in one piece.
-  run = _load_run()
+  run = _load_script("run")
   from jvt.train import sharding
   spec = dict(variant="S/16", image_size=32, dtype="float32", remat="none", overrides=TINY,
               method="vpt_deep", num_prompts=2, batch=16, eval_batch=16, warmup=1, steps=1,
@@ -284,19 +279,11 @@ def test_step_cost_of_a_chunked_step_counts_every_chunk():
   np.testing.assert_allclose(flops[2], flops[1], rtol=0.02)
 
 
-def _load_products():
-  spec = importlib.util.spec_from_file_location(
-      "benchmarks_products", os.path.join(REPO, "benchmarks", "products.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_products_table_is_every_forward_with_the_two_gradients_jvt_computes():
   # Each forward product is followed by its input- and weight-gradient products, whose specs
   # must be the ones jvt's mixed-precision VJP multiplies (jvt.precision._grad_specs).
   from jvt import precision
-  prods = _load_products().PRODUCTS
+  prods = _load_script("products").PRODUCTS
   assert len(prods) % 3 == 0
   for i in range(0, len(prods), 3):
     (name, calls, spec), (_, ca, spec_a), (_, cb, spec_b) = prods[i:i + 3]
@@ -305,7 +292,7 @@ def test_products_table_is_every_forward_with_the_two_gradients_jvt_computes():
 
 
 def test_products_script_times_each_product_and_counts_its_flops(tmp_path):
-  prods = _load_products()
+  prods = _load_script("products")
   rc = prods.main(["--variant", "Ti/16", "--batch", "2", "--image-size", "32", "--rounds", "1",
                    "--calls", "1", "--out", str(tmp_path)])
   assert rc == 0
@@ -328,7 +315,7 @@ def test_products_script_times_each_product_and_counts_its_flops(tmp_path):
 
 
 def test_products_jvt_call_is_the_einsum_of_its_spec():
-  prods = _load_products()
+  prods = _load_script("products")
   spec = "btd,bthe->hed"
   shapes = prods.operand_shapes(spec, dict(b=2, t=3, d=4, h=2, e=5))
   call = prods.jvt_product(spec, shapes, "float32", seed=3)
