@@ -112,7 +112,7 @@ class _QuietUnretrievedReads(logging.Filter):
   """Drops asyncio's "Task exception was never retrieved" reports of orbax's restore reads.
 
   When one array of a damaged checkpoint fails to read, orbax's restore raises with that error
-  (which `restore_latest` reports as one warning) while the reads of the other arrays, run as
+  (which `restore_newest` reports as one warning) while the reads of the other arrays, run as
   asyncio tasks, may fail after it; their exceptions are never retrieved, and asyncio prints
   each with a traceback when the task is collected, or not, depending on timing. Only reports
   whose traceback runs through a deserialize function of orbax are dropped; JVT_TRACEBACK=1
