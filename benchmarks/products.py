@@ -12,8 +12,9 @@ products of the four projections (query, key and value share one shape) and the 
 products (q.k^T, p.v) with their gradients, at the variant's widths, `--batch` images and
 (image / patch)^2 + 1 tokens. jvt's side is `jvt.precision.einsum`, jitted: the function the
 model's projections and attention call (on CPU in bf16: bf16 operands, fp32 accumulation and
-result). PyTorch's side (`--torch`) is `torch.einsum` on operands of `--dtype` (result in that
-dtype, as autocast runs products) at PyTorch's default threads.
+result). PyTorch's side (`--torch`) is `torch.einsum` on the same operands in `--dtype` (result
+in that dtype, as autocast runs products) at PyTorch's default threads. The table's header
+names the date, the CPU (family, model, ISA) and the load before and after.
 
 Cores used: the process's CPU time (user + system) over the wall time of the timed calls; 1.0
 is one core busy. Only on CPU (elsewhere the host's time says nothing about the device).
@@ -94,42 +95,43 @@ def time_calls(fn: Callable[[], object], sync: Callable[[object], object], round
   return statistics.median(per_call), cpu / wall
 
 
-def jvt_product(spec: str, shapes, dtype: str, seed: int = 0) -> Callable[[], object]:
-  """A call of jitted `jvt.precision.einsum(spec, a, b, dtype)` on random operands."""
+def jvt_product(spec: str, a, b, dtype: str) -> Callable[[], object]:
+  """A call of jitted `jvt.precision.einsum(spec, a, b, dtype)` on the numpy operands a, b
+  (placed on the device in `dtype` once, outside the timed calls)."""
   import jax
   import jax.numpy as jnp
   from jvt import precision
-  ka, kb = jax.random.split(jax.random.key(seed))
-  a = jax.random.normal(ka, shapes[0], dtype)
-  b = jax.random.normal(kb, shapes[1], dtype)
+  a, b = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
   f = jax.jit(lambda a, b: precision.einsum(spec, a, b, jnp.dtype(dtype)))
   return lambda: f(a, b)
 
 
-def torch_product(spec: str, shapes, dtype: str, seed: int = 0) -> Callable[[], object]:
-  """A call of `torch.einsum(spec, a, b)` on random operands of `dtype`."""
+def torch_product(spec: str, a, b, dtype: str) -> Callable[[], object]:
+  """A call of `torch.einsum(spec, a, b)` on the numpy operands a, b in `dtype`."""
   import torch
-  g = torch.Generator().manual_seed(seed)
-  dt = getattr(torch, dtype)
-  a, b = (torch.randn(s, generator=g).to(dt) for s in shapes)
+  a, b = (torch.from_numpy(x).to(getattr(torch, dtype)) for x in (a, b))
   return lambda: torch.einsum(spec, a, b)
 
 
 def measure(variant: str, batch: int, image_size: int, dtype: str, rounds: int, calls: int,
-            with_torch: bool) -> list[dict]:
+            with_torch: bool, seed: int = 0) -> list[dict]:
+  """One row per product of PRODUCTS: jvt's (and with_torch, PyTorch's) time on the same
+  random normal operands."""
   import jax
+  import numpy as np
   sizes = index_sizes(variant, batch, image_size)
   on_cpu = jax.default_backend() == "cpu"
+  rng = np.random.default_rng(seed)
   rows = []
   for name, per_block, spec in PRODUCTS:
     shapes = operand_shapes(spec, sizes)
+    a, b = (rng.standard_normal(s, dtype=np.float32) for s in shapes)
     work = gflop(spec, sizes)
-    ms, cores = time_calls(jvt_product(spec, shapes, dtype), jax.block_until_ready, rounds,
-                           calls)
+    ms, cores = time_calls(jvt_product(spec, a, b, dtype), jax.block_until_ready, rounds, calls)
     row = dict(product=name, spec=spec, calls_per_block=per_block, shapes=shapes, gflop=work,
                jvt_ms=ms, jvt_gflops=work / ms * 1e3, jvt_cores=cores if on_cpu else None)
     if with_torch:
-      ms_t, cores_t = time_calls(torch_product(spec, shapes, dtype), lambda x: x, rounds, calls)
+      ms_t, cores_t = time_calls(torch_product(spec, a, b, dtype), lambda x: x, rounds, calls)
       row.update(torch_ms=ms_t, torch_gflops=work / ms_t * 1e3, torch_cores=cores_t,
                  speed_ratio=ms_t / ms)
     rows.append(row)
@@ -154,12 +156,23 @@ def markdown(rows: Sequence[dict], header: str) -> str:
       cells += [_f(r["torch_ms"], ".2f"), _f(r["torch_gflops"], ".0f"),
                 _f(r["torch_cores"], ".2f"), _f(r["speed_ratio"], ".2f") + "x"]
     out.append("| " + " | ".join(cells) + " |")
-  block = lambda key: sum(r[key] * r["calls_per_block"] for r in rows)  # noqa: E731
-  total = f"One block's products, each counted as often as a train step runs it: jvt " \
-          f"{block('jvt_ms'):.1f} ms"
+  block = {side: sum(r[f"{side}_ms"] * r["calls_per_block"] for r in rows)
+           for side in ("jvt", "torch") if f"{side}_ms" in rows[0]}
+  total = (f"One block's products, each counted as often as a train step runs it: jvt "
+           f"{block['jvt']:.1f} ms")
   if has_torch:
-    total += f", PyTorch {block('torch_ms'):.1f} ms"
+    total += f", PyTorch {block['torch']:.1f} ms"
   return "\n".join(out + ["", total + " (no remat: forward once).", ""])
+
+
+def _load_compare():
+  """benchmarks/compare.py, for its CPU description (this folder is not a package)."""
+  import importlib.util
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compare.py")
+  spec = importlib.util.spec_from_file_location("benchmarks_compare", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -190,8 +203,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "products.json"), "w") as f:
     json.dump(rows, f, indent=1)
-  header = (f"ViT-{args.variant}, batch {args.batch}, {args.image_size} px, {args.dtype}, "
-            f"jax backend {jax.default_backend()} ({jax.devices()[0].device_kind}), "
+  compare = _load_compare()
+  detail = compare.cpu_detail()
+  header = (f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC. ViT-{args.variant}, batch "
+            f"{args.batch}, {args.image_size} px, {args.dtype}, jax {jax.__version__} backend "
+            f"{jax.default_backend()} ({jax.devices()[0].device_kind}), CPU "
+            f"{compare.cpu_model()}{f' ({detail})' if detail else ''}, "
             f"{os.cpu_count()} CPUs, 1-minute load {load_before:.2f} before and "
             f"{os.getloadavg()[0]:.2f} after; median of {args.rounds} "
             f"rounds of {args.calls} calls.\n\n`python benchmarks/products.py "

@@ -314,12 +314,17 @@ def test_products_script_times_each_product_and_counts_its_flops(tmp_path):
   assert md.count("\n| ") == len(rows) + 1  # header row and one row per product
 
 
-def test_products_jvt_call_is_the_einsum_of_its_spec():
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_products_jvt_call_is_the_einsum_of_its_spec(dtype):
+  # What the tool times is the product itself: on CPU in bf16, jvt's mixed path (bf16
+  # operands, fp32 sums), against float64 numpy on the operands rounded to `dtype`.
+  import ml_dtypes
   prods = _load_script("products")
   spec = "btd,bthe->hed"
-  shapes = prods.operand_shapes(spec, dict(b=2, t=3, d=4, h=2, e=5))
-  call = prods.jvt_product(spec, shapes, "float32", seed=3)
-  ka, kb = jax.random.split(jax.random.key(3))
-  a, b = jax.random.normal(ka, shapes[0]), jax.random.normal(kb, shapes[1])
-  np.testing.assert_allclose(call(), np.einsum(spec, np.asarray(a), np.asarray(b)),
+  rng = np.random.default_rng(3)
+  a, b = (rng.standard_normal(s, dtype=np.float32)
+          for s in prods.operand_shapes(spec, dict(b=2, t=3, d=4, h=2, e=5)))
+  got = prods.jvt_product(spec, a, b, dtype)()
+  rounded = [x.astype(getattr(ml_dtypes, dtype, np.float32)).astype(np.float64) for x in (a, b)]
+  np.testing.assert_allclose(np.asarray(got, np.float64), np.einsum(spec, *rounded),
                              rtol=1e-5, atol=1e-5)
