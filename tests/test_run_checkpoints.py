@@ -254,12 +254,12 @@ def test_restore_silences_only_orbax_reads_unretrieved_failures(tmp_path, caplog
                                                                 filename, env, printed):
   """The CLI promises one warning and no library traceback for a damaged checkpoint
   (tests/test_resume.py); asyncio's reports of orbax's other failed reads come or not with
-  timing, so restoring filters exactly those (JVT_TRACEBACK=1 keeps them)."""
+  timing, so a RunCheckpointer filters exactly those (JVT_TRACEBACK=1 keeps them)."""
   if env is None:
     monkeypatch.delenv("JVT_TRACEBACK", raising=False)
   else:
     monkeypatch.setenv("JVT_TRACEBACK", env)
-  assert RunCheckpointer(tmp_path / "ckpt").restore_newest() is None  # installs the filter
+  assert RunCheckpointer(tmp_path / "ckpt").restore_newest() is None  # a restore, as the CLI's
   with caplog.at_level("ERROR", logger="asyncio"):
     _unretrieved_task_failure(filename)
   reports = [r for r in caplog.records

@@ -112,7 +112,7 @@ class _QuietUnretrievedReads(logging.Filter):
   """Drops asyncio's "Task exception was never retrieved" reports of orbax's restore reads.
 
   When one array of a damaged checkpoint fails to read, orbax's restore raises with that error
-  (which `restore_newest` reports as one warning) while the reads of the other arrays, run as
+  (which `restore_newest` reports as one warning, `restore` raises) while the reads of the other arrays, run as
   asyncio tasks, may fail after it; their exceptions are never retrieved, and asyncio prints
   each with a traceback when the task is collected, or not, depending on timing. Only reports
   whose traceback runs through a deserialize function of orbax are dropped; JVT_TRACEBACK=1
@@ -150,7 +150,8 @@ class RunCheckpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save)
     self.directory = os.path.abspath(os.fspath(directory))
-    logging.getLogger("absl").addFilter(_QUIET)
+    logging.getLogger("absl").addFilter(_QUIET)  # once per process: filters are a set
+    logging.getLogger("asyncio").addFilter(_QUIET_READS)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
     self._failed = False
     self._pending = None
@@ -233,7 +234,6 @@ class RunCheckpointer:
     """
     failures = []
     _quiet_closed_loop_callbacks()  # before the first read: a failed one calls back at once
-    logging.getLogger("asyncio").addFilter(_QUIET_READS)  # once: filters are a set
     for step in reversed(self.all_steps()):
       try:
         state, metadata = (restore_fn(step) if restore_fn is not None
