@@ -10,12 +10,17 @@ fp32). A fp32 operand (a parameter) gets its gradient in fp32, accumulated in fp
 operand gets a bf16 gradient. This is what PyTorch's bf16 autocast does on the same CPU.
 
 Only on CPU and only for 16-bit dtypes: elsewhere (fp32 anywhere; GPU / TPU, whose dots
-accumulate in fp32 already) `einsum` is `jnp.einsum` on operands cast to `dtype`.
+accumulate in fp32 already) `einsum` is `jnp.einsum` on operands cast to `dtype` (on CPU a
+batched one with the reduction described below).
 XLA:CPU (jax 0.10) runs bf16 x bf16 -> f32 dots only inside its YNNPACK fusions; a batched dot
 whose contracting axis is not minor (attention's backward) falls to a thunk that rejects that
 type combination at run time. Batched products (attention's) are therefore laid out explicitly
 as [batch, rows, contracted] x [batch, cols, contracted] (`_minor_product`), forward and
 backward, which XLA:CPU runs natively (bf16 VPT-Deep, ViT-S/16: 14.5 -> 18.3 img/s).
+XLA:CPU runs such a batched product alone on one core; every batched product on CPU, bf16 or
+fp32, forward and backward, is therefore fused with a reduction of its result that leaves its
+values as they are (`_on_both_cores`), which spreads it over all cores (fp32 products take
+their own VJP for it, `_threaded`).
 `dense` (the backbone's projections and the plug-ins' dense layers) tags its output
 `checkpoint_name(..., SAVEABLE_NAME)` so the "dots" remat policy keeps saving it, after the
 bias add and the cast to bf16, so that policy keeps 2 bytes a value, not 4. (The policy
@@ -80,9 +85,48 @@ def _minor_product(spec: str, a, b):
   lay = lambda x, sx, idx: jnp.transpose(x, [sx.index(i) for i in idx])
   a3 = lay(a, sa, batch + rows + contracted).reshape(count(batch), count(rows), count(contracted))
   b3 = lay(b, sb, batch + cols + contracted).reshape(count(batch), count(cols), count(contracted))
-  c3 = jnp.einsum("bmk,bnk->bmn", a3, b3, preferred_element_type=jnp.float32)
+  c3 = _on_both_cores(jnp.einsum("bmk,bnk->bmn", a3, b3, preferred_element_type=jnp.float32))
   c = c3.reshape([size[i] for i in batch + rows + cols])
   return jnp.transpose(c, [(batch + rows + cols).index(i) for i in out])
+
+
+def _on_both_cores(c):
+  """c, exactly where finite, computed so that XLA:CPU runs the product before it on every core.
+
+  c: [..., rows, cols], a batched product's result. XLA:CPU (jax 0.10) runs a batched product
+  alone in a YNNPACK kernel on one core, whatever the batch; fused with a reduction of its result
+  it spreads over all of them. So the product gets one: c + 0 * max(c) along the shorter of its
+  last two axes (along the longer, or over both, XLA left some layouts on one core). ViT-S/16's
+  attention products, batch 8, on a 2-core Zen 4: bf16 41-112 -> 61-204 GFLOP/s, fp32 54-88 ->
+  60-179 (docs/performance.md). Adding +-0 leaves a finite entry as it is; a row holding an inf
+  turns NaN (0 * inf), as a NaN already would, and the trainer stops on the non-finite loss.
+  """
+  axis = -1 if c.shape[-1] <= c.shape[-2] else -2
+  return c + 0.0 * jnp.max(c, axis=axis, keepdims=True)
+
+
+def _threaded_einsum(spec: str, a, b):
+  """`jnp.einsum(spec, a, b)` for a batched spec, its result through `_on_both_cores`."""
+  return _on_both_cores(jnp.einsum(spec, a, b))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _threaded(spec, a, b):
+  """A batched `jnp.einsum` whose forward and both gradient products use every core (CPU)."""
+  return _threaded_einsum(spec, a, b)
+
+
+def _threaded_fwd(spec, a, b):
+  return _threaded_einsum(spec, a, b), (a, b)
+
+
+def _threaded_bwd(spec, residuals, g):
+  a, b = residuals
+  spec_a, spec_b = _grad_specs(spec)
+  return _threaded_einsum(spec_a, g, b), _threaded_einsum(spec_b, g, a)
+
+
+_threaded.defvjp(_threaded_fwd, _threaded_bwd)
 
 
 def _product(spec: str, a, b):
@@ -121,9 +165,13 @@ def einsum(spec: str, a, b, dtype):
   in the output (true of projections and attention). The output is not tagged for the "dots"
   remat policy: `dense` tags its value after the bias add and the cast back to `dtype`
   (`saveable_value`, half the bytes of the fp32 product); attention's batched products are
-  recomputed under that policy.
+  recomputed under that policy. On CPU a batched spec (attention's) in any dtype computes each
+  of its three products through `_on_both_cores`.
   """
   if not uses_mixed(dtype):
+    if _batched(spec) and jax.default_backend() == "cpu":
+      _grad_specs(spec)  # validate at trace time, as below
+      return _threaded(spec, a.astype(dtype), b.astype(dtype))
     return jnp.einsum(spec, a.astype(dtype), b.astype(dtype))
   _grad_specs(spec)  # validate at trace time, not first in the backward pass
   return _mixed(spec, a, b, dtype)

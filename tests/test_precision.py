@@ -80,12 +80,74 @@ def test_batched_mixed_einsum_against_float64(spec, a_shape, b_shape):
                              rtol=1e-2, atol=1e-2)
 
 
-def test_float32_path_is_plain_einsum():
+def test_float32_unbatched_path_is_plain_einsum():
   rng = np.random.default_rng(2)
   a, b = rng.standard_normal((4, 6)), rng.standard_normal((6, 3))
   a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
   got = precision.einsum("ij,jk->ik", a, b, jnp.float32)
   np.testing.assert_array_equal(got, jnp.einsum("ij,jk->ik", a, b))
+
+
+@pytest.mark.parametrize("spec,a_shape,b_shape", [
+    ("bhqd,bhkd->bhqk", (2, 3, 5, 4), (2, 3, 7, 4)),  # attention logits (rows < cols)
+    ("bhqk,bhkd->bhqd", (2, 3, 5, 7), (2, 3, 7, 4)),  # attention-weighted values (rows > cols)
+    ("bqhd,bkhd->bhqk", (2, 5, 3, 4), (2, 7, 3, 4)),  # another axis order
+])
+def test_float32_batched_einsum_values_and_gradients_against_float64(spec, a_shape, b_shape):
+  # fp32 batched products take their own VJP on CPU (_threaded): the values and both
+  # gradients must be the einsum's and its transposes', computed here in float64.
+  rng = np.random.default_rng(4)
+  a, b = rng.standard_normal(a_shape), rng.standard_normal(b_shape)
+  g = rng.standard_normal(np.einsum(spec, a, b).shape)
+  f = lambda a, b: precision.einsum(spec, a, b, jnp.float32)  # noqa: E731
+  out, vjp = jax.vjp(f, jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
+  da, db = vjp(jnp.asarray(g, jnp.float32))
+  assert out.dtype == da.dtype == db.dtype == jnp.float32
+  spec_a, spec_b = precision._grad_specs(spec)
+  np.testing.assert_allclose(out, np.einsum(spec, a, b), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(da, np.einsum(spec_a, g, b), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(db, np.einsum(spec_b, g, a), rtol=1e-5, atol=1e-5)
+
+
+def test_on_both_cores_keeps_finite_values_and_turns_a_row_with_inf_nan():
+  rng = np.random.default_rng(5)
+  c = rng.standard_normal((3, 6, 4)).astype(np.float32) * 1e30  # large, still finite
+  c[0, 1, 2] = -0.0
+  np.testing.assert_array_equal(precision._on_both_cores(jnp.asarray(c)), c)
+  c[1, 2, 3] = np.inf  # the reduction runs along the shorter axis (4 columns): one row
+  got = np.asarray(precision._on_both_cores(jnp.asarray(c)))
+  assert np.isnan(got[1, 2]).all()
+  mask = np.ones(c.shape, bool)
+  mask[1, 2] = False
+  np.testing.assert_array_equal(got[mask], c[mask])
+
+
+def _fusions_with_dot_and_reduce(f, *args) -> int:
+  """How many fused computations of f's compiled HLO hold both a dot and a reduce."""
+  text = jax.jit(f).lower(*args).compile().as_text()
+  return sum("dot(" in c and "reduce(" in c and not c.lstrip().startswith("ENTRY")
+             for c in text.split("\n\n"))
+
+
+@pytest.mark.parametrize("dtype,fused", [(jnp.float32, 2), (jnp.bfloat16, 3)])
+def test_attention_products_are_fused_with_a_reduction(dtype, fused):
+  # The reduction is what makes XLA:CPU run these products on every core (_on_both_cores).
+  # At ViT-S/16's attention shape (batch 8), the logits, and in bf16 both gradients too, come
+  # out of fusions that hold it (the fp32 key gradient is XLA's own two-core dot); a plain
+  # einsum's VJP has none, so this fails if the reduction is dropped or XLA stops fusing it.
+  q = jnp.ones((8, 6, 197, 64), dtype)
+  k = jnp.ones((8, 6, 197, 64), dtype)
+  g = jnp.ones((8, 6, 197, 197), jnp.float32)
+  def vjp_of(product):
+    def f(q, k, g):
+      out, vjp = jax.vjp(product, q, k)
+      return out, vjp(g.astype(out.dtype))
+    return f
+  ours = vjp_of(lambda q, k: precision.einsum("bhqd,bhkd->bhqk", q, k, dtype))
+  plain = vjp_of(lambda q, k: jnp.einsum("bhqd,bhkd->bhqk", q, k,
+                                         preferred_element_type=jnp.float32))
+  assert _fusions_with_dot_and_reduce(ours, q, k, g) == fused
+  assert _fusions_with_dot_and_reduce(plain, q, k, g) == 0
 
 
 @pytest.mark.parametrize("saveable", [True, False])
