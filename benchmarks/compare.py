@@ -16,7 +16,12 @@ images/s over its own full fine-tuning (jvt's with the same remat policy where t
 exists). `--rounds N` measures each pair N times, alternating which side goes first, and
 reports the median of the pairs' ratios. `--join` builds the same
 table from existing results.json files (rows matched on method, variant, batch, image size and
-dtype).
+dtype). `--device gpu` runs PyTorch's side on the GPU (`torch_step.py --device cuda`) and
+checks that jvt's step ran on JAX's GPU backend; peak memory is then each side's device
+allocator peak.
+
+    python benchmarks/compare.py --device gpu --variant B/16 --batch 128 --dtype bfloat16 \
+        --steps 20 --warmup 5 --methods vpt_deep,full,da_vpt,lora --out DIR
 """
 from __future__ import annotations
 
@@ -183,9 +188,26 @@ def _f(x, spec=".2f", suffix=""):
   return "-" if x is None else f"{x:{spec}}{suffix}"
 
 
+def on_device(row: dict) -> bool:
+  """Whether a row's peak memory is a device allocator's (a GPU/TPU run), not the process's RSS."""
+  return str(row.get("mem_source", "")).startswith("device")
+
+
+def check_backend(row: dict, device: str) -> None:
+  """Raises RuntimeError when jvt's row ran elsewhere than `--device` says (JAX picks the GPU
+  whenever it finds one, so a CPU comparison on a GPU machine needs JAX_PLATFORMS=cpu)."""
+  want = "cpu" if device == "cpu" else "gpu"
+  if row.get("backend") != want:
+    hint = ("set JAX_PLATFORMS=cpu to compare on the CPU" if want == "cpu" else
+            "install JAX with CUDA support (JAX's installation guide)")
+    raise RuntimeError(f"--device {device}: jvt's {row['method']} step ran on JAX's "
+                       f"{row.get('backend')!r} backend, not {want!r}: {hint}.")
+
+
 def step_mb(row: dict) -> float | None:
-  """A row's peak MB less its libraries' resident MB (None if the row has no baseline)."""
-  if row is None or row.get("base_rss_mb") is None:
+  """A row's peak MB less its libraries' resident MB (None if the row has no baseline, or its
+  peak is a device allocator's, which holds no libraries)."""
+  if row is None or row.get("base_rss_mb") is None or on_device(row):
     return None
   return row["peak_mem_mb"] - row["base_rss_mb"]
 
@@ -206,15 +228,18 @@ def markdown(pairs: Sequence[dict], meta: dict) -> str:
   # count's share it used: only the load before it says whether others were running.
   before = meta.get("load_before_1m")
   quiet = before is not None and before < QUIET_LOAD
+  gpu = on_device(r0)
+  host = (f"{meta.get('cpu', '?')}"
+          f"{' (' + meta['cpu_detail'] + ')' if meta.get('cpu_detail') else ''}, "
+          f"{meta.get('cpus', '?')} CPUs")
+  hardware = f"{r0['device_kind']} (one device); host {host}" if gpu else host
   lines = [
       f"ViT-{r0['variant']}, {r0.get('image_size', '?')} px, batch {r0['batch']}, "
       f"{r0.get('dtype', '?')}, SGD momentum, random weights and inputs.",
       "",
       f"- date: {meta.get('date', '?')}",
       f"- command: `{meta.get('command', '?')}`",
-      f"- hardware: {meta.get('cpu', '?')}"
-      f"{' (' + meta['cpu_detail'] + ')' if meta.get('cpu_detail') else ''}, "
-      f"{meta.get('cpus', '?')} CPUs; jax "
+      f"- hardware: {hardware}; jax "
       f"{meta.get('jax', '?')}, torch {meta.get('torch', '?')}",
       f"- uptime before: {meta.get('uptime_before', '?')}",
       f"- uptime after: {meta.get('uptime_after', '?')}",
@@ -243,15 +268,26 @@ def markdown(pairs: Sequence[dict], meta: dict) -> str:
         f"{_ratio_text(p)} | "
         f"{_mem(j)} | {_mem(t)} | {_f(peak_ratio, '.2f', 'x')} ({_f(step_ratio, '.2f', 'x')}) | "
         f"{_f(j_full, '.2f', 'x')} | {_f(t_full, '.2f', 'x')} |")
+  with_mfu = [p["jvt"] for p in pairs if p["jvt"].get("mfu")]
+  if with_mfu:
+    lines += ["", f"jvt's MFU (its step's XLA-counted FLOP/s over the device's bf16 peak, "
+              f"{with_mfu[0]['peak_tflops']:.1f} TFLOP/s): "
+              + ", ".join(f"{_label(r)} {100 * r['mfu']:.1f}%" for r in with_mfu) + "."]
   if any(p.get("rounds") for p in pairs):
     lines += ["", "Rounds: each method's two steps were measured back to back that many times, "
               "alternating which side went first; img/s are each side's median over the rounds, "
               "jvt / torch the median of the rounds' own ratios (their range in brackets), "
               "peak MB the highest of the rounds."]
-  lines += ["", "Peak MB: each side's resident high-water mark during the timed steps, in its "
-            "own process (compilation excluded); (step): that peak less the process's resident "
-            "MB after importing the framework and before building the model (`base_rss_mb`), "
-            "i.e. the memory of the model, its step and the batch."]
+  if gpu:
+    lines += ["", "Peak MB: each side's device allocator peak over its own process up to the end "
+              "of the timed train steps (jvt: `peak_bytes_in_use`; torch: "
+              "`torch.cuda.max_memory_allocated`): parameters, optimizer state, the batch and "
+              "the step's buffers."]
+  else:
+    lines += ["", "Peak MB: each side's resident high-water mark during the timed steps, in its "
+              "own process (compilation excluded); (step): that peak less the process's "
+              "resident MB after importing the framework and before building the model "
+              "(`base_rss_mb`), i.e. the memory of the model, its step and the batch."]
   return "\n".join(lines) + "\n"
 
 
@@ -306,6 +342,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--cpu-devices", type=int, default=0,
                  help="jvt's config.cpu_devices: its step split over this many CPU devices "
                       "(0: the process's devices). PyTorch's side is its usual step either way.")
+  p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                 help="Where both steps run: cpu, or gpu (jvt on JAX's GPU backend, PyTorch on "
+                      "cuda).")
   p.add_argument("--rounds", type=int, default=1,
                  help="Back-to-back pairs per method, alternating which side goes first; the "
                       "ratio is the median of the pairs' ratios (for machines whose speed "
@@ -350,14 +389,18 @@ def main(argv: Sequence[str] | None = None) -> int:
   pairs, failed = [], False
   for method, remat in map(parse_method, args.methods):
     jvt_spec = dict(base, method=method, remat=remat, cpu_devices=args.cpu_devices)
-    sides = [("jvt", run, jvt_spec), ("torch", torch_step, dict(base, method=method))]
+    torch_spec = dict(base, method=method, device="cuda" if args.device == "gpu" else "cpu")
+    sides = [("jvt", run, jvt_spec), ("torch", torch_step, torch_spec)]
     rounds = []
     for r in range(args.rounds):
       measured = {"jvt": None, "torch": None}
       for side, module, spec in (sides if r % 2 == 0 else sides[::-1]):
         try:
           measured[side] = module.run_child(spec, args.timeout)
+          if side == "jvt":
+            check_backend(measured[side], args.device)
         except (RuntimeError, subprocess.TimeoutExpired) as err:
+          measured[side] = None
           print(err, file=sys.stderr)
           failed = True
       if measured["jvt"] is not None:

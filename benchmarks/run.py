@@ -9,6 +9,8 @@ jitted, donated `train_step` the trainer runs, and times `--steps` steps after `
 warm-up steps, with `jax.block_until_ready` around each step. It then times the eval step the
 same way. Writes `DIR/results.json` (one object per row) and `DIR/results.md` (a table with the
 ratios to full fine-tuning and DA-VPT vs VPT-Deep, and the performance goals met or missed).
+On a GPU or TPU whose bf16 peak is listed (`BF16_PEAK_TFLOPS`, or `--peak-tflops`) each bf16 row
+also has its MFU: the step's XLA-counted FLOP/s over that peak.
 
 Peak memory: the device allocator's `peak_bytes_in_use` where the backend reports it (GPU, TPU);
 on CPU the peak resident set of the child while it runs the timed steps (the high-water mark
@@ -45,6 +47,32 @@ DEFAULT_METHODS = ("full,linear,vpt_deep,da_vpt,lora,adapter,adaptformer,bitfit,
 # DA-VPT within 5% of VPT-Deep in time and memory.
 FROZEN_SPEEDUP_GOAL = 1.4
 DAVPT_OVERHEAD_GOAL = 0.05
+# GPU goal (docs/performance.md, goal 6): bf16 VPT-Deep B/16 at batch 128 at >= 40% MFU.
+MFU_GOAL = 0.40
+# Dense bf16 matrix peak in TFLOP/s by `device_kind` prefix (the vendors' datasheets, without
+# sparsity; the SXM parts where the name does not say). The MFU column is the step's XLA-counted
+# FLOP/s over this peak; `--peak-tflops` sets it for devices not listed.
+BF16_PEAK_TFLOPS = (
+    ("NVIDIA H200", 989.4),
+    ("NVIDIA H100 PCIe", 756.0),
+    ("NVIDIA H100", 989.4),
+    ("NVIDIA A100", 312.0),
+    ("NVIDIA L4", 121.0),
+    ("TPU v4", 275.0),
+    ("TPU v5 lite", 197.0),
+    ("TPU v5", 459.0),
+    ("TPU v6 lite", 918.0),
+)
+
+
+def peak_tflops(device_kind: str, dtype: str, given: float = 0.0) -> float | None:
+  """The matrix peak a row's MFU is taken against: `given` if set, else the bf16 datasheet peak
+  of a listed device for a bf16 row (None: no MFU, e.g. a CPU or a fp32 row)."""
+  if given:
+    return given
+  if dtype != "bfloat16":
+    return None
+  return next((peak for prefix, peak in BF16_PEAK_TFLOPS if device_kind.startswith(prefix)), None)
 
 
 def tuning_for(method: str, num_prompts: int) -> dict:
@@ -221,6 +249,8 @@ def measure(spec: dict) -> dict:
   eval_times, _ = _time_calls(lambda: evaluate(state.trainable, s.frozen, eval_batch),
                               max(1, spec["warmup"] // 2), spec["steps"], jax.block_until_ready)
   rates = [b / t for t in train_times]
+  step_tflops = flops / b * statistics.median(rates) / 1e12
+  peak = peak_tflops(device.device_kind, spec["dtype"], spec.get("peak_tflops", 0.0))
   row = {
       "method": spec["method"],
       "train_img_s": statistics.median(rates),
@@ -240,6 +270,10 @@ def measure(spec: dict) -> dict:
       "forward_chunks": s.forward_chunks,
       "num_devices": len(jax.devices()),
       "flops_per_img": flops / b,
+      # The step's XLA-counted FLOP/s, and that over the device's matrix peak (None: unknown).
+      "step_tflops": step_tflops,
+      "peak_tflops": peak,
+      "mfu": step_tflops / peak if peak else None,
       "xla_temp_mb": getattr(memory, "temp_size_in_bytes", 0) / 2**20,
       "mem_source": mem_source,
       # Fresh pages a timed step touched (on CPU about XLA's scratch block / 4 KB: glibc maps
@@ -311,6 +345,11 @@ def goals(rows: Sequence[dict]) -> list[str]:
       ok = "met" if max(time_over, mem_over) <= DAVPT_OVERHEAD_GOAL else "MISSED"
       out.append(f"- da_vpt vs vpt_deep{tag}: step time {time_over:+.1%}, peak memory "
                  f"{mem_over:+.1%} (goal <= +{DAVPT_OVERHEAD_GOAL:.0%} each): {ok}")
+    if vpt and vpt.get("mfu") is not None:
+      ok = "met" if vpt["mfu"] >= MFU_GOAL else "MISSED"
+      out.append(f"- vpt_deep{tag}, {vpt['variant']} batch {vpt['batch']} {vpt['dtype']}: "
+                 f"{vpt['mfu']:.1%} MFU ({vpt['step_tflops']:.0f} of {vpt['peak_tflops']:.0f} "
+                 f"TFLOP/s; goal >= {MFU_GOAL:.0%} at bf16 B/16 batch 128): {ok}")
   return out
 
 
@@ -319,7 +358,8 @@ def markdown(rows: Sequence[dict]) -> str:
 
   "x full" is the row's train images/s over full fine-tuning's (same remat); "GFLOP/s" is the
   step's XLA-counted FLOPs per image times images/s: equal GFLOP/s means a method's extra time
-  is what its extra FLOPs explain.
+  is what its extra FLOPs explain. "MFU" is that over the device's matrix peak (`peak_tflops`),
+  where the peak is known.
   """
   if not rows:
     return "No results.\n"
@@ -329,8 +369,8 @@ def markdown(rows: Sequence[dict]) -> str:
           f"memory: {r0.get('mem_source', 'peak')}")
   lines = [head, "",
            "| method | remat | trainable params | train img/s (min-max) | x full | eval img/s "
-           "| peak mem MB | XLA temp MB | compile s | train GFLOP/img | GFLOP/s |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "| peak mem MB | XLA temp MB | compile s | train GFLOP/img | GFLOP/s | MFU |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for r in rows:
     remat = r.get("remat", "none")
     full = _find(rows, "full", remat)
@@ -344,7 +384,8 @@ def markdown(rows: Sequence[dict]) -> str:
         f"{r['train_img_s']:.2f} ({r['train_img_s_min']:.2f}-{r['train_img_s_max']:.2f}) | "
         f"{_fmt(x_full, '.2f', 'x')} | {r['eval_img_s']:.2f} | {r['peak_mem_mb']:,.0f} | "
         f"{_fmt(r.get('xla_temp_mb'), ',.0f')} | {r['compile_s']:.1f} | "
-        f"{_fmt(gflop or None, '.1f')} | {_fmt(gflop * r['train_img_s'] or None, '.1f')} |")
+        f"{_fmt(gflop or None, '.1f')} | {_fmt(gflop * r['train_img_s'] or None, '.1f')} | "
+        f"{_fmt(r.get('mfu') and 100 * r['mfu'], '.1f', '%')} |")
   found = goals(rows)
   if found:
     lines += ["", "Goals:", *found]
@@ -378,6 +419,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--cpu-devices", type=int, default=0,
                  help="config.cpu_devices: split the CPU into this many data-parallel devices "
                       "(0: the process's devices).")
+  p.add_argument("--peak-tflops", type=float, default=0.0,
+                 help="The device's matrix peak in TFLOP/s for the MFU column (default: the "
+                      "bf16 datasheet peak of a listed GPU/TPU for bf16 rows, else no MFU).")
   p.add_argument("--timeout", type=float, default=None, help="Seconds per method (default none).")
   p.add_argument("--out", required=True, help="Directory for results.json and results.md.")
   return p.parse_args(argv)
@@ -418,7 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               warmup=args.warmup if args.warmup is not None else (2 if cpu else 5),
               num_prompts=args.num_prompts, num_classes=args.num_classes, overrides=overrides,
               seed=args.seed, forward_chunk_rows=args.forward_chunk_rows,
-              cpu_devices=args.cpu_devices)
+              cpu_devices=args.cpu_devices, peak_tflops=args.peak_tflops)
   os.makedirs(args.out, exist_ok=True)
   rows, failures = [], []
   for remat in remats:

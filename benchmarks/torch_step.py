@@ -9,6 +9,11 @@ jvt's variant (random weights), adds the method the way the public PyTorch code 
 `--steps` SGD-momentum steps (cross-entropy, random images and labels) after `--warmup` steps,
 then the eval forward under `torch.no_grad`. `--dtype bfloat16` wraps forward and loss in
 `torch.autocast("cpu", torch.bfloat16)` with fp32 parameters (PyTorch's mixed precision).
+`--device cuda` builds and runs everything on the GPU instead (autocast on "cuda", a
+`torch.cuda.synchronize()` closing each timed step, timm's attention through PyTorch's fused
+scaled-dot-product kernels as timm's default), and peak memory is the CUDA allocator's
+`max_memory_allocated` over the child's life up to the end of the timed train steps, as run.py's
+`peak_bytes_in_use` on a GPU.
 `--profile-steps K` then profiles K more train steps and writes METHOD.torch_ops.md, PyTorch's
 operations by self CPU time a step, to set beside `benchmarks/profile.py`'s table of jvt's.
 
@@ -50,8 +55,8 @@ rows on a 2-block S/16 at 64 px: `trainable_params`).
 
 Writes `DIR/results.json` with the row keys of `benchmarks/run.py` (`backend` = "torch",
 `framework` = "torch"), so `benchmarks/compare.py` joins the two on (method, variant, batch,
-dtype). Peak memory is the child's resident high-water mark during the timed steps, taken the
-same way as run.py's on CPU.
+dtype). On CPU, peak memory is the child's resident high-water mark during the timed steps, taken
+the same way as run.py's on CPU.
 """
 from __future__ import annotations
 
@@ -72,6 +77,7 @@ METHODS = ("full", "linear", "vpt_deep", "vpt_shallow", "da_vpt", "lora", "adapt
            "layernorm", "partial", "vp", "e2vpt", "adapter_plus")
 DEFAULT_METHODS = "full,linear,vpt_deep,lora,adapter,adaptformer,bitfit,ssf"
 DTYPES = ("float32", "bfloat16")
+DEVICES = ("cpu", "cuda")
 # jvt ViT override names -> the timm VisionTransformer argument they set.
 OVERRIDES = ("hidden_size", "mlp_dim", "num_heads", "num_layers", "patch_size")
 LORA_RANK, LORA_ALPHA = 8, 8.0
@@ -467,7 +473,7 @@ def _torch_modules():
       self.pad_right = nn.Parameter(torch.randn(1, 3, size - 2 * pad, pad))
 
     def forward(self, images):
-      base = torch.zeros(1, 3, self.size - 2 * self.pad, self.size - 2 * self.pad)
+      base = self.pad_up.new_zeros(1, 3, self.size - 2 * self.pad, self.size - 2 * self.pad)
       frame = torch.cat([self.pad_left, base, self.pad_right], dim=3)
       frame = torch.cat([self.pad_up, frame, self.pad_down], dim=2)
       return self.vit(images + frame)
@@ -562,19 +568,30 @@ def measure(spec: dict) -> dict:
   import torch
   import timm  # noqa: F401 (resident before the model, as jax is in run.py's base_rss_mb)
   run = _load("benchmarks_run", os.path.join(HERE, "run.py"))  # the shared RSS helpers
+  device = spec.get("device", "cpu")
+  cuda = device == "cuda"
+  if cuda and not torch.cuda.is_available():
+    raise RuntimeError("--device cuda: torch sees no CUDA device (torch.cuda.is_available() is "
+                       "False); run on a machine with an NVIDIA GPU and a CUDA build of torch.")
   load_before = os.getloadavg()[0]
   base_rss = run._rss_mb()  # noqa: SLF001
   torch.manual_seed(spec["seed"])
-  model, params, loss_fn = build(spec)
+  # The model and the methods' tensors are made on `device` (a device context only while
+  # building: as a global default it would intercept every operation of the timed steps).
+  with torch.device(device):
+    model, params, loss_fn = build(spec)
+  model.to(device)  # anything a method made outside the context (a no-op otherwise)
   b, size, classes = spec["batch"], spec["image_size"], spec["num_classes"]
-  images = torch.randn(b, 3, size, size)
-  labels = torch.randint(0, classes, (b,))
+  images = torch.randn(b, 3, size, size, device=device)
+  labels = torch.randint(0, classes, (b,), device=device)
   opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
   bf16 = spec["dtype"] == "bfloat16"
+  # A CUDA step returns before the GPU has finished it: each timed call waits for the GPU.
+  finish = (lambda out: torch.cuda.synchronize()) if cuda else (lambda out: out)
 
   def train_call():
     opt.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
       loss = loss_fn(images, labels)
     loss.backward()
     opt.step()
@@ -582,22 +599,26 @@ def measure(spec: dict) -> dict:
 
   model.train()
   t0 = time.perf_counter()
-  train_call()  # the first step allocates gradients and momentum: torch's "compile"
+  finish(train_call())  # the first step allocates gradients and momentum: torch's "compile"
   first_s = time.perf_counter() - t0
   rss_reset = run._reset_peak_rss()  # noqa: SLF001 (shared helper)
   train_times, train_faults = run._time_calls(  # noqa: SLF001 (shared helper)
-      train_call, spec["warmup"], spec["steps"])
-  peak_mb = run._peak_rss_mb()  # noqa: SLF001
+      train_call, spec["warmup"], spec["steps"], finish)
+  if cuda:
+    peak_mb, mem_source = torch.cuda.max_memory_allocated() / 2**20, "device max_memory_allocated"
+  else:
+    peak_mb = run._peak_rss_mb()  # noqa: SLF001
+    mem_source = "peak RSS during steps" if rss_reset else "peak RSS of the process"
   model.eval()
   eb = spec["eval_batch"]
-  eval_images = torch.randn(eb, 3, size, size)
+  eval_images = torch.randn(eb, 3, size, size, device=device)
 
   def eval_call():
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
       return model(eval_images).argmax(-1)
 
   eval_times, _ = run._time_calls(  # noqa: SLF001
-      eval_call, max(1, spec["warmup"] // 2), spec["steps"])
+      eval_call, max(1, spec["warmup"] // 2), spec["steps"], finish)
   rates = [b / t for t in train_times]
   if spec.get("profile_steps"):
     _profile_ops(train_call, spec["profile_steps"], spec["profile_out"], spec)
@@ -612,7 +633,7 @@ def measure(spec: dict) -> dict:
       "compile_s": first_s,
       "trainable_params": sum(p.numel() for p in params),
       "backend": "torch",
-      "device_kind": _cpu_model(),
+      "device_kind": torch.cuda.get_device_name() if cuda else _cpu_model(),
       "variant": spec["variant"],
       "batch": b,
       "image_size": size,
@@ -622,7 +643,8 @@ def measure(spec: dict) -> dict:
       "framework": "torch",
       "torch_version": torch.__version__,
       "torch_threads": torch.get_num_threads(),
-      "mem_source": "peak RSS during steps" if rss_reset else "peak RSS of the process",
+      "torch_device": device,
+      "mem_source": mem_source,
       "page_faults_per_step": train_faults,
       "peak_rss_total_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
       "base_rss_mb": base_rss,
@@ -675,6 +697,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                  help=f"Comma-separated, from: {', '.join(METHODS)}.")
   p.add_argument("--dtype", choices=DTYPES, default="float32",
                  help="float32, or bfloat16 autocast with fp32 parameters.")
+  p.add_argument("--device", choices=DEVICES, default="cpu",
+                 help="Where PyTorch runs the steps (cuda: the first GPU).")
   p.add_argument("--steps", type=int, default=5, help="Timed steps.")
   p.add_argument("--warmup", type=int, default=2, help="Untimed steps after the first one.")
   p.add_argument("--num-prompts", type=int, default=10, help="Prompts per block (VPT).")
@@ -692,6 +716,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
   args = p.parse_args(argv)
   if args.profile_steps < 0:
     p.error(f"--profile-steps={args.profile_steps}: must be >= 0.")
+  if args.profile_steps and args.device != "cpu":
+    p.error("--profile-steps tables self CPU time per operation, which says nothing of a GPU "
+            "step: use it with --device cpu.")
   methods = [m.strip() for m in args.methods.split(",") if m.strip()]
   bad = [m for m in methods if m not in METHODS] or ([] if methods else ["(empty)"])
   if bad:
@@ -712,7 +739,8 @@ def specs(args: argparse.Namespace) -> list[dict]:
   base = dict(variant=args.variant, batch=args.batch, eval_batch=args.eval_batch or args.batch,
               image_size=args.image_size, dtype=args.dtype, steps=args.steps,
               warmup=args.warmup, num_prompts=args.num_prompts, num_classes=args.num_classes,
-              overrides=args.overrides, seed=args.seed, profile_steps=args.profile_steps,
+              overrides=args.overrides, seed=args.seed, device=args.device,
+              profile_steps=args.profile_steps,
               profile_out=os.path.abspath(args.out))
   return [dict(base, method=m) for m in args.methods]
 

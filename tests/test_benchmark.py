@@ -52,6 +52,9 @@ def test_harness_runs_two_methods_and_writes_every_key(tmp_path):
     assert row["train_img_s_min"] <= row["train_img_s"] <= row["train_img_s_max"]
     assert row["page_faults_per_step"] >= 0
     assert (row["variant"], row["batch"], row["backend"]) == ("S/16", 4, "cpu")
+    np.testing.assert_allclose(row["step_tflops"],
+                               row["flops_per_img"] * row["train_img_s"] / 1e12, rtol=1e-9)
+    assert row["peak_tflops"] is None and row["mfu"] is None  # no peak listed for a CPU
   # Trainable parameters, counted by hand for the tiny model (D=32, 2 blocks, 6 classes):
   # full = patch embedding 8*8*3*32+32, cls 32, posemb 17*32, 2 blocks of
   # (2 norms 4*32, qkv+out 4*(32*32+32), mlp 32*64+64 + 64*32+32), final norm 64, head 32*6+6.
@@ -130,6 +133,27 @@ def test_markdown_ratios_and_goals():
   # step time 3.0 / 2.5 - 1 = +20.0 %, memory 820 / 800 - 1 = +2.5 %.
   assert ("- da_vpt vs vpt_deep: step time +20.0%, peak memory +2.5% (goal <= +5% each): "
           "MISSED") in goals
+
+
+def test_mfu_is_the_step_flops_over_the_listed_bf16_peak():
+  run = _load_script("run")
+  assert run.peak_tflops("NVIDIA H200", "bfloat16") == 989.4
+  assert run.peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756.0  # before the SXM prefix
+  assert run.peak_tflops("NVIDIA A100-SXM4-80GB", "bfloat16") == 312.0
+  assert run.peak_tflops("NVIDIA H200", "float32") is None  # no fp32 peak is listed
+  assert run.peak_tflops("cpu", "bfloat16") is None
+  assert run.peak_tflops("cpu", "float32", given=2.0) == 2.0  # --peak-tflops wins
+  # 74 GFLOP/img at 5,000 img/s = 370 TFLOP/s; over 989.4 TFLOP/s: 37.4 %.
+  row = dict(backend="gpu", device_kind="NVIDIA H200", variant="B/16", batch=128,
+             dtype="bfloat16", eval_img_s=1.0, compile_s=1.0, trainable_params=10,
+             remat="none", method="vpt_deep", train_img_s=5000.0, train_img_s_min=5000.0,
+             train_img_s_max=5000.0, peak_mem_mb=1.0, flops_per_img=74e9,
+             step_tflops=370.0, peak_tflops=989.4, mfu=370.0 / 989.4)
+  assert "| 37.4% |" in run.markdown([row])
+  assert run.goals([row]) == [
+      "- vpt_deep, B/16 batch 128 bfloat16: 37.4% MFU (370 of 989 TFLOP/s; goal >= 40% at "
+      "bf16 B/16 batch 128): MISSED"]
+  assert run.goals([dict(row, mfu=0.41)])[0].endswith(": met")
 
 
 def test_unknown_method_is_a_clear_error():

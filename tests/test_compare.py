@@ -125,6 +125,51 @@ def test_join_and_table_ratios_by_hand():
   assert "WARNING: 1-minute load above 0.5 before the run" in noisy
 
 
+def test_gpu_rows_name_the_device_compare_allocator_peaks_and_show_jvt_mfu():
+  cmp = _load("compare")
+  dev = dict(mem_source="device peak_bytes_in_use", device_kind="NVIDIA H200", backend="gpu",
+             dtype="bfloat16", variant="B/16", batch=128)
+  jvt = [dict(_row("vpt_deep", 5000.0, 20000.0, 900.0, "jvt", remat="none"), **dev,
+              mfu=0.374, peak_tflops=989.4),
+         dict(_row("full", 2500.0, 30000.0, 900.0, "jvt", remat="none"), **dev, mfu=0.25,
+              peak_tflops=989.4)]
+  torch = [dict(_row(m, v, p, 700.0, "torch"), dtype="bfloat16", variant="B/16", batch=128,
+                mem_source="device max_memory_allocated", device_kind="NVIDIA H200")
+           for m, v, p in (("vpt_deep", 4000.0, 25000.0), ("full", 2000.0, 40000.0))]
+  meta = dict(date="d", command="c", cpu="EPYC", cpus=16, uptime_before="u0",
+              uptime_after="u1", load_before_1m=0.1, load_after_1m=0.2)
+  table = cmp.markdown(cmp.join(jvt, torch), meta)
+  assert "- hardware: NVIDIA H200 (one device); host EPYC, 16 CPUs;" in table
+  lines = {l.split("|")[1].strip(): l for l in table.splitlines() if l.startswith("| ")}
+  # 5000 / 4000 = 1.25x; peaks 20,000 / 25,000 = 0.80x, and no RSS-based "step" share.
+  assert "| 5000.00 | 4000.00 | 1.25x | 20,000 | 25,000 | 0.80x (-) |" in lines["vpt_deep"]
+  assert "jvt's MFU (its step's XLA-counted FLOP/s over the device's bf16 peak, 989.4 " \
+         "TFLOP/s): vpt_deep 37.4%, full 25.0%." in table
+  assert "device allocator peak" in table and "resident high-water mark" not in table
+
+
+def test_compare_refuses_a_jvt_row_from_the_wrong_backend():
+  cmp = _load("compare")
+  cmp.check_backend({"method": "full", "backend": "gpu"}, "gpu")
+  cmp.check_backend({"method": "full", "backend": "cpu"}, "cpu")
+  with pytest.raises(RuntimeError, match="JAX_PLATFORMS=cpu"):
+    cmp.check_backend({"method": "full", "backend": "gpu"}, "cpu")
+  with pytest.raises(RuntimeError, match="ran on JAX's 'cpu' backend, not 'gpu'"):
+    cmp.check_backend({"method": "full", "backend": "cpu"}, "gpu")
+  assert cmp.parse(["--device", "gpu", "--out", "x"]).device == "gpu"
+
+
+def test_torch_step_device_reaches_the_child_spec_and_profiles_only_on_cpu():
+  ts = _load("torch_step")
+  assert ts.specs(ts.parse(["--methods", "full", "--out", "x"]))[0]["device"] == "cpu"
+  spec = ts.specs(ts.parse(["--methods", "full", "--device", "cuda", "--out", "x"]))[0]
+  assert spec["device"] == "cuda"
+  with pytest.raises(SystemExit):
+    ts.parse(["--device", "cuda", "--profile-steps", "2", "--out", "x"])
+  with pytest.raises(SystemExit):
+    ts.parse(["--device", "tpu", "--out", "x"])
+
+
 def test_method_with_a_remat_policy():
   cmp = _load("compare")
   assert cmp.parse_method("full") == ("full", "none")
