@@ -204,6 +204,52 @@ def test_remat_policies_same_values_and_gradients():
     np.testing.assert_allclose(got_grad, want_grad, atol=1e-6)
 
 
+@pytest.mark.parametrize("tuning", [None, dict(method="vpt", num_prompts=3)])
+def test_fused_attention_matches_numpy_with_the_same_gradients(tuning):
+  # The fused product against the numpy reference, and its gradients against the einsum path's
+  # (a second code path: softmax, the custom VJPs and the einsums of jvt.precision).
+  plain = small_model(tuning)
+  fused = small_model(tuning, fused_attention=True)
+  params = small_params(plain)
+  x = images()
+  logits, aux = jit_apply(fused)({"params": params}, x, capture=("tokens",),
+                                 capture_layers=(0,))
+  if tuning is None:
+    want, _ = NumpyViT(params)(x)
+    np.testing.assert_allclose(logits, want, atol=ATOL, rtol=0)
+  else:
+    want, _ = jit_apply(plain)({"params": params}, x)
+    np.testing.assert_allclose(logits, want, atol=ATOL, rtol=0)
+  assert aux["blocks"][0]["tokens"].shape[1] > 0
+
+  def grads(model):
+    def loss(p, images):
+      out, _ = model.apply({"params": p}, images)
+      return jnp.sum(jnp.sin(out))
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+
+  (want_p, want_x), (got_p, got_x) = grads(plain), grads(fused)
+  assert np.abs(want_x).max() > 1e-3
+  np.testing.assert_allclose(got_x, want_x, atol=1e-5, rtol=0)
+  for key, value in flat(want_p).items():
+    np.testing.assert_allclose(flat(got_p)[key], value, atol=1e-5, rtol=0, err_msg=key)
+
+
+def test_fused_attention_refuses_what_it_cannot_compute():
+  fused = small_model(fused_attention=True)
+  params = small_params(fused)
+  with pytest.raises(ValueError, match="capturing 'attention' needs the attention probabilities"):
+    fused.apply({"params": params}, images(), capture=("attention",), capture_layers=(0,))
+  masked = small_model(dict(method="da_vpt", num_prompts=2, num_proxy_prompts=3,
+                            attention_mask=True), fused_attention=True)
+  with pytest.raises(ValueError, match="cannot apply the attention mask"):
+    masked.apply({"params": small_params(masked)}, images())
+  dropped = small_model(fused_attention=True, attention_dropout=0.1)
+  with pytest.raises(ValueError, match="has no attention dropout"):
+    dropped.apply({"params": params}, images(), train=True,
+                  rngs={"dropout": jax.random.key(0)})
+
+
 # ------------------------------------------------------------------------------ aux, capture
 def test_aux_attention_rows_and_final_tokens():
   model = small_model()

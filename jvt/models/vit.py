@@ -56,11 +56,17 @@ class MultiHeadDotProductAttention(nn.Module):
 
   The `keys_values` hooks may append tokens to keys and values (e.g. key-value prompts); a
   mask then lets every query see them.
+
+  `fused`: the softmax(q k^T / sqrt(Dh)) v product as one `jax.nn.dot_product_attention`, cuDNN's
+  fused kernel on a CUDA GPU with a 16-bit dtype (XLA's elsewhere): the [B, H, T, T'] logits
+  and probabilities never reach device memory, so no probabilities are returned (None), and
+  neither a mask nor attention dropout can be applied (both are refused).
   """
   num_heads: int
   methods: tuple = ()
   dtype: Dtype = jnp.float32
   attention_dropout: float = 0.0
+  fused: bool = False
 
   def _proj(self, name, features, in_axes=1):
     return Projection(features=features, in_axes=in_axes, methods=self.methods,
@@ -76,6 +82,10 @@ class MultiHeadDotProductAttention(nn.Module):
     v = self._proj("value", heads)(x, site.at(name="value"))
     for m in self.methods:
       k, v = m.on_keys_values(self, k, v, site)
+    if self.fused:
+      y = fused_attention(query, k, v, mask, self.attention_dropout, deterministic, self.dtype)
+      out = self._proj("out", (d,), in_axes=2)(y, site.at(name="out"))  # [B, T, D]
+      return out, None, query
     q = query / jnp.sqrt(head_dim).astype(query.dtype)
     # Heads first: [B, H, T, Dh]. With the heads' layout explicit, XLA:CPU multiplies the
     # probabilities by the values as [T, T'] x [T', Dh] per head; left to choose, it computed
@@ -96,6 +106,22 @@ class MultiHeadDotProductAttention(nn.Module):
     y = jnp.transpose(y.astype(self.dtype), (0, 2, 1, 3))  # [B, T, H, Dh]
     out = self._proj("out", (d,), in_axes=2)(y, site.at(name="out"))  # [B, T, D]
     return out, probs, query
+
+
+def fused_attention(q, k, v, mask, dropout: float, deterministic: bool, dtype):
+  """[B, T, H, Dh] queries (unscaled) over [B, T', H, Dh] keys and values -> [B, T, H, Dh] in
+  `dtype`, as one `jax.nn.dot_product_attention` (scale 1 / sqrt(Dh)): cuDNN's fused kernel on
+  a CUDA GPU for 16-bit dtypes, XLA's otherwise."""
+  if mask is not None:
+    raise ValueError("fused_attention=True cannot apply the attention mask a tuning method asks "
+                     "for: set model.overrides.fused_attention=False for this method.")
+  if dropout and not deterministic:
+    raise ValueError(f"fused_attention=True has no attention dropout (attention_dropout="
+                     f"{dropout}): set attention_dropout=0 or fused_attention=False.")
+  cudnn = jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2
+  y = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype),
+                                   implementation="cudnn" if cudnn else "xla")
+  return y.astype(dtype)
 
 
 def activate(h, activation: str, gelu_approximate: bool):
@@ -186,6 +212,7 @@ class Encoder1DBlock(nn.Module):
   layer_scale: bool = False
   activation: str = "gelu"
   drop_path: float = 0.0  # this block's stochastic-depth rate
+  fused_attention: bool = False  # see MultiHeadDotProductAttention.fused
 
   @nn.compact
   def __call__(self, x, mask=None, deterministic=True, shared=None):
@@ -200,6 +227,7 @@ class Encoder1DBlock(nn.Module):
     z = LayerNorm(self.layer_norm_eps, methods=ms, dtype=self.dtype, name="LayerNorm_0")(x, site)
     y, probs, q = MultiHeadDotProductAttention(
         self.num_heads, ms, dtype=self.dtype, attention_dropout=self.attention_dropout,
+        fused=self.fused_attention,
         name="MultiHeadDotProductAttention_0")(z, mask, deterministic, site)
     if "input_patch_mean" in self.capture:
       captured["input_patch_mean"] = jnp.mean(x[:, k + p:].astype(jnp.float32), axis=1)
@@ -211,6 +239,9 @@ class Encoder1DBlock(nn.Module):
       width = q.shape[2] * q.shape[3]  # H * Dh (explicit: p may be 0)
       captured["prompt_query"] = q[0, k:k + p].reshape(p, width).astype(jnp.float32)  # [P, H*Dh]
     if "attention" in self.capture:
+      if probs is None:
+        raise ValueError("capturing 'attention' needs the attention probabilities, which "
+                         "fused_attention=True never forms: set fused_attention=False.")
       captured["attention"] = probs  # [B, H, T, T]
     y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
     if self.layer_scale:  # DINOv2: the pretrained branch's scale, before any plug-in
@@ -256,6 +287,7 @@ class Encoder(nn.Module):
   layer_scale: bool = False
   activation: str = "gelu"
   drop_path_rate: float = 0.0
+  fused_attention: bool = False
 
   @nn.compact
   def __call__(self, x, grid, deterministic=True, shared=None, registers=None):
@@ -305,6 +337,7 @@ class Encoder(nn.Module):
           attention_dropout=self.attention_dropout, layer_norm_eps=self.layer_norm_eps,
           gelu_approximate=self.gelu_approximate, capture=want, num_prefix=k,
           layer_scale=self.layer_scale, activation=self.activation, drop_path=rates[i],
+          fused_attention=self.fused_attention,
           name=f"encoderblock_{i}")(x, mask, deterministic, shared)
       if want:
         blocks[i] = {**own_captured, **captured}
@@ -395,6 +428,10 @@ class ViT(nn.Module):
   activation: str = "gelu"  # "gelu" | "quick_gelu" (OpenAI CLIP) | "swiglu" (DINOv2-g)
   projection_dim: int | None = None  # CLIP's image projection, returned as aux["projection"]
   drop_path_rate: float = 0.0  # stochastic depth of the last block (0 at the first, linear)
+  # Attention as one fused kernel (cuDNN's on a CUDA GPU in bf16): no [B, H, T, T] logits in
+  # memory; no attention mask, attention dropout or captured probabilities
+  # (MultiHeadDotProductAttention.fused).
+  fused_attention: bool = False
   # Options `build_model` was given explicitly: `load_pretrained` does not check them against
   # the file (the user chose them, e.g. exact GELU on Google's weights).
   explicit_options: tuple[str, ...] = ()
@@ -467,6 +504,7 @@ class ViT(nn.Module):
         final_norm=use_encoder_norm, remat=self.remat, capture=tuple(capture),
         capture_layers=layers, pre_norm=self.pre_norm, layer_scale=self.layer_scale,
         activation=self.activation, drop_path_rate=self.drop_path_rate,
+        fused_attention=self.fused_attention,
         name="Transformer")(x, (h, w), deterministic, shared, registers)
     patches = x[:, x.shape[1] - n:]  # [B, N, D]: pooling never reads prompt tokens
     if self.pool == "tok":
