@@ -146,6 +146,11 @@ def test_gpu_rows_name_the_device_compare_allocator_peaks_and_show_jvt_mfu():
   assert "jvt's MFU (its step's XLA-counted FLOP/s over the device's bf16 peak, 989.4 " \
          "TFLOP/s): vpt_deep 37.4%, full 25.0%." in table
   assert "device allocator peak" in table and "resident high-water mark" not in table
+  assert "WARNING" not in table
+  # The start-up load of a 16-core GPU host does not spoil a GPU step; half its cores busy does.
+  assert "WARNING" not in cmp.markdown(cmp.join(jvt, torch), dict(meta, load_before_1m=2.0))
+  assert "WARNING: 1-minute load above 8 before the run" in cmp.markdown(
+      cmp.join(jvt, torch), dict(meta, load_before_1m=9.0))
 
 
 def test_compare_refuses_a_jvt_row_from_the_wrong_backend():

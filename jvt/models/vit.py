@@ -111,17 +111,32 @@ class MultiHeadDotProductAttention(nn.Module):
 def fused_attention(q, k, v, mask, dropout: float, deterministic: bool, dtype):
   """[B, T, H, Dh] queries (unscaled) over [B, T', H, Dh] keys and values -> [B, T, H, Dh] in
   `dtype`, as one `jax.nn.dot_product_attention` (scale 1 / sqrt(Dh)): cuDNN's fused kernel on
-  a CUDA GPU for 16-bit dtypes, XLA's otherwise."""
+  a CUDA GPU for 16-bit dtypes (`padded_attention`), XLA's otherwise."""
   if mask is not None:
     raise ValueError("fused_attention=True cannot apply the attention mask a tuning method asks "
                      "for: set model.overrides.fused_attention=False for this method.")
   if dropout and not deterministic:
     raise ValueError(f"fused_attention=True has no attention dropout (attention_dropout="
                      f"{dropout}): set attention_dropout=0 or fused_attention=False.")
-  cudnn = jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2
-  y = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype),
-                                   implementation="cudnn" if cudnn else "xla")
-  return y.astype(dtype)
+  q, k, v = (t.astype(dtype) for t in (q, k, v))
+  if jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2:
+    return padded_attention(q, k, v, "cudnn").astype(dtype)
+  return jax.nn.dot_product_attention(q, k, v, implementation="xla").astype(dtype)
+
+
+def padded_attention(q, k, v, implementation: str):
+  """`jax.nn.dot_product_attention` of [B, T, H, Dh] over [B, T', H, Dh] with both sequences
+  padded to an even length, the padded keys masked out (sequence lengths) and the padded query
+  rows dropped. cuDNN's training kernels take only even lengths, and a ViT's are odd ([CLS] +
+  196 patches, + 10 prompts: 207)."""
+  t, s = q.shape[1], k.shape[1]
+  pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n % 2), (0, 0), (0, 0)))  # noqa: E731
+  b = q.shape[0]
+  y = jax.nn.dot_product_attention(
+      pad(q, t), pad(k, s), pad(v, s), implementation=implementation,
+      query_seq_lengths=jnp.full((b,), t, jnp.int32),
+      key_value_seq_lengths=jnp.full((b,), s, jnp.int32))
+  return y[:, :t]
 
 
 def activate(h, activation: str, gelu_approximate: bool):
