@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import math
 import os
 import resource
 import statistics
@@ -117,36 +118,78 @@ def bench_config(spec: dict):
   return c
 
 
+def jaxpr_flops(jaxpr) -> float:
+  """The matrix FLOPs of a (closed) jaxpr: 2 per multiply-add of every `dot_general` and
+  convolution, and of cuDNN's fused attention (forward 4 B N T S H, backward 8 B N T S H: the
+  products the unfused attention's two einsums and their gradients do). Into sub-jaxprs: a
+  scan's body times its length, a cond's largest branch, any other call once (a while loop's
+  body once). Elementwise work is not counted: this is the MFU numerator (model FLOPs of the
+  products, recomputation included), not XLA's count.
+  """
+  from jax.extend import core as jex
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    name, params = eqn.primitive.name, eqn.params
+    if name == "dot_general":
+      (contract, _), _ = params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in contract)
+    elif name == "conv_general_dilated":
+      rhs = eqn.invars[1].aval.shape
+      out_features = rhs[params["dimension_numbers"].rhs_spec[0]]
+      total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(rhs) / out_features
+    elif name in ("dot_product_attention_fwd_wrapper", "dot_product_attention_bwd_wrapper"):
+      q, k = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+      kv_len = k[2] if getattr(params.get("layout"), "value", params.get("layout")) == 1 else k[1]
+      total += (4.0 if name.endswith("fwd_wrapper") else 8.0) * math.prod(q) * kv_len
+    elif name == "scan":
+      total += params["length"] * jaxpr_flops(params["jaxpr"])
+    elif name == "cond":
+      total += max(jaxpr_flops(b) for b in params["branches"])
+    else:
+      total += sum(jaxpr_flops(sub) for sub in jex.jaxprs_in_params(params))
+  return total
+
+
+def live_jaxpr(closed):
+  """The jaxpr without the equations no output needs (what XLA removes before running it):
+  e.g. a custom VJP's gradient of a frozen weight, which the step never uses. Uses JAX's own
+  dead-code elimination (jax._src: it has no public one)."""
+  from jax._src.interpreters import partial_eval as pe
+  jaxpr = closed.jaxpr
+  return pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))[0]
+
+
 def step_cost(s, batch, compiled) -> dict:
   """XLA's cost analysis of one train step (flops, bytes accessed, ...; {} if unknown).
 
   XLA counts a loop's body once, so for a step whose forward runs in row chunks
   (`s.forward_chunks > 1`) the cost is that of the same step in one piece, lowered (not
-  compiled) from the trainer's `make_train_step`. On a GPU the compiled module's products are
-  library calls (cuBLAS, cuDNN) that its cost analysis does not count (ViT-B/16's step read 5
-  GFLOP an image instead of 76), so there too the count is the lowered step's, taken before
-  the products become calls. Lowered counts are of the whole batch; a compiled step over
-  several devices counts one device's share (its partitioned module), so that count is scaled
-  back to the whole batch.
+  compiled) from the trainer's `make_train_step`. A compiled step over several devices counts
+  one device's share (its partitioned module), so that count is scaled back to the whole batch.
+  On a GPU, XLA's count leaves out the products, which run as library calls (cuBLAS, cuDNN):
+  ViT-B/16's step read 5 GFLOP an image, its elementwise work, instead of 76. There "flops" is
+  `jaxpr_flops` of the step (the products alone) and XLA's own count is kept as "xla_flops".
   """
   import jax
-  lowered = s.forward_chunks > 1 or jax.default_backend() != "cpu"
-  if lowered:
+  step = s.train_step
+  if s.forward_chunks > 1:
     from jvt import train
-    step = s.train_step
-    if s.forward_chunks > 1:
-      step = train.make_train_step(s.model, s.tx, s.objective,
-                                   accum_steps=int(s.config.grad_accum_steps),
-                                   seed=int(s.config.seed), mesh=s.mesh)
-    cost = step.lower(s.state, s.frozen, s.constants, batch).cost_analysis()
-  else:
-    cost = compiled.cost_analysis()
+    step = train.make_train_step(s.model, s.tx, s.objective,
+                                 accum_steps=int(s.config.grad_accum_steps),
+                                 seed=int(s.config.seed), mesh=s.mesh)
+  args = (s.state, s.frozen, s.constants, batch)
+  cost = step.lower(*args).cost_analysis() if s.forward_chunks > 1 else compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
   cost = dict(cost or {})
-  if not lowered and s.mesh.devices.size > 1:
+  if s.forward_chunks <= 1 and s.mesh.devices.size > 1:
     cost = {k: v * s.mesh.devices.size if isinstance(v, (int, float)) else v
             for k, v in cost.items()}
+  if jax.default_backend() != "cpu":
+    cost["xla_flops"] = cost.get("flops", 0.0)
+    cost["flops"] = jaxpr_flops(live_jaxpr(step.trace(*args).jaxpr))
   return cost
 
 
@@ -259,6 +302,7 @@ def measure(spec: dict) -> dict:
   rates = [b / t for t in train_times]
   step_tflops = flops / b * statistics.median(rates) / 1e12
   peak = peak_tflops(device.device_kind, spec["dtype"], spec.get("peak_tflops", 0.0))
+  peak = peak if flops else None  # no MFU from an unknown count
   row = {
       "method": spec["method"],
       "train_img_s": statistics.median(rates),
@@ -278,6 +322,7 @@ def measure(spec: dict) -> dict:
       "forward_chunks": s.forward_chunks,
       "num_devices": len(jax.devices()),
       "flops_per_img": flops / b,
+      "flops_source": "XLA cost analysis" if jax.default_backend() == "cpu" else "jaxpr products",
       # The step's XLA-counted FLOP/s, and that over the device's matrix peak (None: unknown).
       "step_tflops": step_tflops,
       "peak_tflops": peak,

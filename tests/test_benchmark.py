@@ -156,6 +156,74 @@ def test_mfu_is_the_step_flops_over_the_listed_bf16_peak():
   assert run.goals([dict(row, mfu=0.41)])[0].endswith(": met")
 
 
+def test_jaxpr_flops_counts_every_product_by_hand():
+  run = _load_script("run")
+  a, b = jnp.ones((2, 3, 4)), jnp.ones((2, 4, 5))
+  batched = jax.make_jaxpr(lambda a, b: jnp.einsum("bij,bjk->bik", a, b))(a, b)
+  assert run.jaxpr_flops(batched) == 2 * 2 * 3 * 5 * 4
+  # The gradient of a frozen weight's layer with respect to its input only: forward x W and
+  # the input gradient g W^T, two [8, 6] x [6, 7]-sized products; under jit (a sub-jaxpr).
+  x, w = jnp.ones((8, 6)), jnp.ones((6, 7))
+  grad = jax.make_jaxpr(jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(x @ w)))))(x)
+  assert run.jaxpr_flops(grad) == 2 * (2 * 8 * 6 * 7)
+  # A 3x3 convolution, 2 -> 4 features, on 5x5 images (SAME): 2 * 2 * 5*5 * 4 * (3*3*2).
+  img, kern = jnp.ones((2, 5, 5, 2)), jnp.ones((3, 3, 2, 4))
+  conv = jax.make_jaxpr(lambda i, k: jax.lax.conv_general_dilated(
+      i, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))(img, kern)
+  assert run.jaxpr_flops(conv) == 2 * 2 * 25 * 4 * 18
+  # A scan's body counts its length times; a cond its largest branch.
+  def scanned(c, xs):
+    return jax.lax.scan(lambda c, x: (c @ w @ w.T, x), c, xs)[0]
+  scan = jax.make_jaxpr(scanned)(x, jnp.ones((5,)))
+  assert run.jaxpr_flops(scan) == 5 * 2 * (2 * 8 * 7 * 6)
+  cond = jax.make_jaxpr(lambda p, x: jax.lax.cond(p, lambda x: (x @ w) @ w.T, lambda x: x, x))(
+      True, x)
+  assert run.jaxpr_flops(cond) == 2 * (2 * 8 * 6 * 7)
+
+
+def test_jaxpr_flops_counts_cudnn_attention_as_its_einsums():
+  # cuDNN's fused attention is a primitive of its own; it is counted as the unfused einsums
+  # are: 2 products forward, 4 backward, each 2 B N T S H (q [B, T, N, H], k [B, S, N, H]).
+  from jax.extend import core as jex
+  run = _load_script("run")
+  prims = {}
+  for which in ("fwd", "bwd"):
+    p = jex.Primitive(f"dot_product_attention_{which}_wrapper")
+    p.def_abstract_eval(lambda q, k, v, layout: jax.core.ShapedArray(q.shape, q.dtype))
+    prims[which] = p
+  q, k = jnp.ones((2, 7, 3, 8)), jnp.ones((2, 10, 3, 8))
+  both = jax.make_jaxpr(lambda q, k: prims["bwd"].bind(prims["fwd"].bind(q, k, k, layout=0),
+                                                       k, k, layout=0))(q, k)
+  assert run.jaxpr_flops(both) == (4 + 8) * 2 * 3 * 7 * 10 * 8
+
+
+@pytest.mark.parametrize("method,dtype", [("full", "float32"), ("vpt_deep", "bfloat16")])
+def test_jaxpr_flops_of_a_train_step_are_xla_cpu_products(method, dtype):
+  # The tiny model's step: the live jaxpr's products against XLA:CPU's count of the compiled
+  # step, which adds the elementwise work and removes dead code. In bf16 on CPU the
+  # projections' custom VJP also forms the frozen weights' gradients, which nothing uses:
+  # counted without dead-code elimination they would exceed XLA's count.
+  import importlib
+  run = _load_script("run")
+  spec = dict(variant="S/16", batch=4, eval_batch=4, image_size=32, dtype=dtype,
+              remat="none", overrides=TINY, method=method, num_prompts=4, num_classes=6,
+              seed=0, warmup=0, steps=1)
+  train = importlib.import_module("jvt.train")
+  sharding = importlib.import_module("jvt.train.sharding")
+  s = train.setup(run.bench_config(spec), num_classes=6, steps_per_epoch=10**9,
+                  class_examples=lambda k: (np.zeros((6, 32, 32, 3), np.float32),
+                                            np.arange(6, dtype=np.int32)))
+  batch = sharding.shard_batch({"image": np.zeros((4, 32, 32, 3), np.float32),
+                                "label": np.zeros((4,), np.int32)}, s.mesh)
+  args = (s.state, s.frozen, s.constants, batch)
+  traced = s.train_step.trace(*args).jaxpr
+  products = run.jaxpr_flops(run.live_jaxpr(traced))
+  xla = s.train_step.lower(*args).compile().cost_analysis()["flops"]
+  assert 0.8 * xla < products <= xla
+  if method == "vpt_deep":
+    assert run.jaxpr_flops(traced) > xla  # the dead frozen-weight gradients
+
+
 def test_unknown_method_is_a_clear_error():
   run = _load_script("run")
   with pytest.raises(ValueError, match="unknown method 'vtp_deep'"):
