@@ -227,11 +227,11 @@ def markdown(pairs: Sequence[dict], meta: dict) -> str:
   # The run itself keeps every core busy, so the load after it is at least about the core
   # count's share it used: only the load before it says whether others were running.
   before = meta.get("load_before_1m")
+  gpu = on_device(r0)
   # A GPU step needs a free host core to launch its kernels, not a quiet host: there the bar is
   # half the host's cores.
-  bar = max(QUIET_LOAD, (meta.get("cpus") or 0) / 2) if on_device(r0) else QUIET_LOAD
+  bar = max(QUIET_LOAD, (meta.get("cpus") or 0) / 2) if gpu else QUIET_LOAD
   quiet = before is not None and before < bar
-  gpu = on_device(r0)
   host = (f"{meta.get('cpu', '?')}"
           f"{' (' + meta['cpu_detail'] + ')' if meta.get('cpu_detail') else ''}, "
           f"{meta.get('cpus', '?')} CPUs")
@@ -273,7 +273,7 @@ def markdown(pairs: Sequence[dict], meta: dict) -> str:
         f"{_f(j_full, '.2f', 'x')} | {_f(t_full, '.2f', 'x')} |")
   with_mfu = [p["jvt"] for p in pairs if p["jvt"].get("mfu")]
   if with_mfu:
-    lines += ["", f"jvt's MFU (its step's XLA-counted FLOP/s over the device's bf16 peak, "
+    lines += ["", f"jvt's MFU (its step's matrix FLOP/s over the device's bf16 peak, "
               f"{with_mfu[0]['peak_tflops']:.1f} TFLOP/s): "
               + ", ".join(f"{_label(r)} {100 * r['mfu']:.1f}%" for r in with_mfu) + "."]
   if any(p.get("rounds") for p in pairs):

@@ -10,7 +10,8 @@ warm-up steps, with `jax.block_until_ready` around each step. It then times the 
 same way. Writes `DIR/results.json` (one object per row) and `DIR/results.md` (a table with the
 ratios to full fine-tuning and DA-VPT vs VPT-Deep, and the performance goals met or missed).
 On a GPU or TPU whose bf16 peak is listed (`BF16_PEAK_TFLOPS`, or `--peak-tflops`) each bf16 row
-also has its MFU: the step's XLA-counted FLOP/s over that peak.
+also has its MFU: the step's matrix FLOP/s (counted from its jaxpr there, `step_cost`) over that
+peak.
 
 Peak memory: the device allocator's `peak_bytes_in_use` where the backend reports it (GPU, TPU);
 on CPU the peak resident set of the child while it runs the timed steps (the high-water mark
@@ -51,8 +52,8 @@ DAVPT_OVERHEAD_GOAL = 0.05
 # GPU goal (docs/performance.md, goal 6): bf16 VPT-Deep B/16 at batch 128 at >= 40% MFU.
 MFU_GOAL = 0.40
 # Dense bf16 matrix peak in TFLOP/s by `device_kind` prefix (the vendors' datasheets, without
-# sparsity; the SXM parts where the name does not say). The MFU column is the step's XLA-counted
-# FLOP/s over this peak; `--peak-tflops` sets it for devices not listed.
+# sparsity; the SXM parts where the name does not say). The MFU column is the step's counted
+# FLOP/s (`step_cost`) over this peak; `--peak-tflops` sets it for devices not listed.
 BF16_PEAK_TFLOPS = (
     ("NVIDIA H200", 989.4),
     ("NVIDIA H100 PCIe", 756.0),
@@ -169,8 +170,9 @@ def step_cost(s, batch, compiled) -> dict:
   compiled) from the trainer's `make_train_step`. A compiled step over several devices counts
   one device's share (its partitioned module), so that count is scaled back to the whole batch.
   On a GPU, XLA's count leaves out the products, which run as library calls (cuBLAS, cuDNN):
-  ViT-B/16's step read 5 GFLOP an image, its elementwise work, instead of 76. There "flops" is
-  `jaxpr_flops` of the step (the products alone) and XLA's own count is kept as "xla_flops".
+  ViT-B/16's VPT-Deep step read 5.1 GFLOP an image, its elementwise work, instead of 75.3.
+  There "flops" is `jaxpr_flops` of the live step (the products alone) and XLA's own count is
+  kept as "xla_flops".
   """
   import jax
   step = s.train_step
@@ -272,7 +274,8 @@ def measure(spec: dict) -> dict:
   t0 = time.perf_counter()
   step = s.train_step.lower(s.state, s.frozen, s.constants, batch).compile()
   compile_s = time.perf_counter() - t0
-  flops = float(step_cost(s, batch, step).get("flops", 0.0))
+  cost = step_cost(s, batch, step)
+  flops = float(cost.get("flops", 0.0))
   memory = step.memory_analysis()
   device = jax.devices()[0]
   rss_reset = _reset_peak_rss()
@@ -323,7 +326,8 @@ def measure(spec: dict) -> dict:
       "num_devices": len(jax.devices()),
       "flops_per_img": flops / b,
       "flops_source": "XLA cost analysis" if jax.default_backend() == "cpu" else "jaxpr products",
-      # The step's XLA-counted FLOP/s, and that over the device's matrix peak (None: unknown).
+      "xla_flops_per_img": float(cost.get("xla_flops", flops)) / b,
+      # The step's counted FLOP/s, and that over the device's matrix peak (None: unknown).
       "step_tflops": step_tflops,
       "peak_tflops": peak,
       "mfu": step_tflops / peak if peak else None,

@@ -143,7 +143,7 @@ def test_gpu_rows_name_the_device_compare_allocator_peaks_and_show_jvt_mfu():
   lines = {l.split("|")[1].strip(): l for l in table.splitlines() if l.startswith("| ")}
   # 5000 / 4000 = 1.25x; peaks 20,000 / 25,000 = 0.80x, and no RSS-based "step" share.
   assert "| 5000.00 | 4000.00 | 1.25x | 20,000 | 25,000 | 0.80x (-) |" in lines["vpt_deep"]
-  assert "jvt's MFU (its step's XLA-counted FLOP/s over the device's bf16 peak, 989.4 " \
+  assert "jvt's MFU (its step's matrix FLOP/s over the device's bf16 peak, 989.4 " \
          "TFLOP/s): vpt_deep 37.4%, full 25.0%." in table
   assert "device allocator peak" in table and "resident high-water mark" not in table
   assert "WARNING" not in table
