@@ -118,10 +118,10 @@ def fused_attention(q, k, v, mask, dropout: float, deterministic: bool, dtype):
   if dropout and not deterministic:
     raise ValueError(f"fused_attention=True has no attention dropout (attention_dropout="
                      f"{dropout}): set attention_dropout=0 or fused_attention=False.")
-  q, k, v = (t.astype(dtype) for t in (q, k, v))
+  q, k, v = (t.astype(dtype) for t in (q, k, v))  # the result keeps this dtype
   if jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2:
-    return padded_attention(q, k, v, "cudnn").astype(dtype)
-  return jax.nn.dot_product_attention(q, k, v, implementation="xla").astype(dtype)
+    return padded_attention(q, k, v, "cudnn")
+  return jax.nn.dot_product_attention(q, k, v, implementation="xla")
 
 
 def padded_attention(q, k, v, implementation: str):
