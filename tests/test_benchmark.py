@@ -107,9 +107,11 @@ def test_cpu_devices_split_the_step_and_count_the_whole_batch(tmp_path):
     assert f"| {label} |" in table, table
   assert [r["num_devices"] for r in rows.values()] == [1, 2, 2]
   assert rows[2, 1]["forward_chunks"] == 2
+  # Half the count would be the error; the lowered (unoptimised) step of (2, 1) and the
+  # compiled ones differ by a few percent in this tiny model's elementwise work.
   for key in ((2, 0), (2, 1)):
     np.testing.assert_allclose(rows[key]["flops_per_img"], rows[1, 0]["flops_per_img"],
-                               rtol=0.02, err_msg=str(key))
+                               rtol=0.05, err_msg=str(key))
 
 
 def test_markdown_ratios_and_goals():
@@ -232,7 +234,9 @@ def test_unknown_method_is_a_clear_error():
 
 def _remat_step(remat: str):
   """The trainer's compiled step for a tiny full-fine-tuning ViT, and its arguments."""
-  model = jvt.build_model("B/16", 5, dict(method="full"), **TINY, remat=remat)
+  # 4 blocks: the last computes only [CLS] (`skip_unread_tokens`), so it saves little to remat
+  model = jvt.build_model("B/16", 5, dict(method="full"), **(TINY | {"num_layers": 4}),
+                          remat=remat)
   params = jvt.init_params(model, jax.random.key(0), image_size=32)
   tx = optax.sgd(0.1)
   state = train.TrainState(step=jnp.zeros((), jnp.int32), trainable=params,

@@ -188,7 +188,12 @@ def _dots(hlo: str) -> list[tuple[str, str]]:
 def _tiny_vit(tuning, dtype=jnp.bfloat16, **overrides):
   """A 2-block ViT computing in `dtype` with `tuning`, its parameters, and the loss
   sum(logits^2) of a batch [2, 16, 16, 3] of ones in training mode (dropout rng given)."""
-  dims = dict(hidden_size=32, mlp_dim=64, num_heads=2, num_layers=2, patch_size=8)
+  # Every block computes every row: the products counted below are whole blocks'. (With
+  # `skip_unread_tokens` the last block's [CLS]-only attention products have one query row,
+  # matrix-vector products XLA:CPU computes in fp32, as it does the weight gradients of a
+  # contraction over this batch's 2 rows.)
+  dims = dict(hidden_size=32, mlp_dim=64, num_heads=2, num_layers=2, patch_size=8,
+              skip_unread_tokens=False)
   model = build_model("S/16", 5, tuning=tuning, dtype=dtype, **(dims | overrides))
   params = init_params(model, jax.random.key(0), image_size=16)
   images = jnp.ones((2, 16, 16, 3), jnp.float32)

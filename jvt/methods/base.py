@@ -35,6 +35,19 @@ by all blocks there).
 | `on_branch(scope, x, z, y, site)` | block | stream x, normed z, branch output y | y |
 | `on_norm(scope, x, y, site)` | LayerNorm | input, normalised output | output |
 | `on_outputs(scope, aux, site)` | ViT | aux after pooling | aux |
+
+Unread token rows: a block computes its queries, attention output, residual branches and MLP
+only for the token rows something reads later (`jvt.models.vit.ViT.skip_unread_tokens`): the
+last block only for what the pooling reads ([CLS] for "tok"), and a block only for the
+non-prompt rows when the next block's `on_tokens` replaces the prompts. Keys and values still
+come from every row. Two declarations make this exact:
+
+  * `rowwise` (class attribute, True by default): every hook inside a block (`on_projection`,
+    `on_norm`, `on_branch`, `on_kernel`) treats each token row on its own. A method whose block
+    hooks mix rows (Convpass's convolution over the token grid) sets it False, and its models
+    compute every row;
+  * `discards_prompts(layer, num_layers)`: True when its `on_tokens` before block `layer` drops
+    the prompt tokens it receives (deep prompts replace them).
 """
 from __future__ import annotations
 
@@ -99,6 +112,8 @@ class Method:
   # Hooks of several methods at one site run in increasing `order` (then the config's order).
   order: ClassVar[int] = 50
   mergeable: ClassVar[bool] = True
+  # Its block hooks treat each token row on its own (see "Unread token rows" above).
+  rowwise: ClassVar[bool] = True
 
   train_head: bool = True
   rules: tuple = ()
@@ -115,6 +130,12 @@ class Method:
   def claims(self, num_layers: int) -> dict[str, Any]:
     del num_layers
     return {}
+
+  def discards_prompts(self, layer: int, num_layers: int) -> bool:
+    """True when `on_tokens` before block `layer` drops the prompt tokens it receives, so
+    block `layer - 1` need not compute their rows."""
+    del layer, num_layers
+    return False
 
   # ------------------------------------------------------------------ hooks
   def on_model(self, scope, site: Site):

@@ -87,6 +87,7 @@ class Convpass(Method):
   summary = "Convpass: convolutional bypasses beside attention and MLP"
   order = 40
   mergeable = False
+  rowwise = False  # the convolution mixes the token grid's rows: blocks compute every row
   dim: int = 8
   scale: float = 1.0
   conv_init: str = "identity"

@@ -112,6 +112,9 @@ class E2VPT(Method):
       soft = (scope.get_variable(MASKS, "token"), scope.get_variable(MASKS, "segment"))
     return prompts, soft
 
+  def discards_prompts(self, layer, num_layers):
+    return bool(self.num_prompts)  # `on_tokens` replaces them before every block
+
   def on_tokens(self, shared, x, site):
     if shared is None:
       return x

@@ -134,6 +134,10 @@ class VPT(Method):
   def inserts(self, layer: int) -> bool:
     return bool(self.deep) or layer == 0
 
+  def discards_prompts(self, layer, num_layers):
+    # `insert_prompts` replaces the incoming prompt tokens wherever this method inserts.
+    return any(self.prompt_tokens(num_layers)) and self.inserts(layer)
+
   def claims(self, num_layers):
     return {"prompt_tokens": self.prompt_tokens(num_layers), "deep_prompts": bool(self.deep),
             "prompt_dropout": float(self.dropout), "prompt_init": self.init,

@@ -42,6 +42,9 @@ from jvt.models.softmax import softmax
 Dtype = Any
 
 POOLS = ("tok", "gap", "map", "tok_gap")
+# The parts of the encoder's output each pooling reads (`SEQUENCE_PARTS`).
+POOL_READS = {"tok": ("cls",), "gap": ("patches",), "map": ("prefix", "patches"),
+              "tok_gap": ("cls", "patches")}
 ACTIVATIONS = ("gelu", "quick_gelu", "swiglu")
 # Per-block jax.checkpoint policies ("none": no rematerialisation).
 REMAT_POLICIES = ("none", "full", "dots", "nothing")
@@ -61,6 +64,9 @@ class MultiHeadDotProductAttention(nn.Module):
   fused kernel on a CUDA GPU with a 16-bit dtype (XLA's elsewhere): the [B, H, T, T'] logits
   and probabilities never reach device memory, so no probabilities are returned (None), and
   neither a mask nor attention dropout can be applied (both are refused).
+
+  `rows`: ((start, stop), ...) token ranges whose queries are computed (all when empty); keys
+  and values come from every token. The output and the returned queries have those rows only.
   """
   num_heads: int
   methods: tuple = ()
@@ -73,11 +79,13 @@ class MultiHeadDotProductAttention(nn.Module):
                       dtype=self.dtype, name=name)
 
   @nn.compact
-  def __call__(self, x, mask, deterministic, site):
+  def __call__(self, x, mask, deterministic, site, rows=()):
     d = x.shape[-1]
     head_dim = d // self.num_heads
     heads = (self.num_heads, head_dim)
-    query = self._proj("query", heads)(x, site.at(name="query"))  # [B, T, H, Dh]
+    if rows:
+      mask = None if mask is None else take_rows(mask, rows, axis=mask.ndim - 2)
+    query = self._proj("query", heads)(take_rows(x, rows), site.at(name="query"))  # [B, R, H, Dh]
     k = self._proj("key", heads)(x, site.at(name="key"))
     v = self._proj("value", heads)(x, site.at(name="value"))
     for m in self.methods:
@@ -91,7 +99,7 @@ class MultiHeadDotProductAttention(nn.Module):
     # probabilities by the values as [T, T'] x [T', Dh] per head; left to choose, it computed
     # the transposed [Dh, T'] x [T', T] form, 4x slower (40% of a batch-32 forward pass).
     q, k, v = (jnp.transpose(t, (0, 2, 1, 3)) for t in (q, k, v))
-    # [B, H, T, T'] (fp32 accumulation in bf16 on CPU, see jvt.precision)
+    # [B, H, R, T'] (fp32 accumulation in bf16 on CPU, see jvt.precision)
     logits = precision.einsum("bhqd,bhkd->bhqk", q, k, self.dtype)
     logits = logits.astype(jnp.float32)
     if mask is not None:
@@ -137,6 +145,35 @@ def padded_attention(q, k, v, implementation: str):
       query_seq_lengths=jnp.full((b,), t, jnp.int32),
       key_value_seq_lengths=jnp.full((b,), s, jnp.int32))
   return y[:, :t]
+
+
+def take_rows(x, rows, axis: int = 1):
+  """The token rows of x named by `rows`, ((start, stop), ...) ranges in order, along `axis`
+  (all of x when `rows` is empty)."""
+  if not rows:
+    return x
+  parts = [jax.lax.slice_in_dim(x, a, b, axis=axis) for a, b in rows]
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
+
+
+# The parts of a block's sequence [K prefix, P prompts, N image tokens] something may read.
+SEQUENCE_PARTS = ("cls", "prefix", "prompts", "patches")
+
+
+def read_rows(read, num_prefix: int, num_prompts: int, num_patches: int):
+  """The ((start, stop), ...) token ranges covering the parts in `read` (`SEQUENCE_PARTS`; "cls"
+  is row 0), merged and in order; () when they cover the whole sequence."""
+  k, p, t = num_prefix, num_prompts, num_prefix + num_prompts + num_patches
+  spans = {"cls": (0, 1), "prefix": (0, k), "prompts": (k, k + p), "patches": (k + p, t)}
+  merged = []
+  for a, b in sorted(spans[part] for part in read):
+    if a == b:
+      continue
+    if merged and a <= merged[-1][1]:
+      merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+    else:
+      merged.append((a, b))
+  return () if merged == [(0, t)] else tuple(merged)
 
 
 def activate(h, activation: str, gelu_approximate: bool):
@@ -205,10 +242,14 @@ def drop_path(y, rate: float, key):
 class Encoder1DBlock(nn.Module):
   """Pre-LN transformer block.
 
-  Input x: [B, K + P + N, D] (K prefix tokens: [CLS] and registers, P prompts, N image tokens). Returns (x, captured) where
-  `captured` holds the intermediates named in `capture` (see CAPTURE_KEYS). The `branch` hooks
-  see each residual branch ("attn", "mlp") with the stream x it adds to, the normed input z of
-  the branch and its output y.
+  Input x: [B, K + P + N, D] (K prefix tokens: [CLS] and registers, P prompts, N image
+  tokens). Returns (x, captured) where `captured` holds the intermediates named in `capture`
+  (see CAPTURE_KEYS). The `branch` hooks see each residual branch ("attn", "mlp") with the
+  stream x it adds to, the normed input z of the branch and its output y.
+
+  `rows`: ((start, stop), ...) token ranges the block computes (all when empty): their queries,
+  attention output, residual branches and MLP; keys and values still come from every token.
+  The output x is [B, R, D], those rows in order (`Encoder` picks the rows read later).
   """
   num_heads: int
   mlp_dim: int
@@ -228,6 +269,7 @@ class Encoder1DBlock(nn.Module):
   activation: str = "gelu"
   drop_path: float = 0.0  # this block's stochastic-depth rate
   fused_attention: bool = False  # see MultiHeadDotProductAttention.fused
+  rows: tuple[tuple[int, int], ...] = ()
 
   @nn.compact
   def __call__(self, x, mask=None, deterministic=True, shared=None):
@@ -243,11 +285,13 @@ class Encoder1DBlock(nn.Module):
     y, probs, q = MultiHeadDotProductAttention(
         self.num_heads, ms, dtype=self.dtype, attention_dropout=self.attention_dropout,
         fused=self.fused_attention,
-        name="MultiHeadDotProductAttention_0")(z, mask, deterministic, site)
+        name="MultiHeadDotProductAttention_0")(z, mask, deterministic, site, self.rows)
+    n = self.grid[0] * self.grid[1]  # image tokens: the last n rows, kept or not
     if "input_patch_mean" in self.capture:
       captured["input_patch_mean"] = jnp.mean(x[:, k + p:].astype(jnp.float32), axis=1)
-    if "attn_out_mean" in self.capture:
-      captured["attn_out_mean"] = jnp.mean(y[:, k + p:].astype(jnp.float32), axis=1)
+    x = take_rows(x, self.rows)  # [B, R, D]
+    if "attn_out_mean" in self.capture:  # `Encoder` keeps the image rows for it
+      captured["attn_out_mean"] = jnp.mean(y[:, y.shape[1] - n:].astype(jnp.float32), axis=1)
     if "cls_query" in self.capture:
       captured["cls_query"] = q[:, 0].reshape(q.shape[0], -1).astype(jnp.float32)  # [B, H*Dh]
     if "prompt_query" in self.capture:
@@ -262,7 +306,7 @@ class Encoder1DBlock(nn.Module):
     if self.layer_scale:  # DINOv2: the pretrained branch's scale, before any plug-in
       y = LayerScale(dtype=self.dtype, name="LayerScale_0")(y)
     for m in ms:
-      y = m.on_branch(self, x, z, y, site.at(name="attn"))
+      y = m.on_branch(self, x, take_rows(z, self.rows), y, site.at(name="attn"))
     if self.drop_path and not deterministic:
       y = drop_path(y, self.drop_path, self.make_rng("dropout"))
     x = barrier.materialize_cotangent(x + y)
@@ -283,7 +327,12 @@ class Encoder1DBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-  """Position embedding, the token hooks before each block, the blocks and the final norm."""
+  """Position embedding, the token hooks before each block, the blocks and the final norm.
+
+  `skip_unread_tokens`: each block computes only the token rows read after it (`block_rows`):
+  the output holds the parts of the last block's sequence named in `read` (`SEQUENCE_PARTS`),
+  in order, [CLS] first and the image tokens last when read.
+  """
   num_layers: int
   num_heads: int
   mlp_dim: int
@@ -303,6 +352,31 @@ class Encoder(nn.Module):
   activation: str = "gelu"
   drop_path_rate: float = 0.0
   fused_attention: bool = False
+  skip_unread_tokens: bool = True
+  read: tuple[str, ...] = ("prefix", "prompts", "patches")
+
+  def block_rows(self, layer: int, capture, num_prefix: int, num_prompts: int,
+                 num_patches: int):
+    """The token rows block `layer` computes (`Encoder1DBlock.rows`; () for all): those the
+    next block reads (its `on_tokens` may replace the prompts) or, after the last block, the
+    `read` parts; plus those its captures need. Every row when a method's block hooks mix rows
+    (`Method.rowwise`)."""
+    ms = self.methods
+    if not self.skip_unread_tokens or not all(m.rowwise for m in ms):
+      return ()
+    if {"tokens", "attention", "prompt_query"} & set(capture):
+      return ()
+    if layer == self.num_layers - 1:
+      read = set(self.read)
+    else:
+      read = {"prefix", "patches"}
+      if not any(m.discards_prompts(layer + 1, self.num_layers) for m in ms):
+        read.add("prompts")
+    if "cls_query" in capture:
+      read.add("cls")
+    if "attn_out_mean" in capture:
+      read.add("patches")
+    return read_rows(read, num_prefix, num_prompts, num_patches)
 
   @nn.compact
   def __call__(self, x, grid, deterministic=True, shared=None, registers=None):
@@ -352,7 +426,7 @@ class Encoder(nn.Module):
           attention_dropout=self.attention_dropout, layer_norm_eps=self.layer_norm_eps,
           gelu_approximate=self.gelu_approximate, capture=want, num_prefix=k,
           layer_scale=self.layer_scale, activation=self.activation, drop_path=rates[i],
-          fused_attention=self.fused_attention,
+          fused_attention=self.fused_attention, rows=self.block_rows(i, want, k, p, n),
           name=f"encoderblock_{i}")(x, mask, deterministic, shared)
       if want:
         blocks[i] = {**own_captured, **captured}
@@ -447,6 +521,10 @@ class ViT(nn.Module):
   # memory; no attention mask, attention dropout or captured probabilities
   # (MultiHeadDotProductAttention.fused).
   fused_attention: bool = False
+  # Blocks compute only the token rows read after them (`Encoder.block_rows`): the last block
+  # only [CLS] for pool "tok", and no prompt rows a deep-prompt method replaces next. Exact;
+  # False computes every row (for comparison).
+  skip_unread_tokens: bool = True
   # Options `build_model` was given explicitly: `load_pretrained` does not check them against
   # the file (the user chose them, e.g. exact GELU on Google's weights).
   explicit_options: tuple[str, ...] = ()
@@ -519,9 +597,12 @@ class ViT(nn.Module):
         final_norm=use_encoder_norm, remat=self.remat, capture=tuple(capture),
         capture_layers=layers, pre_norm=self.pre_norm, layer_scale=self.layer_scale,
         activation=self.activation, drop_path_rate=self.drop_path_rate,
-        fused_attention=self.fused_attention,
+        fused_attention=self.fused_attention, skip_unread_tokens=self.skip_unread_tokens,
+        read=POOL_READS[self.pool],
         name="Transformer")(x, (h, w), deterministic, shared, registers)
-    patches = x[:, x.shape[1] - n:]  # [B, N, D]: pooling never reads prompt tokens
+    # [B, N, D]: pooling never reads prompt tokens (nor the image tokens for "tok", which the
+    # last block then does not compute)
+    patches = x[:, x.shape[1] - n:] if "patches" in POOL_READS[self.pool] else None
     if self.pool == "tok":
       feat = x[:, 0]
     elif self.pool == "tok_gap":  # DINOv2's linear evaluation: [CLS] ++ mean patch token

@@ -28,6 +28,8 @@ CALLS: list[tuple] = []
 class Recorder(Method):
   """Records (hook, layer, num_prompts, grid, name, train) at trace time."""
   name = "recorder"
+  # Its `on_branch` reshapes the image tokens to the grid, so every block computes every row.
+  rowwise = False
 
   def _log(self, hook, site):
     CALLS.append((hook, site.layer, site.num_prompts, site.grid, site.name, site.train))

@@ -148,6 +148,9 @@ class DAVPT(Method):
                    groups=tuple(self.proxy_layers), l2norm=bool(self.l2norm),
                    dropout=float(self.dropout), dtype=site.dtype, name="prompts")
 
+  def discards_prompts(self, layer, num_layers):
+    return True  # `on_tokens` replaces the prompts before every block
+
   def on_tokens(self, shared, x, site):
     return insert_prompts(shared, x, self.prompt_tokens(site.num_layers)[site.layer], site)
 
