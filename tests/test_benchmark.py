@@ -86,6 +86,7 @@ def test_time_calls_counts_the_fresh_pages_each_timed_call_touches():
   assert pages <= faults < 2 * pages
 
 
+@pytest.mark.slow  # three benchmark processes (25 s); the chunked count is also checked below
 def test_cpu_devices_split_the_step_and_count_the_whole_batch(tmp_path):
   # XLA's cost analysis of a step over 2 devices counts one device's half; the harness
   # reports the whole batch's FLOPs, those of the same step on one device, also when each

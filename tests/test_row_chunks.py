@@ -100,7 +100,13 @@ def _two_steps(s, step, batch):
   return jax.device_get(state.trainable), jax.device_get(metrics)
 
 
-@pytest.mark.parametrize("method", sorted(registry()))
+# One method of each way a method meets the backbone in the default run; every other
+# registered method under `-m slow`.
+DEFAULT_RUN = ("full", "vpt", "da_vpt", "lora", "dora", "adapter", "ssf", "convpass", "fact")
+
+
+@pytest.mark.parametrize("method", [
+    m if m in DEFAULT_RUN else pytest.param(m, marks=pytest.mark.slow) for m in sorted(registry())])
 def test_every_method_takes_the_same_step_in_chunks(method):
   rng = np.random.default_rng(1)
   batch = {"image": rng.standard_normal((8, 16, 16, 3)).astype(np.float32),

@@ -108,7 +108,15 @@ def test_a_method_whose_block_hooks_mix_rows_computes_every_row():
 
 
 # ------------------------------------------------------------------ the same function
-@pytest.mark.parametrize("name", sorted(registry()))
+# One method of each way a method meets the rows in the default run (prompts the next block
+# replaces, kept prompts, key-value prompts, a projection plug-in, a kernel hook, a dense branch,
+# an affine, a convolution over the grid, factors shared by all blocks); the rest under `-m slow`.
+DEFAULT_RUN = ("full", "vpt", "da_vpt", "e2vpt", "lora", "dora", "adapter", "ssf", "convpass",
+               "fact")
+
+
+@pytest.mark.parametrize("name", [
+    m if m in DEFAULT_RUN else pytest.param(m, marks=pytest.mark.slow) for m in sorted(registry())])
 def test_every_method_same_logits_and_gradients(name):
   tuning = dict(method=name, **SETTINGS.get(name, {}))
   fast, every_row = both_paths(tuning, **MODEL_FIELDS.get(name, {}))
