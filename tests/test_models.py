@@ -235,7 +235,7 @@ def test_fused_attention_matches_numpy_with_the_same_gradients(tuning):
     np.testing.assert_allclose(flat(got_p)[key], value, atol=1e-5, rtol=0, err_msg=key)
 
 
-@pytest.mark.parametrize("t,s", [(7, 7), (7, 10), (8, 5)])
+@pytest.mark.parametrize("t,s", [(7, 7), (7, 10), (8, 5), (1, 7)])  # (1, 7): [CLS] alone
 def test_padded_attention_is_the_attention_of_the_unpadded_sequences(t, s):
   # The even-length padding cuDNN's path takes, checked through XLA's implementation against a
   # numpy softmax attention, values and gradients (q, k, v: [B, T, H, Dh]).

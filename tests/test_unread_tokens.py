@@ -170,6 +170,17 @@ def test_training_mode_and_remat_same_gradients():
   assert_trees_close(got[3], want[3])
 
 
+@pytest.mark.parametrize("tuning", [dict(method="full"), dict(method="vpt", num_prompts=2)])
+def test_fused_attention_same_logits_and_gradients(tuning):
+  # `fused_attention` (XLA's implementation on CPU) with one query row in the last block.
+  fast, every_row = both_paths(tuning, fused_attention=True)
+  params = small_params(fast)
+  x = jnp.asarray(images(2))
+  got, want = loss_and_grads(fast, params, x), loss_and_grads(every_row, params, x)
+  np.testing.assert_allclose(got[1], want[1], atol=2e-5 * np.abs(want[1]).max())
+  assert_trees_close(got[3], want[3])
+
+
 @pytest.mark.parametrize("preset, attention_mask", [("code", False), ("paper", True)])
 def test_da_vpt_captures_are_those_of_every_row(preset, attention_mask):
   # Both presets' captures at a middle and the last block: "code" reads [CLS]'s query and the

@@ -92,7 +92,7 @@ class MultiHeadDotProductAttention(nn.Module):
       k, v = m.on_keys_values(self, k, v, site)
     if self.fused:
       y = fused_attention(query, k, v, mask, self.attention_dropout, deterministic, self.dtype)
-      out = self._proj("out", (d,), in_axes=2)(y, site.at(name="out"))  # [B, T, D]
+      out = self._proj("out", (d,), in_axes=2)(y, site.at(name="out"))  # [B, R, D]
       return out, None, query
     q = query / jnp.sqrt(head_dim).astype(query.dtype)
     # Heads first: [B, H, T, Dh]. With the heads' layout explicit, XLA:CPU multiplies the
@@ -111,8 +111,8 @@ class MultiHeadDotProductAttention(nn.Module):
     probs = softmax(logits, axis=-1)  # its VJP keeps only probs (jvt.models.softmax)
     probs_c = nn.Dropout(self.attention_dropout)(probs, deterministic=deterministic)
     y = precision.einsum("bhqk,bhkd->bhqd", probs_c, v, self.dtype)
-    y = jnp.transpose(y.astype(self.dtype), (0, 2, 1, 3))  # [B, T, H, Dh]
-    out = self._proj("out", (d,), in_axes=2)(y, site.at(name="out"))  # [B, T, D]
+    y = jnp.transpose(y.astype(self.dtype), (0, 2, 1, 3))  # [B, R, H, Dh]
+    out = self._proj("out", (d,), in_axes=2)(y, site.at(name="out"))  # [B, R, D]
     return out, probs, query
 
 
