@@ -41,17 +41,25 @@ from jvt.models.softmax import softmax
 
 Dtype = Any
 
+# The parts of a block's sequence [K prefix, P prompts, N image tokens] something may read
+# ("cls" is row 0), and all of them.
+SEQUENCE_PARTS = ("cls", "prefix", "prompts", "patches")
+EVERY_ROW = ("prefix", "prompts", "patches")
 POOLS = ("tok", "gap", "map", "tok_gap")
-# The parts of the encoder's output each pooling reads (`SEQUENCE_PARTS`).
+# The parts of the encoder's output each pooling reads.
 POOL_READS = {"tok": ("cls",), "gap": ("patches",), "map": ("prefix", "patches"),
               "tok_gap": ("cls", "patches")}
 ACTIVATIONS = ("gelu", "quick_gelu", "swiglu")
 # Per-block jax.checkpoint policies ("none": no rematerialisation).
 REMAT_POLICIES = ("none", "full", "dots", "nothing")
 # What a block can be asked to capture (see `Encoder1DBlock`; "prompts" comes from the plug-in
-# that inserts prompt tokens at that block).
-CAPTURE_KEYS = ("tokens", "attention", "attn_out_mean", "input_patch_mean", "cls_query",
-                "prompt_query", "prompts")
+# that inserts prompt tokens at that block), each with the parts of the block's output it reads
+# (`Encoder.block_rows`): the tokens, the probabilities and the prompts' queries every row;
+# "input_patch_mean" reads the block's input and "prompts" a method's parameters, no row.
+CAPTURE_READS = {"tokens": EVERY_ROW, "attention": EVERY_ROW,
+                 "attn_out_mean": ("patches",), "input_patch_mean": (), "cls_query": ("cls",),
+                 "prompt_query": EVERY_ROW, "prompts": ()}
+CAPTURE_KEYS = tuple(CAPTURE_READS)
 
 
 class MultiHeadDotProductAttention(nn.Module):
@@ -154,10 +162,6 @@ def take_rows(x, rows, axis: int = 1):
     return x
   parts = [jax.lax.slice_in_dim(x, a, b, axis=axis) for a, b in rows]
   return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
-
-
-# The parts of a block's sequence [K prefix, P prompts, N image tokens] something may read.
-SEQUENCE_PARTS = ("cls", "prefix", "prompts", "patches")
 
 
 def read_rows(read, num_prefix: int, num_prompts: int, num_patches: int):
@@ -305,8 +309,9 @@ class Encoder1DBlock(nn.Module):
     y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
     if self.layer_scale:  # DINOv2: the pretrained branch's scale, before any plug-in
       y = LayerScale(dtype=self.dtype, name="LayerScale_0")(y)
+    z = take_rows(z, self.rows)  # the branch's normed input, of the rows it computes
     for m in ms:
-      y = m.on_branch(self, x, take_rows(z, self.rows), y, site.at(name="attn"))
+      y = m.on_branch(self, x, z, y, site.at(name="attn"))
     if self.drop_path and not deterministic:
       y = drop_path(y, self.drop_path, self.make_rng("dropout"))
     x = barrier.materialize_cotangent(x + y)
@@ -353,18 +358,16 @@ class Encoder(nn.Module):
   drop_path_rate: float = 0.0
   fused_attention: bool = False
   skip_unread_tokens: bool = True
-  read: tuple[str, ...] = ("prefix", "prompts", "patches")
+  read: tuple[str, ...] = EVERY_ROW
 
   def block_rows(self, layer: int, capture, num_prefix: int, num_prompts: int,
                  num_patches: int):
     """The token rows block `layer` computes (`Encoder1DBlock.rows`; () for all): those the
     next block reads (its `on_tokens` may replace the prompts) or, after the last block, the
-    `read` parts; plus those its captures need. Every row when a method's block hooks mix rows
-    (`Method.rowwise`)."""
+    `read` parts; plus those its captures read (`CAPTURE_READS`). Every row when a method's
+    block hooks mix rows (`Method.rowwise`)."""
     ms = self.methods
     if not self.skip_unread_tokens or not all(m.rowwise for m in ms):
-      return ()
-    if {"tokens", "attention", "prompt_query"} & set(capture):
       return ()
     if layer == self.num_layers - 1:
       read = set(self.read)
@@ -372,10 +375,8 @@ class Encoder(nn.Module):
       read = {"prefix", "patches"}
       if not any(m.discards_prompts(layer + 1, self.num_layers) for m in ms):
         read.add("prompts")
-    if "cls_query" in capture:
-      read.add("cls")
-    if "attn_out_mean" in capture:
-      read.add("patches")
+    for key in capture:
+      read.update(CAPTURE_READS[key])
     return read_rows(read, num_prefix, num_prompts, num_patches)
 
   @nn.compact
