@@ -8,6 +8,8 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["jvt", "jvt.*", "configs", "configs.*"]),
+    # The allocator shim jvt.scratch builds on first use (python -m jvt.scratch).
+    package_data={"jvt": ["native/*.c"]},
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10.0",

@@ -249,7 +249,7 @@ def measure(spec: dict) -> dict:
   """One row: builds the method's run, compiles and times its train and eval steps."""
   import jax
   import numpy as np
-  from jvt import train
+  from jvt import scratch, train
   from jvt.train import sharding
 
   load_before = os.getloadavg()[0]
@@ -336,6 +336,8 @@ def measure(spec: dict) -> dict:
       # Fresh pages a timed step touched (on CPU about XLA's scratch block / 4 KB: glibc maps
       # that block afresh every call; docs/performance.md, "Fresh pages every step").
       "page_faults_per_step": train_faults,
+      # jvt.scratch's counters when its library was preloaded (--reuse-scratch), else None.
+      "scratch_reuse": scratch.stats() if scratch.active() else None,
       "peak_rss_total_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
       # Resident MB of the imported libraries and the backend before the run was built:
       # peak_mem_mb - base_rss_mb is the step's own memory (on CPU).
@@ -361,6 +363,9 @@ def run_child(spec: dict, timeout: float | None) -> dict:
   """Runs `measure(spec)` in a fresh interpreter and returns its row."""
   cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
+  if spec.get("reuse_scratch"):
+    from jvt import scratch
+    env = scratch.preload_env(env)
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
   if proc.returncode != 0 or not lines:
@@ -423,7 +428,9 @@ def markdown(rows: Sequence[dict]) -> str:
   r0 = rows[0]
   head = (f"ViT-{r0['variant']}, batch {r0['batch']}, {r0.get('image_size', '?')} px, "
           f"{r0.get('dtype', '?')}, backend {r0['backend']} ({r0['device_kind']}), "
-          f"memory: {r0.get('mem_source', 'peak')}")
+          f"memory: {r0.get('mem_source', 'peak')}"
+          + (", XLA:CPU's scratch block kept between steps (jvt.scratch)"
+             if r0.get("scratch_reuse") else ""))
   lines = [head, "",
            "| method | remat | trainable params | train img/s (min-max) | x full | eval img/s "
            "| peak mem MB | XLA temp MB | compile s | train GFLOP/img | GFLOP/s | MFU |",
@@ -476,6 +483,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--cpu-devices", type=int, default=0,
                  help="config.cpu_devices: split the CPU into this many data-parallel devices "
                       "(0: the process's devices).")
+  p.add_argument("--reuse-scratch", action="store_true",
+                 help="Preload jvt.scratch's library into each child: XLA:CPU's scratch block is "
+                      "kept between steps instead of mapped afresh (CPU, Linux).")
   p.add_argument("--peak-tflops", type=float, default=0.0,
                  help="The device's matrix peak in TFLOP/s for the MFU column (default: the "
                       "bf16 datasheet peak of a listed GPU/TPU for bf16 rows, else no MFU).")
@@ -519,7 +529,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               warmup=args.warmup if args.warmup is not None else (2 if cpu else 5),
               num_prompts=args.num_prompts, num_classes=args.num_classes, overrides=overrides,
               seed=args.seed, forward_chunk_rows=args.forward_chunk_rows,
-              cpu_devices=args.cpu_devices, peak_tflops=args.peak_tflops)
+              cpu_devices=args.cpu_devices, peak_tflops=args.peak_tflops,
+              reuse_scratch=args.reuse_scratch)
   os.makedirs(args.out, exist_ok=True)
   rows, failures = [], []
   for remat in remats:

@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jvt import scratch
+
 DATA_AXIS = "data"
 
 
@@ -35,7 +37,10 @@ def use_cpu_devices(n: int) -> None:
   if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
     raise ValueError(f"cpu_devices={n!r}: expected an integer >= 0 (0: the process's devices).")
   n = int(n)
-  if n == 0 or jax.config.jax_num_cpu_devices == n:
+  if n == 0:
+    return
+  scratch.set_slots(n)  # n steps' scratch blocks are in use at once (no-op if not preloaded)
+  if jax.config.jax_num_cpu_devices == n:
     return
   try:
     jax.config.update("jax_num_cpu_devices", n)
