@@ -247,6 +247,9 @@ def markdown(pairs: Sequence[dict], meta: dict) -> str:
       f"- uptime before: {meta.get('uptime_before', '?')}",
       f"- uptime after: {meta.get('uptime_after', '?')}",
   ]
+  if r0.get("scratch_reuse"):
+    lines.append("- jvt ran with XLA:CPU's scratch block kept between steps (jvt.scratch's "
+                 "library preloaded); PyTorch as it is")
   if not quiet:
     lines.append(f"- WARNING: 1-minute load above {bar:g} before the run: the timings "
                  "are not comparable.")
@@ -345,6 +348,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--cpu-devices", type=int, default=0,
                  help="jvt's config.cpu_devices: its step split over this many CPU devices "
                       "(0: the process's devices). PyTorch's side is its usual step either way.")
+  p.add_argument("--reuse-scratch", action="store_true",
+                 help="jvt's side runs with jvt.scratch's library preloaded (XLA:CPU's scratch "
+                      "block kept between steps); PyTorch's side runs as it is.")
   p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                  help="Where both steps run: cpu, or gpu (jvt on JAX's GPU backend, PyTorch on "
                       "cuda).")
@@ -391,7 +397,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               overrides=args.overrides, seed=0)
   pairs, failed = [], False
   for method, remat in map(parse_method, args.methods):
-    jvt_spec = dict(base, method=method, remat=remat, cpu_devices=args.cpu_devices)
+    jvt_spec = dict(base, method=method, remat=remat, cpu_devices=args.cpu_devices,
+                    reuse_scratch=args.reuse_scratch)
     torch_spec = dict(base, method=method, device="cuda" if args.device == "gpu" else "cpu")
     sides = [("jvt", run, jvt_spec), ("torch", torch_step, torch_spec)]
     rounds = []

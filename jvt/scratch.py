@@ -30,7 +30,7 @@ from pathlib import Path
 
 SOURCE = Path(__file__).parent / "native" / "scratch_reuse.c"
 # What `stats()` returns, in the order of jvt_scratch_stats's array.
-STAT_KEYS = ("reused", "mapped", "waited", "timed_out", "in_use", "kept")
+STAT_KEYS = ("reused", "mapped", "waited", "timed_out", "in_use", "kept", "slots")
 
 
 def cache_dir() -> Path:
@@ -101,7 +101,8 @@ def active() -> bool:
 
 def stats() -> dict[str, int]:
   """What the library did so far: blocks reused, blocks mapped afresh, waits for a block to
-  come back (and how many of those ran out, after 50 ms), blocks in use and kept now."""
+  come back (and how many of those ran out, after 50 ms), blocks in use and kept now, and
+  the executions it expects at once (`slots`)."""
   lib = _symbols()
   if lib is None:
     raise RuntimeError("jvt.scratch's library is not loaded in this process: start it with "

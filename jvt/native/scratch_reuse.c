@@ -67,10 +67,10 @@ void jvt_scratch_set_slots(int n) {
   pthread_mutex_unlock(&mu);
 }
 
-void jvt_scratch_stats(long out[6]) {
+void jvt_scratch_stats(long out[7]) {
   pthread_mutex_lock(&mu);
   out[0] = reused; out[1] = mapped; out[2] = waited; out[3] = timed_out;
-  out[4] = n_in_use; out[5] = n_kept;
+  out[4] = n_in_use; out[5] = n_kept; out[6] = slots;
   pthread_mutex_unlock(&mu);
 }
 

@@ -1,0 +1,169 @@
+"""jvt.scratch: the preloaded allocator shim that keeps XLA:CPU's scratch block between steps.
+
+The shim only acts when preloaded, so each behaviour runs in a child interpreter started with
+LD_PRELOAD (and JVT_SCRATCH_MIN_MB=1, so that megabyte-sized blocks count as large). Expected
+counts and pointers follow from the rules in jvt/native/scratch_reuse.c, worked out by hand
+per case; values computed through the shim are compared with numpy.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from jvt import scratch
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not (os.environ.get("CC") or shutil.which("cc")
+                                                 or shutil.which("gcc")),
+    reason="jvt.scratch builds a glibc preload library: needs Linux and a C compiler")
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory):
+  return scratch.library_path(tmp_path_factory.mktemp("scratch_lib"))
+
+
+def run_preloaded(library, code: str, extra_env: dict | None = None) -> str:
+  """Runs `code` in a child with the library preloaded; its stdout."""
+  env = dict(os.environ, LD_PRELOAD=str(library), JVT_SCRATCH_MIN_MB="1")
+  env.pop("XLA_FLAGS", None)
+  env.update(extra_env or {})
+  proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                        text=True, env=env, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout
+
+
+# A child's helpers: posix_memalign / free / realloc through ctypes (the process's symbols, so
+# the preloaded ones), and the shim's counters.
+ALLOC = """
+import ctypes, json, threading, time
+from jvt import scratch
+libc = ctypes.CDLL(None)
+libc.free.argtypes = [ctypes.c_void_p]
+libc.realloc.restype = ctypes.c_void_p
+libc.realloc.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+MB = 1 << 20
+def alloc(mb):
+  p = ctypes.c_void_p()
+  assert libc.posix_memalign(ctypes.byref(p), 64, int(mb * MB)) == 0
+  return p.value
+"""
+
+
+def test_library_is_built_once_under_a_name_hashing_its_source(tmp_path):
+  first = scratch.library_path(tmp_path)
+  mtime = first.stat().st_mtime_ns
+  second = scratch.library_path(tmp_path)
+  assert first == second and second.stat().st_mtime_ns == mtime  # not rebuilt
+  assert first.name.startswith("scratch_reuse-") and first.suffix == ".so"
+  assert sorted(p.name for p in tmp_path.iterdir()) == [first.name]  # no temporary left
+
+
+def test_not_loaded_here():
+  assert not scratch.active()
+  scratch.set_slots(4)  # no-op
+  scratch.release()  # no-op
+  with pytest.raises(RuntimeError, match="python -m jvt.scratch"):
+    scratch.stats()
+
+
+def test_a_freed_block_goes_to_the_next_request_that_fits(library):
+  out = run_preloaded(library, ALLOC + """
+a = alloc(8); libc.free(a)
+b = alloc(6)            # 8 MB kept block fits 6 MB (at least 6, at most 12)
+libc.free(b)
+c = alloc(3)            # does not fit (8 > 2 x 3): kept block freed, a new one mapped
+small = alloc(0.5)      # under JVT_SCRATCH_MIN_MB: glibc's, untouched
+libc.free(small)
+d = libc.realloc(c, 3 * MB + 4096)  # resized: glibc's again, not kept when freed
+libc.free(d)
+print(json.dumps(dict(same=(a == b), stats=scratch.stats())))
+""")
+  result = __import__("json").loads(out.strip().splitlines()[-1])
+  assert result["same"]
+  assert result["stats"] == dict(reused=1, mapped=2, waited=0, timed_out=0, in_use=0, kept=0,
+                                 slots=1)
+
+
+def test_a_request_waits_for_the_block_in_use_to_come_back(library):
+  # XLA asks for step N+1's block a few ms before it frees step N's: the request waits for it.
+  out = run_preloaded(library, ALLOC + """
+a = alloc(8)
+threading.Timer(0.01, libc.free, (a,)).start()
+b = alloc(8)            # one fitting block in use (slots 1): waits for it, then reuses it
+libc.free(b)
+stats_reuse = scratch.stats()
+c = alloc(8)            # the kept block
+t = time.perf_counter()
+d = alloc(8)            # c stays in use: waits 50 ms, then maps a new block
+waited_s = time.perf_counter() - t
+libc.free(c); libc.free(d)
+print(json.dumps(dict(same=(a == b == c), stats_reuse=stats_reuse, stats=scratch.stats(),
+                      waited_s=waited_s)))
+""")
+  result = __import__("json").loads(out.strip().splitlines()[-1])
+  assert result["same"]
+  assert result["stats_reuse"] == dict(reused=1, mapped=1, waited=1, timed_out=0, in_use=0,
+                                       kept=1, slots=1)
+  assert 0.04 <= result["waited_s"] < 1.0
+  # c and d both freed: slots 1 keeps one of them.
+  assert result["stats"] == dict(reused=2, mapped=2, waited=2, timed_out=1, in_use=0, kept=1,
+                                 slots=1)
+
+
+def test_slots_follow_the_cpu_device_count(library):
+  out = run_preloaded(library, """
+from jvt import scratch
+from jvt.train import sharding
+before = scratch.stats()["slots"]
+sharding.use_cpu_devices(3)
+print(before, scratch.stats()["slots"])
+""")
+  assert out.split() == ["1", "3"]
+  out = run_preloaded(library, "from jvt import scratch; print(scratch.stats()['slots'])",
+                      {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+  assert out.split() == ["4"]
+
+
+def test_jitted_steps_reuse_one_block_and_compute_the_same(library):
+  out = run_preloaded(library, """
+import json
+import jax, jax.numpy as jnp, numpy as np
+from jvt import scratch
+x = np.random.default_rng(0).standard_normal((512, 256)).astype(np.float32)
+@jax.jit
+def step(x):
+  h = jnp.tanh(x @ x.T)   # [512, 512] temporaries: the program's scratch block is ~MBs
+  return h @ x + jnp.sin(h).sum()
+mapped = []
+for _ in range(6):
+  y = np.asarray(step(x))
+  mapped.append(scratch.stats()["mapped"])
+h = np.tanh(x.astype(np.float64) @ x.T.astype(np.float64))
+ref = h @ x + np.sin(h).sum()
+print(json.dumps(dict(err=float(np.abs(y - ref).max() / np.abs(ref).max()), mapped=mapped,
+                      stats=scratch.stats())))
+""")
+  result = __import__("json").loads(out.strip().splitlines()[-1])
+  assert result["err"] < 1e-4
+  assert result["stats"]["reused"] >= 4
+  # After the first steps nothing new is mapped: every later step runs in a kept block.
+  assert result["mapped"][-1] == result["mapped"][2]
+
+
+def test_launcher_preloads_the_library_into_the_command(library, tmp_path):
+  env = dict(os.environ, JVT_CACHE_DIR=str(library.parent))
+  path = subprocess.run([sys.executable, "-m", "jvt.scratch"], capture_output=True, text=True,
+                        env=env, check=True).stdout.strip()
+  assert path == str(library)
+  proc = subprocess.run(
+      [sys.executable, "-m", "jvt.scratch", "--", sys.executable, "-c",
+       "import os; from jvt import scratch; print(scratch.active(), os.environ['LD_PRELOAD'])"],
+      capture_output=True, text=True, env=env, check=True)
+  assert proc.stdout.split() == ["True", str(library)]
