@@ -117,6 +117,26 @@ print(json.dumps(dict(same=(a == b == c), stats_reuse=stats_reuse, stats=scratch
                                  slots=1)
 
 
+def test_a_block_resized_past_the_library_is_not_kept(library):
+  # glibc's own realloc (__libc_realloc), called past the library's, shrinks a tracked block in
+  # place: free() must see that the chunk is smaller now and hand it back to glibc.
+  out = run_preloaded(library, ALLOC + """
+libc_realloc = getattr(libc, "__libc_realloc")
+libc_realloc.restype = ctypes.c_void_p
+libc_realloc.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+a = alloc(8)
+d = libc_realloc(a, 2 * MB)
+libc.free(d)
+b = alloc(8)  # nothing kept: a new block
+libc.free(b)
+print(json.dumps(dict(same=(a == d), stats=scratch.stats())))
+""")
+  result = __import__("json").loads(out.strip().splitlines()[-1])
+  assert result["same"]  # shrunk in place (glibc mremaps an mmapped chunk where it is)
+  assert result["stats"] == dict(reused=0, mapped=2, waited=0, timed_out=0, in_use=0, kept=1,
+                                 slots=1)
+
+
 def test_slots_follow_the_cpu_device_count(library):
   out = run_preloaded(library, """
 from jvt import scratch

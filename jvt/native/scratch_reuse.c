@@ -22,6 +22,7 @@
 */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <malloc.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -59,11 +60,13 @@ __attribute__((constructor)) static void configure(void) {
   const char *key = "xla_force_host_platform_device_count=";
   const char *at = flags ? strstr(flags, key) : NULL;
   if (at && atoi(at + strlen(key)) > 1) slots = atoi(at + strlen(key));
+  if (slots > MAX_BLOCKS) slots = MAX_BLOCKS;
 }
 
 void jvt_scratch_set_slots(int n) {
   pthread_mutex_lock(&mu);
-  slots = n > 1 ? n : 1;
+  slots = n < 1 ? 1 : n > MAX_BLOCKS ? MAX_BLOCKS : n;
+  while (n_kept > slots) __libc_free(kept[--n_kept].ptr);
   pthread_mutex_unlock(&mu);
 }
 
@@ -160,7 +163,9 @@ void free(void *ptr) {
   if (ptr && __atomic_load_n(&n_in_use, __ATOMIC_RELAXED) > 0) {
     pthread_mutex_lock(&mu);
     size_t size = untrack(ptr);
-    if (size) {
+    /* A block resized past this library's realloc (glibc's __libc_realloc called directly)
+       may be a smaller chunk at the same address now: never keep that. */
+    if (size && malloc_usable_size(ptr) >= size) {
       void *dropped = NULL;
       if (n_kept >= slots) {  /* keep at most `slots` blocks: drop one */
         dropped = kept[0].ptr;
