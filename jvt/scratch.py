@@ -126,17 +126,28 @@ def release() -> None:
     lib.jvt_scratch_release()
 
 
+USAGE = "usage: python -m jvt.scratch [-- command args...]  (no command: print the library's path)"
+
+
 def main(argv: list[str]) -> int:
-  if argv and argv[0] == "--":
-    argv = argv[1:]
-  if not argv:
-    print(library_path())
+  if argv[:1] in (["-h"], ["--help"]):
+    print(USAGE)
     return 0
-  if argv[0].startswith("-"):
-    print("usage: python -m jvt.scratch [-- command args...]", file=sys.stderr)
+  if argv[:1] == ["--"]:
+    argv = argv[1:]
+  if argv and argv[0].startswith("-"):
+    print(USAGE, file=sys.stderr)
     return 2
-  os.execvpe(argv[0], argv, preload_env())
-  return 0  # not reached
+  try:
+    if not argv:
+      print(library_path())
+      return 0
+    env = preload_env()
+  except RuntimeError as err:
+    print(f"jvt.scratch: {err}", file=sys.stderr)
+    return 1
+  os.execvpe(argv[0], argv, env)
+  return 0  # not reached: the command replaced this process
 
 
 if __name__ == "__main__":

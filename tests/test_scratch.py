@@ -83,10 +83,12 @@ small = alloc(0.5)      # under JVT_SCRATCH_MIN_MB: glibc's, untouched
 libc.free(small)
 d = libc.realloc(c, 3 * MB + 4096)  # resized: glibc's again, not kept when freed
 libc.free(d)
-print(json.dumps(dict(same=(a == b), stats=scratch.stats())))
+bad_alignment = libc.posix_memalign(ctypes.byref(ctypes.c_void_p()), 24, 16 * MB)
+print(json.dumps(dict(same=(a == b), bad_alignment=bad_alignment, stats=scratch.stats())))
 """)
   result = __import__("json").loads(out.strip().splitlines()[-1])
   assert result["same"]
+  assert result["bad_alignment"] == 22  # EINVAL, as glibc answers
   assert result["stats"] == dict(reused=1, mapped=2, waited=0, timed_out=0, in_use=0, kept=0,
                                  slots=1)
 

@@ -8,13 +8,13 @@
    into the kernel and a page zeroed. PyTorch's activations are small blocks that glibc
    recycles.
 
-   Preloaded (LD_PRELOAD), this library keeps the last freed large block and hands it to the
-   next large request that fits (at least its size, at most twice it). XLA starts the next
-   step's execution a few milliseconds before it frees the previous step's block, so a large
-   request that finds no kept block that fits while `slots` blocks that would fit are in use
-   waits (at most 50 ms) for one to come back: the process never holds more large blocks than
-   it did without the library. `slots` is the
-   number of executions that run at once: 1, or the CPU device count of a split CPU
+   Preloaded (LD_PRELOAD), this library keeps freed large blocks (up to `slots` of them) and
+   hands each to the next large request it fits (at least the size asked, at most twice it).
+   XLA starts the next step's execution a few milliseconds before it frees the previous
+   step's block, so a large request that finds no kept block that fits, while `slots` blocks
+   that would fit are in use, waits (at most 50 ms) for one to come back: the process never
+   holds more large blocks than it did without the library. `slots` is the number of
+   executions that run at once: 1, or the device count of a CPU split into devices
    (jvt_scratch_set_slots, or XLA_FLAGS=--xla_force_host_platform_device_count=N).
 
    Only posix_memalign requests of at least JVT_SCRATCH_MIN_MB MiB (default 64) are kept;
@@ -32,7 +32,7 @@ extern void *__libc_memalign(size_t alignment, size_t size);
 extern void *__libc_realloc(void *ptr, size_t size);
 extern void __libc_free(void *ptr);
 
-#define MAX_BLOCKS 64         /* large blocks tracked at once (in use + kept) */
+#define MAX_BLOCKS 64         /* large blocks tracked in use, and most kept at once */
 #define WAIT_NS 50000000L     /* longest wait for a block to come back: 50 ms */
 #define PAGE 4096
 
@@ -116,6 +116,7 @@ static void wait_for_return(size_t size) {
 }
 
 int posix_memalign(void **out, size_t alignment, size_t size) {
+  if (alignment % sizeof(void *) != 0 || (alignment & (alignment - 1)) != 0) return EINVAL;
   if (size < min_bytes || alignment > PAGE) {
     void *p = __libc_memalign(alignment, size);
     if (!p) return ENOMEM;
