@@ -129,12 +129,12 @@ LAYERS = ("library", "training", "evaluation", "applications")
 LAYER_OF = {
     # library: backbones, method plug-ins, pretrained formats, data, pure losses, file writing,
     # plotting of metric rows, adapters as files, prediction, the bf16 products and the
-    # cotangent barrier and exact GELU
+    # cotangent barrier and exact GELU, XLA:CPU's scratch-block reuse
     "jvt.models": "library", "jvt.methods": "library", "jvt.checkpoints": "library",
     "jvt.data": "library", "jvt.losses": "library", "jvt.files": "library",
     "jvt.viz": "library", "jvt.prediction": "library", "jvt.distill": "library",
     "jvt.remap": "library", "jvt.precision": "library",
-    "jvt.barrier": "library", "jvt.gelu": "library",
+    "jvt.barrier": "library", "jvt.gelu": "library", "jvt.scratch": "library",
     # training: the loop, steps, objectives, run directory and checkpoints, optimizer and
     # partition, the base config and the epoch selection a run reports
     "jvt.train": "training", "jvt.partition": "training", "jvt.config_lib": "training",
