@@ -65,8 +65,13 @@ def library_path(directory: str | os.PathLike | None = None) -> Path:
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".scratch_reuse-", suffix=".so")
   os.close(fd)
   try:
-    proc = subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", tmp, str(SOURCE),
-                           "-lpthread"], capture_output=True, text=True)
+    try:
+      proc = subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", tmp, str(SOURCE),
+                             "-lpthread"], capture_output=True, text=True)
+    except OSError as err:  # e.g. $CC naming a program that does not exist
+      raise RuntimeError(f"building {SOURCE}: could not run the C compiler {compiler!r} "
+                         f"({err.strerror}). Set $CC to a working compiler or install one "
+                         "(Debian/Ubuntu: apt install gcc).") from None
     if proc.returncode != 0:
       raise RuntimeError(f"building {SOURCE} with {compiler} failed (exit code "
                          f"{proc.returncode}):\n{proc.stderr[-2000:]}")
