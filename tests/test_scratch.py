@@ -16,6 +16,7 @@ import textwrap
 import pytest
 
 from jvt import scratch
+from helpers_train import cli_args, cli_env, load_trainable, run_cli, train_data_dir  # noqa: F401
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux") or not (os.environ.get("CC") or shutil.which("cc")
@@ -189,3 +190,37 @@ def test_launcher_preloads_the_library_into_the_command(library, tmp_path):
        "import os; from jvt import scratch; print(scratch.active(), os.environ['LD_PRELOAD'])"],
       capture_output=True, text=True, env=env, check=True)
   assert proc.stdout.split() == ["True", str(library)]
+
+
+def test_main_reuse_scratch_flag_restarts_the_run_with_the_library(library, train_data_dir,
+                                                                    tmp_path):
+  """`python -m jvt.main --reuse_scratch`: the run restarts preloaded (its last log line is
+  the library's counters), and trains to the same trainable weights as without the flag."""
+  env = dict(cli_env(tmp_path), JVT_CACHE_DIR=str(library.parent), JVT_SCRATCH_MIN_MB="1")
+  env.pop("LD_PRELOAD", None)
+  # 128 px (the 16 px images resized; 257 tokens): the step's scratch block is several MB.
+  size = "--config.model.image_size=128"
+  plain = run_cli(cli_args(train_data_dir, tmp_path / "plain", steps=4) + [size], env)
+  reused = run_cli(cli_args(train_data_dir, tmp_path / "reused", steps=4) +
+                   [size, "--reuse_scratch"], env)
+  assert "jvt.scratch:" not in plain.stderr
+  line = next(l for l in reused.stderr.splitlines() if "jvt.scratch: {" in l)
+  counters = eval(line[line.index("{"):])  # noqa: S307 -- a dict of ints printed by the run
+  assert counters["reused"] > 0, line
+  a, b = load_trainable(tmp_path / "plain"), load_trainable(tmp_path / "reused")
+  assert a.keys() == b.keys()
+  for key in a:
+    # Same program, same data: only the memory the temporaries live in differs.
+    assert (a[key] == b[key]).all(), key
+
+
+def test_main_reuse_scratch_without_a_compiler_is_one_user_error(train_data_dir, tmp_path):
+  env = dict(cli_env(tmp_path), JVT_CACHE_DIR=str(tmp_path / "empty_cache"),
+             CC=str(tmp_path / "no_such_cc"))
+  proc = run_cli(cli_args(train_data_dir, tmp_path / "w", steps=4) + ["--reuse_scratch"], env,
+                 check=False)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("jvt: error:")]
+  assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert "--reuse_scratch" in errors[0] and "no_such_cc" in errors[0], errors[0]
+  assert not (tmp_path / "w").exists() or not any((tmp_path / "w").iterdir())
