@@ -7,6 +7,7 @@ per case; values computed through the shim are compared with numpy.
 """
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import subprocess
@@ -205,7 +206,7 @@ def test_main_reuse_scratch_flag_restarts_the_run_with_the_library(library, trai
                    [size, "--reuse_scratch"], env)
   assert "jvt.scratch:" not in plain.stderr
   line = next(l for l in reused.stderr.splitlines() if "jvt.scratch: {" in l)
-  counters = eval(line[line.index("{"):])  # noqa: S307 -- a dict of ints printed by the run
+  counters = ast.literal_eval(line[line.index("{"):])
   assert counters["reused"] > 0, line
   a, b = load_trainable(tmp_path / "plain"), load_trainable(tmp_path / "reused")
   assert a.keys() == b.keys()
@@ -223,4 +224,17 @@ def test_main_reuse_scratch_without_a_compiler_is_one_user_error(train_data_dir,
   errors = [l for l in proc.stderr.splitlines() if l.startswith("jvt: error:")]
   assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
   assert "--reuse_scratch" in errors[0] and "no_such_cc" in errors[0], errors[0]
+  assert not (tmp_path / "w").exists() or not any((tmp_path / "w").iterdir())
+
+
+def test_main_reuse_scratch_refused_preload_is_one_user_error(train_data_dir, tmp_path):
+  """A restarted run that finds the library not loaded (the loader ignored LD_PRELOAD) stops
+  with one error line instead of restarting again."""
+  env = dict(cli_env(tmp_path), JVT_SCRATCH_RESTARTED="1")
+  env.pop("LD_PRELOAD", None)
+  proc = run_cli(cli_args(train_data_dir, tmp_path / "w", steps=4) + ["--reuse_scratch"], env,
+                 check=False, timeout=120)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("jvt: error:")]
+  assert len(errors) == 1 and "not loaded" in errors[0], proc.stderr[-3000:]
   assert not (tmp_path / "w").exists() or not any((tmp_path / "w").iterdir())
