@@ -6,7 +6,9 @@ faults in hundreds of MB of new pages (174,000 faults a step for ViT-S/16 fp32 f
 fine-tuning at batch 8, about a fifth of the step on a 2-core CPU). The C library
 `jvt/native/scratch_reuse.c`, preloaded into the process, keeps the freed block and gives it
 to the next step, without holding more large blocks at once than the process did before
-(docs/performance.md, "XLA:CPU's scratch block kept between steps").
+(docs/performance.md, "XLA:CPU's scratch block kept between steps"). It keeps the large
+buffers XLA:CPU's YNNPACK kernels malloc while they run (over 32 MiB: bf16 ViT-B/16 at batch
+32) the same way, a few per size (docs/performance.md, "Kernel buffers kept too").
 
 It has to be preloaded (`LD_PRELOAD`) before Python starts, so it is a launcher:
 
@@ -30,7 +32,8 @@ from pathlib import Path
 
 SOURCE = Path(__file__).parent / "native" / "scratch_reuse.c"
 # What `stats()` returns, in the order of jvt_scratch_stats's array.
-STAT_KEYS = ("reused", "mapped", "waited", "timed_out", "in_use", "kept", "slots")
+STAT_KEYS = ("reused", "mapped", "waited", "timed_out", "in_use", "kept", "slots",
+             "malloc_reused", "malloc_mapped")
 
 
 def cache_dir() -> Path:
@@ -105,9 +108,10 @@ def active() -> bool:
 
 
 def stats() -> dict[str, int]:
-  """What the library did so far: blocks reused, blocks mapped afresh, waits for a block to
-  come back (and how many of those ran out, after 50 ms), blocks in use and kept now, and
-  the executions it expects at once (`slots`)."""
+  """What the library did so far: scratch blocks reused, scratch blocks mapped afresh, waits
+  for a scratch block to come back (and how many of those ran out, after 50 ms), blocks of
+  both kinds in use and kept now, the executions it expects at once (`slots`), and malloc
+  blocks reused and mapped afresh."""
   lib = _symbols()
   if lib is None:
     raise RuntimeError("jvt.scratch's library is not loaded in this process: start it with "

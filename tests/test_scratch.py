@@ -1,7 +1,8 @@
 """jvt.scratch: the preloaded allocator shim that keeps XLA:CPU's scratch block between steps.
 
 The shim only acts when preloaded, so each behaviour runs in a child interpreter started with
-LD_PRELOAD (and JVT_SCRATCH_MIN_MB=1, so that megabyte-sized blocks count as large). Expected
+LD_PRELOAD (and JVT_SCRATCH_MIN_MB=1, so that megabyte-sized blocks count as large; malloc
+blocks only where a test lowers JVT_SCRATCH_MALLOC_MIN_MB from the 1 GiB set here). Expected
 counts and pointers follow from the rules in jvt/native/scratch_reuse.c, worked out by hand
 per case; values computed through the shim are compared with numpy.
 """
@@ -32,7 +33,8 @@ def library(tmp_path_factory):
 
 def run_preloaded(library, code: str, extra_env: dict | None = None) -> str:
   """Runs `code` in a child with the library preloaded; its stdout."""
-  env = dict(os.environ, LD_PRELOAD=str(library), JVT_SCRATCH_MIN_MB="1")
+  env = dict(os.environ, LD_PRELOAD=str(library), JVT_SCRATCH_MIN_MB="1",
+             JVT_SCRATCH_MALLOC_MIN_MB="1024")
   env.pop("XLA_FLAGS", None)
   env.update(extra_env or {})
   proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
@@ -92,7 +94,7 @@ print(json.dumps(dict(same=(a == b), bad_alignment=bad_alignment, stats=scratch.
   assert result["same"]
   assert result["bad_alignment"] == 22  # EINVAL, as glibc answers
   assert result["stats"] == dict(reused=1, mapped=2, waited=0, timed_out=0, in_use=0, kept=0,
-                                 slots=1)
+                                 slots=1, malloc_reused=0, malloc_mapped=0)
 
 
 def test_a_request_waits_for_the_block_in_use_to_come_back(library):
@@ -114,11 +116,11 @@ print(json.dumps(dict(same=(a == b == c), stats_reuse=stats_reuse, stats=scratch
   result = __import__("json").loads(out.strip().splitlines()[-1])
   assert result["same"]
   assert result["stats_reuse"] == dict(reused=1, mapped=1, waited=1, timed_out=0, in_use=0,
-                                       kept=1, slots=1)
+                                       kept=1, slots=1, malloc_reused=0, malloc_mapped=0)
   assert 0.04 <= result["waited_s"] < 1.0
   # c and d both freed: slots 1 keeps one of them.
   assert result["stats"] == dict(reused=2, mapped=2, waited=2, timed_out=1, in_use=0, kept=1,
-                                 slots=1)
+                                 slots=1, malloc_reused=0, malloc_mapped=0)
 
 
 def test_a_block_resized_past_the_library_is_not_kept(library):
@@ -138,7 +140,95 @@ print(json.dumps(dict(same=(a == d), stats=scratch.stats())))
   result = __import__("json").loads(out.strip().splitlines()[-1])
   assert result["same"]  # shrunk in place (glibc mremaps an mmapped chunk where it is)
   assert result["stats"] == dict(reused=0, mapped=2, waited=0, timed_out=0, in_use=0, kept=1,
-                                 slots=1)
+                                 slots=1, malloc_reused=0, malloc_mapped=0)
+
+
+def test_a_freed_malloc_block_goes_to_the_next_malloc_of_its_size(library):
+  # XLA:CPU's YNNPACK kernels malloc their large intermediates while they run, two sizes in
+  # turn, the same every step. malloc blocks fit closely, never wait, stay kept when another
+  # size misses, and are kept apart from the scratch blocks.
+  out = run_preloaded(library, ALLOC + """
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+def m(mb):
+  p = libc.malloc(int(mb * MB))
+  ctypes.memset(p, 7, int(mb * MB))  # written through: a usable block of that size
+  return p
+s = alloc(8); libc.free(s)  # a scratch block, kept
+a = m(8); libc.free(a)
+b = m(7.5)              # the kept 8 MB block fits 7.5 MB (at most an eighth more)
+libc.free(b)
+c = m(6)                # 8 MB is a third more than 6: a new block; the 8 MB one stays kept
+t = time.perf_counter()
+d = m(6)                # c in use: a malloc never waits; a second block is mapped
+malloc_s = time.perf_counter() - t
+small = m(2)            # under JVT_SCRATCH_MALLOC_MIN_MB: glibc's, untouched
+libc.free(small)
+libc.free(c); libc.free(d)  # two of one size, slots 1: the one freed last is kept
+e = m(6); f = m(8)      # both sizes in turn: each finds its kept block
+u = alloc(8)            # the scratch block outlived the malloc blocks' misses
+libc.free(u); libc.free(e); libc.free(f)
+stats_two_sizes = scratch.stats()
+# Ten more sizes, each a quarter over the last (none fits another), each freed: at most 8
+# malloc blocks stay, the ones freed last. (Not written to: their pages are never touched.)
+sizes = [int(10 * 1.25 ** i * MB) for i in range(10)]
+more = [libc.malloc(size) for size in sizes]
+for p in more: libc.free(p)
+g = m(8)                # freed longest ago: gone, a new block
+h = libc.malloc(sizes[-1])  # the last of the ten: kept
+print(json.dumps(dict(b_is_a=(a == b), c_is_not_d=(c != d), e_is_d=(e == d), f_is_a=(f == a),
+                      u_is_s=(u == s), h_is_last=(h == more[-1]), malloc_s=malloc_s,
+                      stats_two_sizes=stats_two_sizes, stats=scratch.stats())))
+""", {"JVT_SCRATCH_MALLOC_MIN_MB": "4"})
+  result = __import__("json").loads(out.strip().splitlines()[-1])
+  for key in ("b_is_a", "c_is_not_d", "e_is_d", "f_is_a", "u_is_s", "h_is_last"):
+    assert result[key], (key, result)
+  assert result["malloc_s"] < 0.04  # no 50 ms wait
+  # Mapped: a, c, d (malloc) and s (scratch); reused: b, e, f (malloc) and u (scratch). Kept:
+  # s's block, one 6 MB and one 8 MB malloc block.
+  assert result["stats_two_sizes"] == dict(reused=1, mapped=1, waited=0, timed_out=0, in_use=0,
+                                           kept=3, slots=1, malloc_reused=3, malloc_mapped=3)
+  # Then 10 + 1 (g) mapped and 1 (h) reused; in use g, h; kept 7 malloc blocks and s's.
+  assert result["stats"] == dict(reused=1, mapped=1, waited=0, timed_out=0, in_use=2, kept=8,
+                                 slots=1, malloc_reused=4, malloc_mapped=14)
+
+
+def test_jitted_bf16_attention_reuses_its_kernel_buffers_and_computes_the_same(library):
+  # bf16 attention on CPU (jvt.precision.einsum, softmax between the products) runs in YNNPACK
+  # fusions that malloc a [B, H, Q, K] fp32 intermediate as they run: 2.4 MB here, over the
+  # 2 MiB floor set for this test (scratch blocks left to glibc). After the first call of
+  # each program nothing new is mapped.
+  out = run_preloaded(library, """
+import json
+import jax, jax.numpy as jnp, numpy as np
+from jvt import precision, scratch
+rng = np.random.default_rng(0)
+q, k, v = (rng.standard_normal((4, 6, 160, 64)).astype(np.float32) for _ in range(3))
+def attention(q, k, v):
+  probs = jax.nn.softmax(precision.einsum("bhqd,bhkd->bhqk", q, k, jnp.bfloat16), axis=-1)
+  return precision.einsum("bhqk,bhkd->bhqd", probs.astype(jnp.bfloat16), v, jnp.bfloat16)
+step = jax.jit(jax.value_and_grad(lambda q, k, v: attention(q, k, v).astype(jnp.float32).sum()))
+mapped = []
+for _ in range(6):
+  y, dq = step(q, k, v)
+  y = np.asarray(attention(q, k, v))
+  mapped.append(scratch.stats()["malloc_mapped"])
+as_bf16 = lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), np.float64)
+logits = np.einsum("bhqd,bhkd->bhqk", as_bf16(q), as_bf16(k))
+probs = np.exp(logits - logits.max(-1, keepdims=True))
+probs = as_bf16(probs / probs.sum(-1, keepdims=True))
+ref = np.einsum("bhqk,bhkd->bhqd", probs, as_bf16(v))
+print(json.dumps(dict(err=float(np.abs(y - ref).max() / np.abs(ref).max()), mapped=mapped,
+                      stats=scratch.stats())))
+""", {"JVT_SCRATCH_MALLOC_MIN_MB": "2", "JVT_SCRATCH_MIN_MB": "1024"})
+  result = __import__("json").loads(out.strip().splitlines()[-1])
+  # bf16 operands with fp32 accumulation; the probabilities rounded to bf16 on both sides
+  # (one bf16 step apart where fp32 and float64 round differently).
+  assert result["err"] < 1e-3, result
+  assert result["mapped"][0] >= 1, result  # XLA:CPU (jax 0.10) mallocs the fused intermediate
+  assert result["stats"]["malloc_reused"] >= 5, result
+  assert result["mapped"][-1] == result["mapped"][1], result
+  assert result["stats"]["mapped"] == 0 and result["stats"]["reused"] == 0  # scratch: glibc's
 
 
 def test_slots_follow_the_cpu_device_count(library):
