@@ -54,7 +54,7 @@ extern void __libc_free(void *ptr);
 #define PAGE 4096
 
 /* The two kinds of block, each fitted, kept and returned among its own kind only. */
-enum { SCRATCH, MALLOC };
+enum { SCRATCH, MALLOC, ANY = -1 };
 
 typedef struct {
   void *ptr;
@@ -89,11 +89,21 @@ __attribute__((constructor)) static void configure(void) {
   if (slots > MAX_BLOCKS) slots = MAX_BLOCKS;
 }
 
+/* Frees every kept block of `kind`, or of every kind if `kind` is ANY (under the lock). */
+static void return_kept(int kind) {
+  for (int i = 0; i < n_kept;)
+    if (kind == ANY || kept[i].kind == kind) {
+      __libc_free(kept[i].ptr);
+      kept[i] = kept[--n_kept];
+    } else {
+      i++;
+    }
+}
+
 void jvt_scratch_set_slots(int n) {
   pthread_mutex_lock(&mu);
   slots = n < 1 ? 1 : n > MAX_BLOCKS ? MAX_BLOCKS : n;
-  for (int i = 0; i < n_kept; i++) __libc_free(kept[i].ptr);  /* kept for the old count */
-  n_kept = 0;
+  return_kept(ANY);  /* kept for the old count */
   pthread_mutex_unlock(&mu);
 }
 
@@ -108,8 +118,7 @@ void jvt_scratch_stats(long out[9]) {
 /* Frees every kept block (their memory goes back to the system). */
 void jvt_scratch_release(void) {
   pthread_mutex_lock(&mu);
-  for (int i = 0; i < n_kept; i++) __libc_free(kept[i].ptr);
-  n_kept = 0;
+  return_kept(ANY);
   pthread_mutex_unlock(&mu);
 }
 
@@ -152,17 +161,6 @@ static void wait_for_return(size_t size) {
   waited++;
   while (should_wait(size))
     if (pthread_cond_timedwait(&returned, &mu, &deadline) == ETIMEDOUT) { timed_out++; return; }
-}
-
-/* Frees every kept block of `kind` (under the lock). */
-static void return_kept(int kind) {
-  for (int i = 0; i < n_kept;)
-    if (kept[i].kind == kind) {
-      __libc_free(kept[i].ptr);
-      kept[i] = kept[--n_kept];
-    } else {
-      i++;
-    }
 }
 
 /* A block of `size` bytes of `kind`: a kept one that fits, else a new one from glibc (a
