@@ -5,10 +5,11 @@ frees it when the step ends; glibc maps a block that large afresh each time, so 
 faults in hundreds of MB of new pages (174,000 faults a step for ViT-S/16 fp32 full
 fine-tuning at batch 8, about a fifth of the step on a 2-core CPU). The C library
 `jvt/native/scratch_reuse.c`, preloaded into the process, keeps the freed block and gives it
-to the next step, without holding more large blocks at once than the process did before
-(docs/performance.md, "XLA:CPU's scratch block kept between steps"). It keeps the large
-buffers XLA:CPU's YNNPACK kernels malloc while they run (over 32 MiB: bf16 ViT-B/16 at batch
-32) the same way, a few per size (docs/performance.md, "Kernel buffers kept too").
+to the next step, without holding more scratch blocks at once than the process did before
+(docs/performance.md, "XLA:CPU's scratch block kept between steps"). It also keeps the large
+buffers XLA:CPU's YNNPACK kernels malloc while they run (32 MiB or more: bf16 ViT-B/16 at
+batch 32), a few per size and at most 8, which it holds where glibc would have returned them
+(docs/performance.md, "Kernel buffers kept too").
 
 It has to be preloaded (`LD_PRELOAD`) before Python starts, so it is a launcher:
 

@@ -8,12 +8,12 @@
    into the kernel and a page zeroed. PyTorch's activations are small blocks that glibc
    recycles.
 
-   Preloaded (LD_PRELOAD), this library keeps freed large blocks (up to `slots` of them) and
+   Preloaded (LD_PRELOAD), this library keeps freed scratch blocks (up to `slots` of them) and
    hands each to the next large request it fits (at least the size asked, at most twice it).
    XLA starts the next step's execution a few milliseconds before it frees the previous
    step's block, so a large request that finds no kept block that fits, while `slots` blocks
    that would fit are in use, waits (at most 50 ms) for one to come back: the process never
-   holds more large blocks than it did without the library. `slots` is the number of
+   holds more scratch blocks than it did without the library. `slots` is the number of
    executions that run at once: 1, or the device count of a CPU split into devices
    (jvt_scratch_set_slots, or XLA_FLAGS=--xla_force_host_platform_device_count=N).
 
@@ -22,7 +22,7 @@
 
    The second kind, malloc blocks: XLA:CPU's YNNPACK fusions allocate their own intermediates
    with malloc while they run (a bf16 ViT-B/16 step at batch 32 fuses each attention product
-   with a reduction: 66 buffers of 57-74 MB a step, 2.7 GB of fresh pages and 688,000 faults).
+   with a reduction: 66 buffers of 57 or 74 MiB a step, 688,000 page faults).
    glibc maps every malloc over 32 MiB (its largest mmap threshold) afresh. malloc requests of
    at least JVT_SCRATCH_MALLOC_MIN_MB MiB (default 32) are kept too, apart from the scratch
    blocks: a freed one goes to the next malloc request it fits closely (at least the size
@@ -31,7 +31,9 @@
    once), and at most `slots` of each size (within an eighth) are kept, at most MALLOC_KEPT of
    them in all: past that the one freed longest ago goes back, so blocks of sizes no longer
    asked for do not stay. (A request that finds none that fits maps a new block but leaves the
-   kept ones: one step's kernels ask for two sizes in turn.)
+   kept ones: one step's kernels ask for two sizes in turn.) Unlike scratch blocks, kept malloc
+   blocks are held where glibc would have returned them: up to MALLOC_KEPT of them extra.
+   jvt_scratch_set_slots returns every kept block of both kinds.
 
    Everything else goes straight to glibc. jvt.scratch builds, loads and reads this library.
 */
