@@ -98,13 +98,47 @@ def test_block_rows_keep_what_captures_read():
   assert gap.block_rows(last, ("cls_query",), k, p, N) == ((0, 1), (1 + p, t))
 
 
+class MixesEveryRow(jvt.methods.Method):
+  """A method whose block hooks mix rows beyond the image grid (neither rowwise nor
+  grid-local): its models compute every row."""
+  name = "mixes_every_row"
+  rowwise = False
+
+
 def test_a_method_whose_block_hooks_mix_rows_computes_every_row():
-  assert registry()["convpass"].rowwise is False
-  conv = encoder([dict(method="convpass"), dict(method="vpt", num_prompts=2)])
-  assert [conv.block_rows(i, (), 1, 2, N) for i in range(L)] == [(), (), ()]
+  base = encoder(dict(method="vpt", num_prompts=2))
+  mixing = Encoder(L, SMALL["num_heads"], MLP, PATCH, base.methods + (MixesEveryRow(),),
+                   read=("cls",))
+  assert [mixing.block_rows(i, (), 1, 2, N) for i in range(L)] == [(), (), ()]
   no_skip = Encoder(L, SMALL["num_heads"], MLP, PATCH, small_model().methods, read=("cls",),
                     skip_unread_tokens=False)
   assert no_skip.block_rows(L - 1, (), 1, 0, N) == ()
+
+
+def test_a_grid_local_method_skips_rows_as_a_rowwise_one():
+  # Convpass mixes only the image rows: a block computes every image row or none, so it skips
+  # the rows a rowwise method would.
+  assert registry()["convpass"].rowwise is False and registry()["convpass"].grid_local
+  k, p, t = 1, 2, 1 + 2 + N
+  conv = encoder([dict(method="convpass"), dict(method="vpt", num_prompts=p)])
+  assert [conv.block_rows(i, (), k, p, N) for i in range(L)] == [
+      ((0, 1), (1 + p, t)), ((0, 1), (1 + p, t)), ((0, 1),)]
+  gap = encoder(dict(method="convpass"), read=("patches",))
+  assert gap.block_rows(L - 1, (), k, 0, N) == ((1, 1 + N),)
+
+
+@pytest.mark.parametrize("rows, want", [
+    ((), N), (((0, 1),), 0), (((0, 1), (3, 12)), N), (((1, 12),), N), (((0, 3),), 0)])
+def test_site_image_rows(rows, want):
+  # 1 prefix token, 2 prompts, the 3 x 3 grid last: rows 3 .. 11 of 12.
+  site = jvt.methods.Site(num_tokens=12, grid=(3, 3), rows=rows)
+  assert site.image_rows() == want
+
+
+def test_site_image_rows_refuses_part_of_the_grid():
+  site = jvt.methods.Site(num_tokens=12, grid=(3, 3), rows=((0, 1), (6, 12)))
+  with pytest.raises(ValueError, match="every image row or none"):
+    site.image_rows()
 
 
 # ------------------------------------------------------------------ the same function
@@ -144,12 +178,24 @@ def test_every_pooling_same_logits_and_gradients(pool, fields):
   assert_trees_close(got[3], want[3])
 
 
+@pytest.mark.parametrize("pool", ["gap", "tok_gap"])
+def test_convpass_with_pools_reading_the_grid_same_logits_and_gradients(pool):
+  # The last block computes the image rows ("gap") or [CLS] and the image rows ("tok_gap"):
+  # the convolution sees the whole grid, [CLS] its centre tap.
+  fast, every_row = both_paths(dict(method="convpass"), pool=pool)
+  params = small_params(fast)
+  x = jnp.asarray(images(2))
+  got, want = loss_and_grads(fast, params, x), loss_and_grads(every_row, params, x)
+  np.testing.assert_allclose(got[1], want[1], atol=2e-5 * np.abs(want[1]).max())
+  assert_trees_close(got[3], want[3])
+
+
 @pytest.mark.parametrize("tuning", [
     dict(method="vpt", num_prompts=2, deep=False),  # carried on: computed in the middle block
     dict(method="vpt", prompts_per_block=(0, 2)),  # none inserted before the last block
     dict(method="vpt", prompts_per_block=(2, 0)),  # block 1 drops block 0's prompts
     [dict(method="e2vpt", num_prompts=2, num_kv_prompts=2), dict(method="adapter")],
-    [dict(method="vpt", num_prompts=2), dict(method="convpass")],  # every row
+    [dict(method="vpt", num_prompts=2), dict(method="convpass")],  # grid kept, prompts not
 ])
 def test_prompt_layouts_same_logits_and_gradients(tuning):
   fast, every_row = both_paths(tuning)

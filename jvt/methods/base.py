@@ -40,12 +40,16 @@ Unread token rows: a block computes its queries, attention output, residual bran
 only for the token rows something reads later (`jvt.models.vit.ViT.skip_unread_tokens`): the
 last block only for what the pooling reads ([CLS] for "tok"), and a block only for the
 non-prompt rows when the next block's `on_tokens` replaces the prompts. Keys and values still
-come from every row. Two declarations make this exact:
+come from every row. These declarations make this exact:
 
   * `rowwise` (class attribute, True by default): every hook inside a block (`on_projection`,
     `on_norm`, `on_branch`, `on_kernel`) treats each token row on its own. A method whose block
-    hooks mix rows (Convpass's convolution over the token grid) sets it False, and its models
-    compute every row;
+    hooks mix rows sets it False, and its models compute every row, unless it also declares
+  * `grid_local` (class attribute, False by default): its hooks mix only the image rows, among
+    themselves, and treat every other row ([CLS], registers, prompts) on its own (Convpass's
+    convolution over the token grid). A block then computes only the rows read after it, as
+    for a rowwise method: those always hold every image row or none, and `Site.rows` tells
+    the branch hooks which;
   * `discards_prompts(layer, num_layers)`: True when its `on_tokens` before block `layer` drops
     the prompt tokens it receives (deep prompts replace them).
 """
@@ -72,7 +76,9 @@ class Site:
   `scope.make_rng("dropout")` or `nn.Dropout`). capture / captured: the capture keys asked for
   at this block and the dict where a plug-in writes the ones it provides (e.g. "prompts").
   shared: method name -> what its `on_model` returned (arrays reach every hook, blocks under
-  remat included).
+  remat included). rows: at the branch hooks, the ((start, stop), ...) token ranges their x, z
+  and y hold, in order (`Encoder1DBlock.rows`; () for every row); `image_rows()` says whether
+  those end with the whole image grid.
   """
   layer: int = -1
   num_layers: int = 0
@@ -90,9 +96,24 @@ class Site:
   capture: tuple[str, ...] = ()
   captured: dict | None = dataclasses.field(default=None, compare=False, hash=False)
   shared: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)
+  rows: tuple[tuple[int, int], ...] = ()
 
   def at(self, **changes) -> "Site":
     return dataclasses.replace(self, **changes)
+
+  def image_rows(self) -> int:
+    """How many of the rows in `rows` are image tokens: h * w (the last ones) or 0. The image
+    tokens end the sequence, and a block computes either all of them or none."""
+    n = self.grid[0] * self.grid[1]
+    if not self.rows:
+      return n
+    start, stop = self.rows[-1]
+    if stop != self.num_tokens:
+      return 0
+    if stop - start < n:
+      raise ValueError(f"rows {self.rows} of {self.num_tokens} tokens hold part of the {n} "
+                       "image tokens: a block computes every image row or none.")
+    return n
 
 
 class NotMergeableError(ValueError):
@@ -114,6 +135,8 @@ class Method:
   mergeable: ClassVar[bool] = True
   # Its block hooks treat each token row on its own (see "Unread token rows" above).
   rowwise: ClassVar[bool] = True
+  # Not rowwise, but mixing only the image rows among themselves (see above).
+  grid_local: ClassVar[bool] = False
 
   train_head: bool = True
   rules: tuple = ()

@@ -48,8 +48,33 @@ def _identity_centre(key, shape, dtype=jnp.float32):
   return jnp.asarray(kernel, dtype)
 
 
+class Conv3x3(nn.Module):
+  """The bypass's 3x3 convolution (stride 1, zero padding 1): `nn.Conv`'s leaves and arithmetic,
+  with its parameters declared whether or not a call holds image rows (the last block may
+  compute [CLS] alone: `Site.image_rows`)."""
+  dim: int
+  conv_init: str = "identity"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, grid, rest):
+    """grid: [B, h, w, dim] image tokens (h * w may be 0); rest: [B, R, dim] the other tokens,
+    each a 1x1 image (the centre tap only). Returns both, convolved, in `dtype`."""
+    init = (_identity_centre if self.conv_init == "identity"
+            else nn.initializers.xavier_uniform())
+    kernel = self.param("kernel", init, (3, 3, self.dim, self.dim))  # [3, 3, dim, dim]
+    bias = self.param("bias", nn.initializers.zeros, (self.dim,))
+    if grid.shape[1] * grid.shape[2]:
+      grid = jax.lax.conv_general_dilated(
+          grid.astype(self.dtype), kernel.astype(self.dtype), (1, 1), ((1, 1), (1, 1)),
+          dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias.astype(self.dtype)
+    rest = precision.dense(rest, kernel[1, 1], bias, 1, self.dtype)
+    return grid, rest
+
+
 class Bypass(nn.Module):
-  """The bypass for tokens [B, T, D] whose last h * w tokens are the image grid."""
+  """The bypass for tokens [B, T, D] whose last n tokens are the image grid (n = h * w, or 0
+  when the block computes no image row)."""
   dim: int
   grid: tuple[int, int]
   conv_init: str = "identity"
@@ -57,22 +82,15 @@ class Bypass(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, z, train: bool):
+  def __call__(self, z, train: bool, n: int):
     b, t, d = z.shape
-    h, w = self.grid
-    n = h * w
+    h, w = self.grid if n else (0, 0)
     u = Dense(self.dim, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
               name="down")(z)
     u = quick_gelu(u)  # [B, T, dim]
-    conv = nn.Conv(self.dim, (3, 3), padding=1, dtype=self.dtype, name="conv",
-                   kernel_init=(_identity_centre if self.conv_init == "identity"
-                                else nn.initializers.xavier_uniform()))
-    grid = conv(u[:, t - n:].reshape(b, h, w, self.dim)).reshape(b, n, self.dim)
-    # Tokens outside the grid: the same convolution on 1x1 images (centre tap only).
-    kernel = conv.variables["params"]["kernel"]  # [3, 3, dim, dim]
-    bias = conv.variables["params"]["bias"]
-    rest = precision.dense(u[:, :t - n], kernel[1, 1], bias, 1, self.dtype)
-    u = quick_gelu(jnp.concatenate([rest, grid], axis=1))  # [B, T, dim]
+    grid, rest = Conv3x3(self.dim, self.conv_init, self.dtype, name="conv")(
+        u[:, t - n:].reshape(b, h, w, self.dim), u[:, :t - n])
+    u = quick_gelu(jnp.concatenate([rest, grid.reshape(b, n, self.dim)], axis=1))  # [B, T, dim]
     u = nn.Dropout(self.dropout)(u, deterministic=not train)
     return Dense(d, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="up")(u)
 
@@ -87,7 +105,8 @@ class Convpass(Method):
   summary = "Convpass: convolutional bypasses beside attention and MLP"
   order = 40
   mergeable = False
-  rowwise = False  # the convolution mixes the token grid's rows: blocks compute every row
+  rowwise = False  # the convolution mixes the token grid's rows,
+  grid_local = True  # and only those: a block computes every image row or none
   dim: int = 8
   scale: float = 1.0
   conv_init: str = "identity"
@@ -115,4 +134,4 @@ class Convpass(Method):
       return y
     bypass = Bypass(self.dim, tuple(site.grid), self.conv_init, self.dropout, dtype=site.dtype,
                     name=f"convpass_{site.name}")
-    return y + self.scale * bypass(z, site.train)
+    return y + self.scale * bypass(z, site.train, site.image_rows())

@@ -311,7 +311,7 @@ class Encoder1DBlock(nn.Module):
       y = LayerScale(dtype=self.dtype, name="LayerScale_0")(y)
     z = take_rows(z, self.rows)  # the branch's normed input, of the rows it computes
     for m in ms:
-      y = m.on_branch(self, x, z, y, site.at(name="attn"))
+      y = m.on_branch(self, x, z, y, site.at(name="attn", rows=self.rows))
     if self.drop_path and not deterministic:
       y = drop_path(y, self.drop_path, self.make_rng("dropout"))
     x = barrier.materialize_cotangent(x + y)
@@ -322,7 +322,7 @@ class Encoder1DBlock(nn.Module):
     if self.layer_scale:
       y = LayerScale(dtype=self.dtype, name="LayerScale_1")(y)
     for m in ms:
-      y = m.on_branch(self, x, z, y, site.at(name="mlp"))
+      y = m.on_branch(self, x, z, y, site.at(name="mlp", rows=self.rows))
     if self.drop_path and not deterministic:
       y = drop_path(y, self.drop_path, self.make_rng("dropout"))
     x = x + y
@@ -365,9 +365,10 @@ class Encoder(nn.Module):
     """The token rows block `layer` computes (`Encoder1DBlock.rows`; () for all): those the
     next block reads (its `on_tokens` may replace the prompts) or, after the last block, the
     `read` parts; plus those its captures read (`CAPTURE_READS`). Every row when a method's
-    block hooks mix rows (`Method.rowwise`)."""
+    block hooks mix rows (`Method.rowwise`) beyond the image rows (`Method.grid_local`): the
+    parts read are whole, so the rows computed hold every image row or none."""
     ms = self.methods
-    if not self.skip_unread_tokens or not all(m.rowwise for m in ms):
+    if not self.skip_unread_tokens or not all(m.rowwise or m.grid_local for m in ms):
       return ()
     if layer == self.num_layers - 1:
       read = set(self.read)
