@@ -5,8 +5,10 @@ Why: on XLA:CPU a frozen-backbone train step at 32 images runs slower per image 
 forward (and so its backward) as a `lax.map` over chunks of 8 rows brings batch 32 back to
 batch 8's rate (13.2 img/s; LoRA and AdaptFormer +21%, partial-1 +12%) and lowers the step's
 peak memory. It does not pay when most weights train: each chunk then computes its own weight
-gradients over fewer rows and sums them (full fine-tuning 9.0 -> 6.8 img/s, partial-6 +1%).
-Figures: docs/performance.md.
+gradients over fewer rows and sums them (full fine-tuning 9.0 -> 6.8 img/s, partial-6 +1%;
+fp32). In bf16 at batch 32 the picture is mixed: on a Zen 4 and a Xeon chunks ran full
+fine-tuning 1.05-1.22x faster at +0.5 GB, and some frozen-backbone steps (BitFit, Convpass)
+1.03-1.16x slower than one piece. Figures: docs/performance.md.
 
 The chunked forward computes the same function: a ViT's forward is per example (no batch
 statistics), so chunk outputs concatenate to the whole batch's, and a loss over the whole
