@@ -10,7 +10,7 @@ import pytest
 import jvt
 from jvt.losses.da_vpt import capture_keys
 from jvt.methods.registry import registry
-from jvt.models.vit import Encoder, read_rows
+from jvt.models.vit import POOL_READS, Encoder, read_rows
 
 from conftest import IMAGE, SMALL, images, small_model, small_params
 
@@ -178,11 +178,19 @@ def test_every_pooling_same_logits_and_gradients(pool, fields):
   assert_trees_close(got[3], want[3])
 
 
-@pytest.mark.parametrize("pool", ["gap", "tok_gap"])
-def test_convpass_with_pools_reading_the_grid_same_logits_and_gradients(pool):
-  # The last block computes the image rows ("gap") or [CLS] and the image rows ("tok_gap"):
-  # the convolution sees the whole grid, [CLS] its centre tap.
-  fast, every_row = both_paths(dict(method="convpass"), pool=pool)
+@pytest.mark.parametrize("pool, tuning", [
+    ("gap", dict(method="convpass")),  # the last block: the image rows alone
+    ("gap", [dict(method="convpass"), dict(method="vpt", num_prompts=2, deep=False)]),
+    ("tok_gap", [dict(method="convpass"), dict(method="vpt", num_prompts=2, deep=False)]),
+])
+def test_convpass_with_pools_reading_the_grid_same_logits_and_gradients(pool, tuning):
+  # The last block computes the image rows ("gap"), or [CLS] and the image rows without the
+  # carried prompts ("tok_gap"): the convolution sees the whole grid, [CLS] its centre tap.
+  fast, every_row = both_paths(tuning, pool=pool)
+  last = fast.num_layers - 1
+  encoder = Encoder(fast.num_layers, SMALL["num_heads"], MLP, PATCH, fast.methods,
+                    read=POOL_READS[pool])
+  assert encoder.block_rows(last, (), 1, 2 if isinstance(tuning, list) else 0, N) != ()  # skips
   params = small_params(fast)
   x = jnp.asarray(images(2))
   got, want = loss_and_grads(fast, params, x), loss_and_grads(every_row, params, x)
