@@ -49,7 +49,7 @@ come from every row. These declarations make this exact:
     themselves, and treat every other row ([CLS], registers, prompts) on its own (Convpass's
     convolution over the token grid). A block then computes only the rows read after it, as
     for a rowwise method: those always hold every image row or none, and `Site.rows` tells
-    the branch hooks which;
+    the hooks after the attention which;
   * `discards_prompts(layer, num_layers)`: True when its `on_tokens` before block `layer` drops
     the prompt tokens it receives (deep prompts replace them).
 """
@@ -76,9 +76,10 @@ class Site:
   `scope.make_rng("dropout")` or `nn.Dropout`). capture / captured: the capture keys asked for
   at this block and the dict where a plug-in writes the ones it provides (e.g. "prompts").
   shared: method name -> what its `on_model` returned (arrays reach every hook, blocks under
-  remat included). rows: at the branch hooks, the ((start, stop), ...) token ranges their x, z
-  and y hold, in order (`Encoder1DBlock.rows`; () for every row); `image_rows()` says whether
-  those end with the whole image grid.
+  remat included). rows: inside a block after the attention (its branch, LayerNorm_1, the MLP's
+  projections and branch), the ((start, stop), ...) token ranges the hooks' inputs hold, in
+  order (`Encoder1DBlock.rows`; () for every row); `image_rows()` says whether those end with
+  the whole image grid.
   """
   layer: int = -1
   num_layers: int = 0

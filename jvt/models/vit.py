@@ -294,6 +294,7 @@ class Encoder1DBlock(nn.Module):
     if "input_patch_mean" in self.capture:
       captured["input_patch_mean"] = jnp.mean(x[:, k + p:].astype(jnp.float32), axis=1)
     x = take_rows(x, self.rows)  # [B, R, D]
+    site = site.at(rows=self.rows)  # every hook from here on sees these rows only
     if "attn_out_mean" in self.capture:  # `Encoder` keeps the image rows for it
       captured["attn_out_mean"] = jnp.mean(y[:, y.shape[1] - n:].astype(jnp.float32), axis=1)
     if "cls_query" in self.capture:
@@ -311,7 +312,7 @@ class Encoder1DBlock(nn.Module):
       y = LayerScale(dtype=self.dtype, name="LayerScale_0")(y)
     z = take_rows(z, self.rows)  # the branch's normed input, of the rows it computes
     for m in ms:
-      y = m.on_branch(self, x, z, y, site.at(name="attn", rows=self.rows))
+      y = m.on_branch(self, x, z, y, site.at(name="attn"))
     if self.drop_path and not deterministic:
       y = drop_path(y, self.drop_path, self.make_rng("dropout"))
     x = barrier.materialize_cotangent(x + y)
@@ -322,7 +323,7 @@ class Encoder1DBlock(nn.Module):
     if self.layer_scale:
       y = LayerScale(dtype=self.dtype, name="LayerScale_1")(y)
     for m in ms:
-      y = m.on_branch(self, x, z, y, site.at(name="mlp", rows=self.rows))
+      y = m.on_branch(self, x, z, y, site.at(name="mlp"))
     if self.drop_path and not deterministic:
       y = drop_path(y, self.drop_path, self.make_rng("dropout"))
     x = x + y
