@@ -9,7 +9,9 @@ to the next step, without holding more scratch blocks at once than the process d
 (docs/performance.md, "XLA:CPU's scratch block kept between steps"). It also keeps the large
 buffers XLA:CPU's YNNPACK kernels malloc while they run (32 MiB or more: bf16 ViT-B/16 at
 batch 32), a few per size and at most 8, which it holds where glibc would have returned them
-(docs/performance.md, "Kernel buffers kept too").
+(docs/performance.md, "Kernel buffers kept too"). It cannot tell those from other large host
+buffers, so `jvt.train.loop.setup` calls `release()` once set-up is done: set-up's freed
+buffers (DA-VPT's class examples) are sizes the steps never ask for.
 
 It has to be preloaded (`LD_PRELOAD`) before Python starts, so it is a launcher:
 
