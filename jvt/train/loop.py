@@ -408,9 +408,9 @@ def setup(config, *, num_classes: int, steps_per_epoch: int,
                      opt_state=opt_state, method_state=method_state)
   if config.release_setup_caches:
     release_setup_caches()
-  # Set-up's large host buffers (the pretrained arrays, DA-VPT's class examples) are freed by
-  # now, but jvt.scratch's library, when preloaded, keeps freed buffers of 32 MiB or more for
-  # the steps to reuse: sizes the steps never ask for would stay resident for the whole run.
+  # Set-up's large host buffers (DA-VPT's class examples) are freed by now, but jvt.scratch's
+  # library, when preloaded, keeps freed buffers of 32 MiB or more for the steps to reuse:
+  # sizes the steps never ask for would stay resident for the whole run.
   scratch.release()
   train_step = make_train_step(model, tx, objective, accum_steps=int(config.grad_accum_steps),
                                seed=int(config.seed), mesh=mesh, forward_chunks=chunks)
