@@ -129,6 +129,8 @@ def _merge_side(rows: Sequence[dict]) -> dict:
   if all(r.get("eval_img_s") is not None for r in rows):
     out["eval_img_s"] = statistics.median(r["eval_img_s"] for r in rows)
   out["peak_mem_mb"] = max(r["peak_mem_mb"] for r in rows)
+  steals = [r["cpu_steal_frac"] for r in rows if r.get("cpu_steal_frac") is not None]
+  out["cpu_steal_frac"] = max(steals) if steals else None
   return out
 
 
@@ -219,6 +221,23 @@ def _mem(row: dict | None) -> str:
   return f"{row['peak_mem_mb']:,.0f}" + ("" if step is None else f" ({step:,.0f})")
 
 
+def steal_line(pairs: Sequence[dict]) -> str | None:
+  """The hypervisor's share of CPU time during each side's timed train steps, or None where no
+  row has it (off Linux, or rows from before it was recorded)."""
+  if not any(side and side.get("cpu_steal_frac") is not None
+             for p in pairs for side in (p["jvt"], p["torch"])):
+    return None
+
+  def pct(side: dict | None) -> str:
+    value = side and side.get("cpu_steal_frac")
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+  return ("CPU steal time during the timed train steps (share of all cores' time the "
+          "hypervisor ran other work, `/proc/stat`; the highest of the rounds), jvt / torch: "
+          + ", ".join(f"{_label(p['jvt'])} {pct(p['jvt'])} / {pct(p['torch'])}" for p in pairs)
+          + ".")
+
+
 def markdown(pairs: Sequence[dict], meta: dict) -> str:
   """The comparison table with its provenance lines."""
   if not pairs:
@@ -279,6 +298,9 @@ def markdown(pairs: Sequence[dict], meta: dict) -> str:
     lines += ["", f"jvt's MFU (its step's matrix FLOP/s over the device's bf16 peak, "
               f"{with_mfu[0]['peak_tflops']:.1f} TFLOP/s): "
               + ", ".join(f"{_label(r)} {100 * r['mfu']:.1f}%" for r in with_mfu) + "."]
+  steal = steal_line(pairs)
+  if steal:
+    lines += ["", steal]
   if any(p.get("rounds") for p in pairs):
     lines += ["", "Rounds: each method's two steps were measured back to back that many times, "
               "alternating which side went first; img/s are each side's median over the rounds, "

@@ -229,20 +229,53 @@ def _minor_faults() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+def _cpu_ticks(stat_text: str) -> tuple[int, int]:
+  """(steal, total) clock ticks of all CPUs from the text of /proc/stat.
+
+  Its first line is `cpu user nice system idle iowait irq softirq steal guest guest_nice`;
+  guest time is already counted in user time, so the total is the first eight fields. Steal is
+  time a virtual machine's CPUs were ready to run but the hypervisor ran something else."""
+  fields = stat_text.split("\n", 1)[0].split()
+  if not fields or fields[0] != "cpu" or len(fields) < 9:
+    raise ValueError(f"not a /proc/stat 'cpu' line: {fields[:3]}")
+  ticks = [int(x) for x in fields[1:9]]
+  return ticks[7], sum(ticks)
+
+
+def _read_cpu_ticks() -> tuple[int, int] | None:
+  """_cpu_ticks of this machine now; None where there is no /proc/stat (not Linux)."""
+  try:
+    with open("/proc/stat") as f:
+      return _cpu_ticks(f.read())
+  except OSError:
+    return None
+
+
+def _steal_fraction(before: tuple[int, int] | None, after: tuple[int, int] | None
+                    ) -> float | None:
+  """Share of all CPUs' time stolen by the hypervisor between two _read_cpu_ticks readings."""
+  if before is None or after is None or after[1] <= before[1]:
+    return None
+  return (after[0] - before[0]) / (after[1] - before[1])
+
+
 def _time_calls(fn, n_warmup: int, n_timed: int,
-                finish=lambda out: out) -> tuple[list[float], float]:
-  """Seconds of each of `n_timed` calls of fn() after `n_warmup` calls, and the minor page faults
-  per timed call. `finish(out)` waits for a call's result (jax.block_until_ready for JAX;
-  PyTorch's CPU calls return finished)."""
+                finish=lambda out: out) -> tuple[list[float], float, float | None]:
+  """Seconds of each of `n_timed` calls of fn() after `n_warmup` calls, the minor page faults
+  per timed call, and the share of the machine's CPU time the hypervisor stole during the timed
+  calls (None off Linux): a timing taken while it did is slow for a reason outside the step.
+  `finish(out)` waits for a call's result (jax.block_until_ready for JAX; PyTorch's CPU calls
+  return finished)."""
   times = []
   for i in range(n_warmup + n_timed):
     if i == n_warmup:
-      faults = _minor_faults()
+      faults, ticks = _minor_faults(), _read_cpu_ticks()
     t0 = time.perf_counter()
     finish(fn())
     if i >= n_warmup:
       times.append(time.perf_counter() - t0)
-  return times, (_minor_faults() - faults) / max(n_timed, 1)
+  return (times, (_minor_faults() - faults) / max(n_timed, 1),
+          _steal_fraction(ticks, _read_cpu_ticks()))
 
 
 def measure(spec: dict) -> dict:
@@ -286,8 +319,8 @@ def measure(spec: dict) -> dict:
     state, metrics = step(state, s.frozen, s.constants, batch)
     return state, metrics
 
-  train_times, train_faults = _time_calls(train_call, spec["warmup"], spec["steps"],
-                                          jax.block_until_ready)
+  train_times, train_faults, train_steal = _time_calls(train_call, spec["warmup"], spec["steps"],
+                                                       jax.block_until_ready)
   stats = device.memory_stats() or {}
   if "peak_bytes_in_use" in stats:
     peak_mb, mem_source = stats["peak_bytes_in_use"] / 2**20, "device peak_bytes_in_use"
@@ -300,8 +333,8 @@ def measure(spec: dict) -> dict:
                "mask": np.ones((eb,), bool)}
   eval_batch = sharding.shard_batch(eval_host, s.mesh)
   evaluate = s.eval_step.lower(state.trainable, s.frozen, eval_batch).compile()
-  eval_times, _ = _time_calls(lambda: evaluate(state.trainable, s.frozen, eval_batch),
-                              max(1, spec["warmup"] // 2), spec["steps"], jax.block_until_ready)
+  eval_times, _, _ = _time_calls(lambda: evaluate(state.trainable, s.frozen, eval_batch),
+                                 max(1, spec["warmup"] // 2), spec["steps"], jax.block_until_ready)
   rates = [b / t for t in train_times]
   step_tflops = flops / b * statistics.median(rates) / 1e12
   peak = peak_tflops(device.device_kind, spec["dtype"], spec.get("peak_tflops", 0.0))
@@ -336,6 +369,9 @@ def measure(spec: dict) -> dict:
       # Fresh pages a timed step touched (on CPU about XLA's scratch block / 4 KB: glibc maps
       # that block afresh every call; docs/performance.md, "Fresh pages every step").
       "page_faults_per_step": train_faults,
+      # Share of all CPUs' time the hypervisor stole during the timed train steps (None off
+      # Linux): a slow row with a high share was slowed by other work on the host.
+      "cpu_steal_frac": train_steal,
       # jvt.scratch's counters when its library was preloaded (--reuse-scratch), else None.
       "scratch_reuse": scratch.stats() if scratch.active() else None,
       "peak_rss_total_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,

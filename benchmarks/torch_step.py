@@ -602,7 +602,7 @@ def measure(spec: dict) -> dict:
   finish(train_call())  # the first step allocates gradients and momentum: torch's "compile"
   first_s = time.perf_counter() - t0
   rss_reset = run._reset_peak_rss()  # noqa: SLF001 (shared helper)
-  train_times, train_faults = run._time_calls(  # noqa: SLF001 (shared helper)
+  train_times, train_faults, train_steal = run._time_calls(  # noqa: SLF001 (shared helper)
       train_call, spec["warmup"], spec["steps"], finish)
   if cuda:
     peak_mb, mem_source = torch.cuda.max_memory_allocated() / 2**20, "device max_memory_allocated"
@@ -617,7 +617,7 @@ def measure(spec: dict) -> dict:
     with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
       return model(eval_images).argmax(-1)
 
-  eval_times, _ = run._time_calls(  # noqa: SLF001
+  eval_times, _, _ = run._time_calls(  # noqa: SLF001
       eval_call, max(1, spec["warmup"] // 2), spec["steps"], finish)
   rates = [b / t for t in train_times]
   if spec.get("profile_steps"):
@@ -646,6 +646,7 @@ def measure(spec: dict) -> dict:
       "torch_device": device,
       "mem_source": mem_source,
       "page_faults_per_step": train_faults,
+      "cpu_steal_frac": train_steal,
       "peak_rss_total_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
       "base_rss_mb": base_rss,
       "load_avg_1m": load_before,

@@ -51,6 +51,7 @@ def test_harness_runs_two_methods_and_writes_every_key(tmp_path):
       assert row[key] > 0, (row["method"], key, row[key])
     assert row["train_img_s_min"] <= row["train_img_s"] <= row["train_img_s_max"]
     assert row["page_faults_per_step"] >= 0
+    assert row["cpu_steal_frac"] is None or 0.0 <= row["cpu_steal_frac"] <= 1.0
     assert (row["variant"], row["batch"], row["backend"]) == ("S/16", 4, "cpu")
     np.testing.assert_allclose(row["step_tflops"],
                                row["flops_per_img"] * row["train_img_s"] / 1e12, rtol=1e-9)
@@ -80,10 +81,29 @@ def test_time_calls_counts_the_fresh_pages_each_timed_call_touches():
     block.close()
     return "out"
 
-  times, faults = run._time_calls(touch, 1, 3, finish=finished.append)
+  times, faults, steal = run._time_calls(touch, 1, 3, finish=finished.append)
   assert len(times) == 3 and all(t > 0 for t in times)
   assert finished == ["out"] * 4  # every call's result, warm-up included, went to `finish`
   assert pages <= faults < 2 * pages
+  assert steal is None or 0.0 <= steal <= 1.0
+
+
+def test_cpu_steal_is_the_eighth_field_over_the_first_eight_of_proc_stat():
+  run = _load_script("run")
+  # user nice system idle iowait irq softirq steal guest guest_nice: guest is inside user.
+  before = run._cpu_ticks("cpu  1000 0 200 700 50 0 10 40 300 0\ncpu0 500 0 100 350 25 0 5 20 "
+                          "150 0\nintr 1 2\n")
+  after = run._cpu_ticks("cpu  1900 0 260 720 50 0 20 240 600 0\n")
+  assert before == (40, 1000 + 200 + 700 + 50 + 10 + 40) and after == (240, 3190)
+  # 200 ticks stolen of the 1,190 that passed on all CPUs together.
+  assert run._steal_fraction(before, after) == pytest.approx(200 / 1190)
+  assert run._steal_fraction(None, after) is None  # no /proc/stat: unknown, not zero
+  assert run._steal_fraction(after, after) is None  # no time passed
+  with pytest.raises(ValueError, match="not a /proc/stat 'cpu' line"):
+    run._cpu_ticks("intr 1 2 3\n")
+  if os.path.exists("/proc/stat"):
+    steal, total = run._read_cpu_ticks()
+    assert 0 <= steal <= total
 
 
 @pytest.mark.slow  # three benchmark processes (25 s); the chunked count is also checked below

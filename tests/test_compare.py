@@ -218,6 +218,21 @@ def test_rounds_report_the_median_of_the_rounds_own_ratios():
   assert "Rounds:" not in cmp.markdown([single], {"load_before_1m": 0.1})
 
 
+def test_steal_line_shows_each_sides_highest_round_and_is_absent_without_readings():
+  cmp = _load("compare")
+  rounds = [{"jvt": _row("layernorm", 2.0, 900.0, 200.0, "jvt", remat="dots",
+                         cpu_steal_frac=j),
+             "torch": _row("layernorm", 2.0, 1000.0, 700.0, "torch", cpu_steal_frac=t)}
+            for j, t in ((0.001, None), (0.25, 0.002))]
+  pair = cmp.merge_rounds(rounds)
+  assert pair["jvt"]["cpu_steal_frac"] == 0.25 and pair["torch"]["cpu_steal_frac"] == 0.002
+  other = {"jvt": _row("vp", 2.0, 900.0, 200.0, "jvt"), "torch": None}  # an older row
+  table = cmp.markdown([pair, other], {"load_before_1m": 0.1})
+  assert ("hypervisor ran other work, `/proc/stat`; the highest of the rounds), jvt / torch: "
+          "layernorm (remat dots) 25.0% / 0.2%, vp - / -.") in table
+  assert "CPU steal" not in cmp.markdown([other], {"load_before_1m": 0.1})
+
+
 def test_rounds_flag_must_be_positive():
   cmp = _load("compare")
   assert cmp.parse(["--rounds", "3", "--out", "x"]).rounds == 3
