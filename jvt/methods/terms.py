@@ -34,8 +34,9 @@ class ObjectiveContext:
   params: PyTree  # the full (pretrained + plug-in) parameters
   config: Any
   num_classes: int
-  # (images per class K) -> (images [C*K', S, S, 3] float32, labels [C*K']) from the train split
-  class_examples: Callable[[int], tuple[Any, Any]]
+  # (images per class K) -> (images [C*K', S, S, 3] float32, labels [C*K']) from the train
+  # split; None when the caller has none (a term that needs them says so)
+  class_examples: Callable[[int], tuple[Any, Any]] | None
   # (model, params, images [N, S, S, 3]) -> host (logits, aux) of a deterministic forward,
   # jitted once per model and run in fixed-size chunks (see `chunked_apply`)
   apply_fn: Callable[..., Any] = None

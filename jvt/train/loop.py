@@ -362,7 +362,13 @@ def _check_batch_sizes(config, mesh) -> None:
 
 def setup(config, *, num_classes: int, steps_per_epoch: int,
           class_examples=None) -> Setup:
-  """Builds model, parameters, optimizer, objective, state and jitted steps for a config."""
+  """Builds model, parameters, optimizer, objective, state and jitted steps for a config.
+
+  class_examples: (images per class K) -> (images [N, S, S, 3] float32, labels [N] int32), up
+  to K preprocessed training images per class, for objectives that set up from data (DA-VPT's
+  class -> prompt mapping; it raises without one). `train_and_evaluate` builds it from
+  `config.dataset`; other methods ignore it.
+  """
   sharding.use_cpu_devices(config.cpu_devices)
   mesh = sharding.make_mesh()
   _check_batch_sizes(config, mesh)

@@ -399,6 +399,15 @@ def test_init_state_identity_when_classes_fit_and_surplus_policy():
   assert state["centroids"].shape == (5, unused.hidden_size)
 
 
+def test_init_state_without_class_examples_says_what_to_pass():
+  # jvt.train.setup's class_examples defaults to None (other methods need no data); DA-VPT's
+  # mapping does, and must say so rather than fail calling None.
+  model = _small(dict(method="da_vpt", num_prompts=1, num_proxy_prompts=3), 3)
+  objective = davpt_objective.DAVPTLoss(_spec(model))
+  with pytest.raises(ValueError, match="pass class_examples to jvt.train.setup"):
+    objective.init_state(_Ctx(model, small_params(model), 3, None))
+
+
 def _objective(refresh_from_epoch, num_classes=6, num_prompts=2):
   spec = DAVPT(proxy_layers=(0,), num_proxy_prompts=num_prompts,
                refresh_from_epoch=refresh_from_epoch, kmeans_layer_norm=False)

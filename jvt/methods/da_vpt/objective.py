@@ -90,6 +90,12 @@ class DAVPTLoss(LossTerm):
     spec, c = self.spec, ctx.num_classes
     check_surplus_prompts(spec, c)
     self.seed = int(ctx.config.get("seed", 0))
+    if ctx.class_examples is None:
+      raise ValueError(
+          "DA-VPT builds its class -> prompt mapping from training images, and none were "
+          "given: pass class_examples to jvt.train.setup, a function (images per class K) -> "
+          "(images [N, S, S, 3] float32, labels [N] int32) of up to K preprocessed training "
+          "images per class (jvt.train.train_and_evaluate builds one from config.dataset).")
     images, labels = ctx.class_examples(spec.mapping_images_per_class)
     mapping, centroids = initial_mapping(ctx.model, ctx.params, images, labels, c, spec,
                                          seed=self.seed, apply_fn=ctx.apply_fn)
