@@ -278,6 +278,21 @@ def _time_calls(fn, n_warmup: int, n_timed: int,
           _steal_fraction(ticks, _read_cpu_ticks()))
 
 
+def random_class_examples(rng, num_classes: int, image_size: int):
+  """`class_examples` for `jvt.train.setup`: one random image per class, whatever K.
+
+  DA-VPT's class -> prompt mapping only has to initialise here, not to mean anything.
+  """
+  import numpy as np
+
+  def class_examples(k):
+    del k
+    images = rng.standard_normal((num_classes, image_size, image_size, 3)).astype(np.float32)
+    return images, np.arange(num_classes, dtype=np.int32)
+
+  return class_examples
+
+
 def measure(spec: dict) -> dict:
   """One row: builds the method's run, compiles and times its train and eval steps."""
   import jax
@@ -293,14 +308,8 @@ def measure(spec: dict) -> dict:
   b, size, classes = spec["batch"], spec["image_size"], spec["num_classes"]
   rng = np.random.default_rng(spec["seed"])
 
-  def class_examples(k):
-    # One random image per class: the mapping only has to initialise, not to mean anything.
-    del k
-    images = rng.standard_normal((classes, size, size, 3)).astype(np.float32)
-    return images, np.arange(classes, dtype=np.int32)
-
   s = train.setup(config, num_classes=classes, steps_per_epoch=10**9,
-                  class_examples=class_examples)
+                  class_examples=random_class_examples(rng, classes, size))
   host = {"image": rng.standard_normal((b, size, size, 3)).astype(np.float32),
           "label": rng.integers(0, classes, b).astype(np.int32)}
   batch = sharding.shard_batch(host, s.mesh)

@@ -44,7 +44,9 @@ def measure(spec: dict) -> dict:
   init = loop.init_params
   loop.init_params = lambda *a, **k: params  # setup's own init: already done above
   try:
-    s = train.setup(config, num_classes=spec["num_classes"], steps_per_epoch=10**9)
+    s = train.setup(config, num_classes=spec["num_classes"], steps_per_epoch=10**9,
+                    class_examples=run.random_class_examples(
+                        np.random.default_rng(0), spec["num_classes"], spec["image_size"]))
   finally:
     loop.init_params = init
   t["setup_rest"] = time.perf_counter()

@@ -357,11 +357,11 @@ def test_profile_op_names_reach_into_the_computations_control_flow_runs():
 
 def test_startup_script_times_every_phase_of_a_tiny_run(tmp_path):
   # The script imports the trainer's internals (setup, its init_params): a move there must
-  # not break it silently.
+  # not break it silently. DA-VPT: its set-up also needs the class examples the script passes.
   out = tmp_path / "startup"
   proc = subprocess.run(
       [sys.executable, os.path.join(REPO, "benchmarks", "startup.py"), "--variant", "S/16",
-       "--method", "vpt_deep", "--image-size", "32", "--batch", "2", "--inits", "lazy",
+       "--method", "da_vpt", "--image-size", "32", "--batch", "2", "--inits", "lazy",
        "--overrides", json.dumps(TINY), "--out", str(out)],
       capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
