@@ -374,6 +374,33 @@ def test_fgvc_train_crops_the_aspect_kept_resize():
   assert max(lefts) > 4  # offsets beyond what a 32 x 32 resize allows
 
 
+def test_finish_into_a_batch_row_is_the_crop_mirror_and_normalisation():
+  """`finish(out=...)` (the cached loader writes each batch row in place): every draw equals
+  numpy's own crop, `[:, ::-1]` mirror and normalisation of the prepared image; the draw is
+  written into `out` and nothing else; a wrong `out` is refused."""
+  fn = pp.get_preprocess("fgvc", 28, train=True)
+  prepared = np.random.default_rng(9).integers(0, 256, (32, 45, 3), dtype=np.uint8)
+  batch = np.full((3, 28, 28, 3), -7.0, np.float32)
+  mirrored = set()
+  for seed in range(16):
+    got = fn.finish(prepared, np.random.default_rng(seed), out=batch[1])
+    assert np.shares_memory(got, batch[1])
+    rng = np.random.default_rng(seed)
+    top, left = int(rng.integers(0, 32 - 28 + 1)), int(rng.integers(0, 45 - 28 + 1))
+    window = prepared[top:top + 28, left:left + 28]
+    mirror = rng.random() < 0.5
+    mirrored.add(mirror)
+    want = _normalise(window[:, ::-1] if mirror else window, MEAN, STD)
+    np.testing.assert_allclose(batch[1], want, atol=1e-5)
+    np.testing.assert_array_equal(fn.finish(prepared, np.random.default_rng(seed)), batch[1])
+  assert mirrored == {False, True}
+  assert (batch[0] == -7.0).all() and (batch[2] == -7.0).all()
+  with pytest.raises(ValueError, match="C-contiguous float32 array of shape"):
+    fn.finish(prepared, np.random.default_rng(0), out=np.zeros((28, 28, 3), np.float64))
+  with pytest.raises(ValueError, match="C-contiguous float32 array of shape"):
+    fn.finish(prepared, np.random.default_rng(0), out=np.zeros((28, 56, 3), np.float32)[:, ::2])
+
+
 @pytest.mark.parametrize("shape", [(40, 61), (75, 33)])
 def test_da_vpt_eval_presets_are_the_released_transforms(shape):
   """DA-VPT FGVC eval: Resize(256, bicubic) shorter side + CenterCrop(224); VTAB (train and

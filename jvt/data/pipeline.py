@@ -117,10 +117,11 @@ class _Reader:
   def load(self, images: np.ndarray, labels: np.ndarray, row: int, index: int,
            rng_key: Optional[list]) -> None:
     rng = None if rng_key is None else np.random.default_rng(rng_key)
-    c = self.cache
+    c, s = self.cache, self.image_size
     if c is None:
       raw, label = self._read(index)
       image = self.preprocess(raw, rng)
+      shape = image.shape
     else:
       if not c.filled[index]:
         with c.lock(index):
@@ -129,12 +130,14 @@ class _Reader:
             c.images[index] = self.preprocess.prepare(raw)  # [R, R', 3] uint8
             c.filled[index] = True
       label = int(c.labels[index])
-      image = self.preprocess.finish(c.images[index], rng)
-    s = self.image_size
-    if image.shape != (s, s, 3):
+      shape = (self.preprocess.crop_size,) * 2 + (3,)
+    if shape != (s, s, 3):
       raise ValueError(f"Preprocessing example {index} of {self.where} gave shape "
-                       f"{image.shape}, expected {(s, s, 3)}.")
-    images[row] = image
+                       f"{shape}, expected {(s, s, 3)}.")
+    if c is None:
+      images[row] = image
+    else:  # crop, flip and normalise straight into the batch's row
+      self.preprocess.finish(c.images[index], rng, out=images[row])
     labels[row] = label
 
 
@@ -156,18 +159,29 @@ class _Pending:
       f.cancel()
 
 
+# Rows a pool task loads, one after the other. A task per row cost more in the pool's
+# hand-offs than a cached row's crop, flip and normalise (docs/performance.md, "The loader on
+# the Zen 3"); 8 rows still split a batch of 64 over 8 tasks.
+ROWS_PER_TASK = 8
+
+
+def _load_rows(reader: _Reader, images: np.ndarray, labels: np.ndarray,
+               rows: list[tuple[int, int, Optional[list]]]) -> None:
+  for row, index, key in rows:
+    reader.load(images, labels, row, index, key)
+
+
 def _submit(pool: concurrent.futures.Executor, reader: _Reader, indices: np.ndarray,
             rng_keys: Optional[list]) -> _Pending:
   """Starts loading `indices` ([B], -1 = padding row) with per-row rng keys (or None)."""
   b, s = len(indices), reader.image_size
   pending = _Pending(images=np.zeros((b, s, s, 3), np.float32),
                      labels=np.zeros((b,), np.int32), mask=indices >= 0, futures=[])
-  for row, index in enumerate(indices):
-    if index < 0:
-      continue
-    key = None if rng_keys is None else rng_keys[row]
-    pending.futures.append(pool.submit(reader.load, pending.images, pending.labels, row,
-                                       int(index), key))
+  rows = [(row, int(index), None if rng_keys is None else rng_keys[row])
+          for row, index in enumerate(indices) if index >= 0]
+  for start in range(0, len(rows), ROWS_PER_TASK):
+    pending.futures.append(pool.submit(_load_rows, reader, pending.images, pending.labels,
+                                       rows[start:start + ROWS_PER_TASK]))
   return pending
 
 

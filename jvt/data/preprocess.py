@@ -136,11 +136,6 @@ def random_resized_crop_box(height: int, width: int, rng: np.random.Generator,
   return (height - h) // 2, (width - w) // 2, h, w
 
 
-def random_flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-  """Mirrors left-right with probability 1/2."""
-  return image[:, ::-1] if rng.random() < 0.5 else image
-
-
 def _check_crop(h: int, w: int, size: int) -> None:
   if size > h or size > w:
     raise ValueError(f"Cannot crop {size}x{size} from an image of {h}x{w}.")
@@ -206,27 +201,44 @@ class Preprocessor:
       size = shorter_side_size(image.shape[0], image.shape[1], self.resize_to)
     return resize(image, *size, self.interpolation)  # [R, R', 3]
 
-  def finish(self, image: np.ndarray,
-             rng: Optional[np.random.Generator] = None) -> np.ndarray:
-    """The rest, per draw: a `prepare` output -> crop, flip, normalise -> float32 [S, S, 3]."""
+  def finish(self, image: np.ndarray, rng: Optional[np.random.Generator] = None,
+             out: Optional[np.ndarray] = None) -> np.ndarray:
+    """The rest, per draw: a `prepare` output -> crop, flip, normalise -> float32 [S, S, 3].
+
+    out: an optional float32 [S, S, 3] C-contiguous array (a row of the loader's batch) to
+    write the result into, saving a copy; returned.
+    """
     if self.needs_rng and rng is None:
       raise ValueError("This training preprocess is random: pass an np.random.Generator.")
     s = self.crop_size
     if self.random_resized_crop:
       top, left, h, w = random_resized_crop_box(image.shape[0], image.shape[1], rng)
       image = resize(image[top:top + h, left:left + w], s, s, self.interpolation)  # [S, S, 3]
+    elif self.random_crop:
+      image = random_crop(image, s, rng)
     else:
-      if self.random_crop:
-        image = random_crop(image, s, rng)
-      else:
-        image = center_crop(image, s)  # [S, S, 3]
-    if self.flip:
-      image = random_flip(image, rng)
+      image = center_crop(image, s)  # [S, S, 3]
+    rows = image.reshape(s, s * 3)  # uint8 [S, S * 3]; a view: each row of a crop is contiguous
+    if self.flip and rng.random() < 0.5:  # mirror left-right with probability 1/2
+      # A gather of whole pixels; copying the [:, ::-1] view moves 3 bytes at a time (3x slower).
+      rows = np.take(rows, self._mirrored_columns, axis=1)
+    if out is None:
+      out = np.empty((s, s, 3), np.float32)
+    elif out.shape != (s, s, 3) or out.dtype != np.float32 or not out.flags.c_contiguous:
+      raise ValueError(f"finish(out=...): need a C-contiguous float32 array of shape "
+                       f"{(s, s, 3)}, got {out.dtype} {out.shape}.")
+    flat = out.reshape(s, s * 3)  # a view of out
     scale, offset = self._affine_rows  # [S * 3] each
-    out = image.reshape(s, s * 3).astype(np.float32)  # [S, S * 3]
-    out *= scale
-    out += offset
-    return out.reshape(s, s, 3)  # [S, S, 3] float32
+    np.copyto(flat, rows, casting="unsafe")  # uint8 -> float32
+    flat *= scale
+    flat += offset
+    return out
+
+  @functools.cached_property
+  def _mirrored_columns(self) -> np.ndarray:
+    """[S * 3] column order of a mirrored [S, S * 3] row: pixels reversed, channels kept."""
+    pixels = np.arange(self.crop_size)[::-1, None] * 3  # [S, 1]
+    return (pixels + np.arange(3)).reshape(-1)  # [S * 3]
 
   @functools.cached_property
   def _affine_rows(self) -> tuple[np.ndarray, np.ndarray]:
