@@ -7,6 +7,7 @@ the losses are recomputed here in numpy loops.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -397,6 +398,18 @@ def test_init_state_identity_when_classes_fit_and_surplus_policy():
       _Ctx(unused, small_params(unused), 3, examples))
   np.testing.assert_array_equal(state["mapping"], [0, 1, 2])
   assert state["centroids"].shape == (5, unused.hidden_size)
+
+
+def test_init_state_says_how_many_images_the_mapping_forwards(caplog):
+  # Set-up's forward over the class examples can take minutes on a CPU: it is announced first.
+  rng = np.random.default_rng(1)
+  xs, ys = _planted_images(rng, [0, 1, 2], per_class=2)
+  model = _small(dict(method="da_vpt", num_prompts=1, num_proxy_prompts=3), 3)
+  objective = davpt_objective.DAVPTLoss(_spec(model))
+  with caplog.at_level(logging.INFO, logger="jvt.da_vpt"):
+    objective.init_state(_Ctx(model, small_params(model), 3, lambda k: (xs, ys)))
+  first = caplog.records[0].getMessage()
+  assert "mapping" in first and "of 6 training images (3 classes, up to " in first
 
 
 def test_init_state_without_class_examples_says_what_to_pass():
