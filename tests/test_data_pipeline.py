@@ -3,6 +3,7 @@
 import io
 import json
 
+import jax
 import ml_collections
 import numpy as np
 import PIL.Image
@@ -191,6 +192,58 @@ def test_balanced_sampler_is_deterministic_and_validates():
     samplers.BalancedSampler(labels, 7, 2, seed=0)
   with pytest.raises(ValueError, match="only 6"):
     samplers.BalancedSampler(labels, 16, 2, seed=0)
+
+
+# ---------------------------------------------------------------- batch buffers reused
+
+
+def _address(batch):
+  return batch["image"].__array_interface__["data"][0]
+
+
+def test_a_batch_buffer_is_reused_only_once_nothing_holds_it():
+  """Loader `a`'s batches are all held; loader `b` (same plan and seed) drops each one, so its
+  buffers come back. Every batch must hold what it held when it was yielded: `a`'s, never
+  reused, against copies of `b`'s; a kept view and a JAX array made from a dropped batch must
+  not change while `b` goes on."""
+  src = ArraySource(np.arange(40) % 4, 4)
+  with train_loader(src, batch=8, fn=noisy, seed=5) as a, \
+      train_loader(src, batch=8, fn=noisy, seed=5) as b:
+    held = take(a, 12)
+    copies, addresses = [], []
+    for _ in range(12):
+      batch = next(b)
+      copies.append({k: v.copy() for k, v in batch.items()})
+      addresses.append(_address(batch))
+      del batch
+    assert len(set(addresses)) < len(addresses)  # b's buffers were reused
+    assert len({_address(h) for h in held}) == len(held)  # a's were not: all still held
+    for h, c in zip(held, copies):
+      np.testing.assert_array_equal(h["image"], c["image"])
+      np.testing.assert_array_equal(h["label"], c["label"])
+    view = next(b)["image"][2:5]  # only a view of the batch stays
+    view_before = view.copy()
+    on_device = jax.device_put(next(b)["image"])  # the host batch is dropped at once
+    device_before = np.asarray(on_device).copy()
+    take(b, 10)
+    np.testing.assert_array_equal(view, view_before)
+    np.testing.assert_array_equal(np.asarray(on_device), device_before)
+
+
+def test_reused_eval_buffers_have_zero_padding_rows():
+  n, batch = 22, 4  # 6 batches, the last with 2 padding rows, written into a reused buffer
+  src = ArraySource(np.arange(n) % 3, 3)
+  ev = pipeline.EvalBatches(src, global_batch_size=batch, preprocess=raw, image_size=4,
+                            prefetch=1)
+  addresses = []
+  for step, out in enumerate(ev):
+    positions = step * batch + np.arange(batch)
+    np.testing.assert_array_equal(out["mask"], positions < n)
+    np.testing.assert_array_equal(indices_of(out)[out["mask"]], positions[out["mask"]])
+    assert np.all(out["image"][~out["mask"]] == 0) and np.all(out["label"][~out["mask"]] == 0)
+    addresses.append(_address(out))
+    del out
+  assert len(set(addresses)) < len(addresses)
 
 
 # ---------------------------------------------------------------- evaluation batches
