@@ -389,7 +389,7 @@ class EvalBatches:
     pool = concurrent.futures.ThreadPoolExecutor(self._num_workers,
                                                  thread_name_prefix="jvt-eval-data")
     pending: collections.deque = collections.deque()
-    buffers = _BatchBuffers(keep=self._prefetch + 2)
+    buffers = _BatchBuffers(keep=self._prefetch + 2)  # in flight: prefetch + 1; one yielded
     try:
       submitted = 0
       for _ in range(len(self)):
