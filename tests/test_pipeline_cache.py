@@ -87,6 +87,14 @@ def test_cache_holds_resized_uint8_images():
   assert c.nbytes == sum(im.nbytes for im in c.images)
 
 
+def test_cache_needs_the_preprocess_crop_to_be_the_image_size():
+  # Cached draws are written straight into [S, S, 3] batch rows: a mismatch is refused up front.
+  fn = preprocess.get_preprocess("fgvc", 12, train=True)
+  with pytest.raises(ValueError, match="crops 12 px but image_size is 16"):
+    pipeline.TrainLoader(CountingSource(10), sampler=samplers.ShuffleSampler(10, 4, seed=0),
+                         preprocess=fn, image_size=16, cache=True)
+
+
 @pytest.mark.parametrize("preprocess_arg", [lambda image, rng: image, "da_vpt_fgvc"])
 def test_cache_needs_a_preset_preprocess_that_resizes(preprocess_arg):
   # A callable has no deterministic part to cache; da_vpt_fgvc's random-resized crop resizes a

@@ -122,8 +122,11 @@ class _Reader:
     if c is None:
       raw, label = self._read(index)
       image = self.preprocess(raw, rng)
-      shape = image.shape
-    else:
+      if image.shape != (s, s, 3):
+        raise ValueError(f"Preprocessing example {index} of {self.where} gave shape "
+                         f"{image.shape}, expected {(s, s, 3)}.")
+      images[row] = image
+    else:  # the loader checked once that the preprocess's crop is image_size
       if not c.filled[index]:
         with c.lock(index):
           if not c.filled[index]:
@@ -131,14 +134,7 @@ class _Reader:
             c.images[index] = self.preprocess.prepare(raw)  # [R, R', 3] uint8
             c.filled[index] = True
       label = int(c.labels[index])
-      shape = (self.preprocess.crop_size,) * 2 + (3,)
-    if shape != (s, s, 3):
-      raise ValueError(f"Preprocessing example {index} of {self.where} gave shape "
-                       f"{shape}, expected {(s, s, 3)}.")
-    if c is None:
-      images[row] = image
-    else:  # crop, flip and normalise straight into the batch's row
-      self.preprocess.finish(c.images[index], rng, out=images[row])
+      self.preprocess.finish(c.images[index], rng, out=images[row])  # straight into the row
     labels[row] = label
 
 
@@ -262,6 +258,10 @@ class TrainLoader:
                        f"(a jvt.data.preprocess.Preprocessor without random-resized crop), got "
                        f"{fn!r}; cache the decoded source instead (dataset.cache with such a "
                        "preprocess does: sources.CachedSource).")
+    if cache and fn.crop_size != image_size:
+      raise ValueError(f"cache=True: the preprocess crops {fn.crop_size} px but image_size is "
+                       f"{image_size}; give the Preprocessor crop_size={image_size} (or a preset "
+                       "name, which uses image_size).")
     self.cache = PreparedCache(self.num_examples) if cache else None
     self._reader = _Reader(source, fn, int(image_size), self.num_classes, split, self.cache)
     self._sampler = sampler
