@@ -2,14 +2,15 @@
 library on this machine takes for it alone, and nothing else took any time.
 
     python benchmarks/bound.py --variant S/16 --batch 32 --methods full:dots,vpt_deep:dots \
-        --out DIR
+        --reuse-scratch --out DIR
 
 Why: on a CPU where jvt's and PyTorch's products run at about the same rate, how far ahead of
 PyTorch can jvt's step be? Its products are a floor on its time that no change elsewhere in the
 step removes. This script measures that floor method by method and, in the same invocation,
-times jvt's step and PyTorch's (`run.py`'s and `torch_step.py`'s children, back to back), so the
-table says how close each is to the ceiling and the most any step running these products could
-be ahead of PyTorch's on this machine (ceiling / PyTorch's images/s).
+times jvt's step and PyTorch's (`run.py`'s and `torch_step.py`'s children, back to back; jvt's
+with `--reuse-scratch` as `compare.py` runs it), so the table says how close each is to the
+ceiling and the most any step running these products could be ahead of PyTorch's on this
+machine (ceiling / PyTorch's images/s).
 
 For each method a child process builds the trainer's step as `run.py` does, traces it, and lists
 every matrix product of its live jaxpr (what XLA keeps after dead-code elimination) with how
@@ -29,8 +30,10 @@ ceiling gives every product its best layout for free: no step running the same p
 the same libraries can beat it. PyTorch's own step computes more products (every token row, in
 every block), so its own ceiling is lower.
 
-Writes `DIR/bound.json` (a row per method, its products with every back end's time) and
-`DIR/bound.md`; `--no-steps` leaves out the two steps (the ceiling alone).
+On a machine whose speed drifts, `--repeats N` measures each method N times (ceiling, then both
+steps, which goes first alternating) and reports the median of the rounds' ratios. Writes
+`DIR/bound.json` (a row per method, its products with every back end's time) and `DIR/bound.md`;
+`--no-steps` leaves out the two steps (the ceiling alone).
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ import json
 import math
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -161,7 +165,8 @@ def matmul_calls(eqn, a, b, library: str) -> dict[str, Callable[[], object]]:
   b3 = np.ascontiguousarray(b.transpose(ro).reshape(nb, k, n))
   b3t = np.ascontiguousarray(b3.transpose(0, 2, 1))
   if library == "numpy":
-    return {"numpy": lambda: np.matmul(a3, b3), "numpy nt": lambda: np.matmul(a3, b3t.transpose(0, 2, 1))}
+    return {"numpy": lambda: np.matmul(a3, b3),
+            "numpy nt": lambda: np.matmul(a3, b3t.transpose(0, 2, 1))}
   import torch
   dtype = getattr(torch, str(eqn.invars[0].aval.dtype))
   ta, tb, tbt = (torch.from_numpy(x).to(dtype) for x in (a3, b3, b3t))
@@ -250,6 +255,40 @@ def run_child(spec: dict, timeout: float | None) -> dict:
   return json.loads(lines[-1])
 
 
+RATIOS = (("jvt_over_ceiling", "jvt_img_s", "ceiling_img_s"),
+          ("torch_over_ceiling", "torch_img_s", "ceiling_img_s"),
+          ("ceiling_over_torch", "ceiling_img_s", "torch_img_s"))
+
+
+def rounds_of(spec: dict, args: argparse.Namespace, with_torch: bool) -> dict:
+  """One method's row over `args.repeats` rounds, each the ceiling's child and then (unless
+  --no-steps) jvt's and PyTorch's steps, which goes first alternating between rounds. The row
+  keeps the products of the round with the median ceiling; each ratio is the median of the
+  rounds' own ratios (the machine's speed drifts between rounds, less within one)."""
+  rounds = []
+  for r in range(args.repeats):
+    row = run_child(dict(spec, rounds=args.rounds, budget_s=args.round_seconds,
+                         with_torch=with_torch), args.timeout)
+    if not args.no_steps:
+      sides = [("jvt_img_s", _load("run"), dict(spec, reuse_scratch=args.reuse_scratch)),
+               ("torch_img_s", _load("torch_step"), dict(spec, device="cpu"))]
+      for key, module, side_spec in (sides if r % 2 == 0 else sides[::-1]):
+        row[key] = module.run_child(side_spec, args.timeout)["train_img_s"]
+    for name, num, den in RATIOS:
+      row[name] = _ratio(row.get(num), row.get(den))
+    rounds.append(row)
+  by_ceiling = sorted(rounds, key=lambda x: x["ceiling_img_s"])
+  out = dict(by_ceiling[(len(rounds) - 1) // 2])
+  for key in ("jvt_img_s", "torch_img_s") + tuple(name for name, _, _ in RATIOS):
+    values = [x[key] for x in rounds if x.get(key) is not None]
+    if values:
+      out[key] = statistics.median(values)
+      out[key + "_range"] = (min(values), max(values))
+  out["rounds"] = [{k: x.get(k) for k in ("ceiling_img_s", "floor_ms", "jvt_img_s",
+                                           "torch_img_s")} for x in rounds]
+  return out
+
+
 # ------------------------------------------------------------------------------ the table
 def _f(x, spec=".2f", suffix=""):
   return "-" if x is None else f"{x:{spec}}{suffix}"
@@ -257,6 +296,12 @@ def _f(x, spec=".2f", suffix=""):
 
 def _ratio(a, b):
   return a / b if a and b else None
+
+
+def _with_range(row: dict, key: str, suffix: str) -> str:
+  text = _f(row.get(key), ".2f", suffix)
+  lo, hi = row.get(key + "_range") or (None, None)
+  return text + (f" ({lo:.2f}-{hi:.2f})" if lo is not None and lo != hi else "")
 
 
 def markdown(rows: Sequence[dict], header: str) -> str:
@@ -267,13 +312,17 @@ def markdown(rows: Sequence[dict], header: str) -> str:
          "ceiling / PyTorch |",
          "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for r in rows:
-    jvt, torch = r.get("jvt_img_s"), r.get("torch_img_s")
     label = r["method"] + (f" ({r['remat']})" if r["remat"] != "none" else "")
+    ratios = " | ".join(_with_range(r, name, "x" if name == "ceiling_over_torch" else "")
+                        for name, _, _ in RATIOS)
     out.append(
         f"| {label} | {r['step_gflop_per_img']:.2f} | {r['floor_ms']:.0f} "
-        f"({r['xla_products_ms']:.0f}) | {r['ceiling_img_s']:.2f} | {_f(jvt)} | {_f(torch)} | "
-        f"{_f(_ratio(jvt, r['ceiling_img_s']))} | {_f(_ratio(torch, r['ceiling_img_s']))} | "
-        f"{_f(_ratio(r['ceiling_img_s'], torch), '.2f', 'x')} |")
+        f"({r['xla_products_ms']:.0f}) | {r['ceiling_img_s']:.2f} | {_f(r.get('jvt_img_s'))} | "
+        f"{_f(r.get('torch_img_s'))} | {ratios} |")
+  if rows and len(rows[0].get("rounds", [])) > 1:
+    out += ["", f"Over {len(rows[0]['rounds'])} rounds: the ceiling and its products from the "
+            "round with the median ceiling, images/s and each ratio the median of the rounds' "
+            "(range)."]
   for r in rows:
     backends = sorted({k for p in r["products"] for k in p["ms"]})
     out += ["", f"### {r['method']} ({r['remat']}): its products, ms a call"
@@ -306,8 +355,13 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--rounds", type=int, default=3, help="Timed rounds per product and back end.")
   p.add_argument("--round-seconds", type=float, default=0.1,
                  help="About how long one timed round of calls takes.")
+  p.add_argument("--reuse-scratch", action="store_true",
+                 help="jvt's step runs with jvt.scratch's library preloaded (as compare.py's "
+                      "flag); the ceiling and PyTorch's step are unchanged by it.")
   p.add_argument("--no-steps", action="store_true",
                  help="Only the ceiling: do not time jvt's and PyTorch's steps.")
+  p.add_argument("--repeats", type=int, default=1,
+                 help="Rounds of (ceiling, both steps) per method; medians over rounds.")
   p.add_argument("--steps", type=int, default=5, help="Timed steps of each side's step.")
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--timeout", type=float, default=None, help="Seconds per child.")
@@ -316,8 +370,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
   args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
   if not args.methods:
     p.error("--methods is empty.")
-  if args.rounds < 1 or args.round_seconds <= 0:
-    p.error("--rounds must be >= 1 and --round-seconds > 0.")
+  if args.rounds < 1 or args.repeats < 1 or args.round_seconds <= 0:
+    p.error("--rounds and --repeats must be >= 1 and --round-seconds > 0.")
   try:
     args.overrides = json.loads(args.overrides)
   except json.JSONDecodeError as err:
@@ -353,14 +407,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   rows, failed = [], False
   for text in args.methods:
     method, remat = compare.parse_method(text)
-    spec = dict(base, method=method, remat=remat)
     try:
-      row = run_child(dict(spec, rounds=args.rounds, budget_s=args.round_seconds,
-                           with_torch=with_torch), args.timeout)
-      if not args.no_steps:
-        row["jvt_img_s"] = _load("run").run_child(spec, args.timeout)["train_img_s"]
-        row["torch_img_s"] = _load("torch_step").run_child(
-            dict(spec, device="cpu"), args.timeout)["train_img_s"]
+      row = rounds_of(dict(base, method=method, remat=remat), args, with_torch)
     except (RuntimeError, subprocess.TimeoutExpired) as err:
       print(err, file=sys.stderr)
       failed = True

@@ -445,3 +445,137 @@ def test_products_jvt_call_is_the_einsum_of_its_spec(dtype):
   rounded = [x.astype(getattr(ml_dtypes, dtype, np.float32)).astype(np.float64) for x in (a, b)]
   np.testing.assert_allclose(np.asarray(got, np.float64), np.einsum(spec, *rounded),
                              rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------- benchmarks/bound.py
+BOUND_DOTS = [  # (lhs shape, rhs shape, ((lhs contract, rhs contract), (lhs batch, rhs batch)))
+    ((2, 5, 3), (3, 4), (((2,), (0,)), ((), ()))),  # a projection
+    ((2, 5, 3), (4, 3), (((2,), (1,)), ((), ()))),  # its input gradient against [out, in]
+    ((2, 5, 3), (2, 5, 4), (((0, 1), (0, 1)), ((), ()))),  # a weight gradient: leading axes
+    ((2, 3, 5, 4), (2, 3, 6, 4), (((3,), (3,)), ((0, 1), (0, 1)))),  # q.k^T over heads
+    ((2, 3, 5, 6), (2, 3, 5, 4), (((2,), (2,)), ((0, 1), (0, 1)))),  # a key gradient
+    ((2, 5, 3, 4), (3, 4, 7), (((2, 3), (0, 1)), ((), ()))),  # the heads' output projection
+]
+
+
+def _dot_eqn(lhs, rhs, dims):
+  return jax.make_jaxpr(lambda a, b: jax.lax.dot_general(a, b, dims))(
+      jnp.zeros(lhs), jnp.zeros(rhs)).jaxpr.eqns[0]
+
+
+@pytest.mark.parametrize("lhs,rhs,dims", BOUND_DOTS)
+def test_bound_times_each_product_as_the_same_product_in_every_form(lhs, rhs, dims):
+  # Every back end's call, reshaped to the product's result, is lax.dot_general's result: a
+  # form computing something else (a wrong transpose) could time faster and lower the floor.
+  bound = _load_script("bound")
+  eqn = _dot_eqn(lhs, rhs, dims)
+  rng = np.random.default_rng(0)
+  a, b = bound.operands(eqn, rng)
+  want = np.asarray(jax.lax.dot_general(a, b, dims, precision="highest"))
+  calls = dict(bound.matmul_calls(eqn, a, b, "numpy"), xla=bound.xla_call(eqn, a, b))
+  if importlib.util.find_spec("torch") is not None:
+    calls.update(bound.matmul_calls(eqn, a, b, "torch"))
+  for name, call in calls.items():
+    got = np.asarray(call()).reshape(want.shape)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
+  *_, nb, m, k, n = bound.blas_form(dims, lhs, rhs)
+  assert 2 * nb * m * k * n == bound.product_flops(eqn)
+
+
+def test_bound_counts_each_product_as_often_as_a_step_runs_it():
+  # A scan's body runs `length` times, a cond its heavier branch, a nested jit once: counted
+  # by hand, and the counts' FLOPs are run.jaxpr_flops's (the same walk, a second code path).
+  bound, run = _load_script("bound"), _load_script("run")
+  w = jnp.zeros((6, 6))
+
+  def f(x):
+    x = jax.jit(lambda x: x @ w)(x)  # [4, 6] x [6, 6], once
+    def body(c, _):
+      return jnp.tanh(c @ w) @ w, None  # twice [4, 6] x [6, 6] a trip
+    x, _ = jax.lax.scan(body, x, None, length=3)
+    return jax.lax.cond(x.sum() > 0, lambda x: (x @ w) @ w, lambda x: x * 2, x)
+
+  found, saw_while = bound.step_products(jax.make_jaxpr(f)(jnp.zeros((4, 6))))
+  assert not saw_while
+  assert [times for _, times in found.values()] == [1 + 2 * 3 + 2]  # one shape: [4,6] x [6,6]
+  (eqn, times), = found.values()
+  assert bound.product_flops(eqn) == 2 * 4 * 6 * 6
+  assert times * bound.product_flops(eqn) == run.jaxpr_flops(jax.make_jaxpr(f)(jnp.zeros((4, 6))))
+
+
+def test_bound_row_chunks_count_the_same_step_products_as_one_piece():
+  # The tiny model's VPT-Deep step in two row chunks (a lax.map) against the same step in one
+  # piece: the same FLOPs, each block product run twice on half the rows.
+  import importlib
+  bound, run = _load_script("bound"), _load_script("run")
+  train_mod = importlib.import_module("jvt.train")
+  sharding = importlib.import_module("jvt.train.sharding")
+
+  def products(chunk_rows):
+    spec = dict(variant="S/16", batch=4, eval_batch=4, image_size=32, dtype="float32",
+                remat="none", overrides=TINY, method="vpt_deep", num_prompts=4, num_classes=6,
+                seed=0, warmup=0, steps=1, forward_chunk_rows=chunk_rows)
+    s = train_mod.setup(run.bench_config(spec), num_classes=6, steps_per_epoch=10**9)
+    batch = sharding.shard_batch({"image": np.zeros((4, 32, 32, 3), np.float32),
+                                  "label": np.zeros((4,), np.int32)}, s.mesh)
+    traced = s.train_step.trace(s.state, s.frozen, s.constants, batch).jaxpr
+    return s.forward_chunks, bound.step_products(run.live_jaxpr(traced))[0]
+
+  (one, whole), (two, chunked) = products(4), products(2)
+  assert (one, two) == (1, 2)
+  flops = lambda found: sum(bound.product_flops(e) * t for e, t in found.values())
+  assert flops(chunked) == pytest.approx(flops(whole))
+  mlp_in = lambda found, rows: [t for e, t in found.values() if e.primitive.name == "dot_general"
+                                and [v.aval.shape for v in e.invars] == [(rows, 17, 32), (32, 64)]]
+  assert mlp_in(whole, 4) == [1] and mlp_in(chunked, 2) == [2]  # block 0, its 17 read rows
+
+
+def test_bound_script_writes_the_ceiling_from_its_products_best_times(tmp_path):
+  bound = _load_script("bound")
+  rc = bound.main(["--variant", "S/16", "--batch", "4", "--image-size", "32", "--overrides",
+                   json.dumps(TINY), "--methods", "linear", "--num-classes", "6", "--rounds", "1",
+                   "--round-seconds", "0.001", "--no-steps", "--out", str(tmp_path)])
+  assert rc == 0
+  (row,) = json.loads((tmp_path / "bound.json").read_text())
+  assert row["method"] == "linear" and row["products"]
+  for p in row["products"]:
+    assert p["best_ms"] == min(p["ms"].values()) > 0 and p["ms"][p["best"]] == p["best_ms"]
+    assert {"xla", "numpy", "numpy nt"} <= set(p["ms"])
+  floor = sum(p["times_per_step"] * p["best_ms"] for p in row["products"])
+  assert row["floor_ms"] == pytest.approx(floor)
+  assert row["ceiling_img_s"] == pytest.approx(4 / floor * 1e3)
+  assert "jvt_img_s" not in row
+  md = (tmp_path / "bound.md").read_text()
+  assert "| linear | " in md
+  assert md.count("\n| dot ") + md.count("\n| conv ") == len(row["products"])
+
+
+def test_bound_rounds_alternate_the_steps_and_take_the_median_of_each_rounds_ratios(monkeypatch):
+  # Stand-ins for the three children: three rounds whose ceilings are 6, 4, 5 img/s.
+  bound = _load_script("bound")
+  ceilings, calls = iter([6.0, 4.0, 5.0]), []
+
+  def ceiling_child(spec, timeout):
+    c = next(ceilings)
+    return dict(method=spec["method"], ceiling_img_s=c, floor_ms=8e3 / c, products=[c])
+
+  def side(name, rate):
+    def child(spec, timeout):
+      calls.append(name)
+      return {"train_img_s": rate(len(calls))}
+    return child
+
+  monkeypatch.setattr(bound, "run_child", ceiling_child)
+  monkeypatch.setattr(bound._load("run"), "run_child", side("jvt", lambda n: 2.0 + n))
+  monkeypatch.setattr(bound._load("torch_step"), "run_child", side("torch", lambda n: 1.0 + n))
+  args = bound.parse(["--repeats", "3", "--out", "unused"])
+  row = bound.rounds_of(dict(method="full", remat="none"), args, with_torch=False)
+  assert calls == ["jvt", "torch", "torch", "jvt", "jvt", "torch"]
+  # Rounds (ceiling, jvt, torch), a side's rate 2 or 1 + its call's number: (6, 3, 3),
+  # (4, 6, 4), (5, 7, 7).
+  assert row["products"] == [5.0] and row["ceiling_img_s"] == 5.0  # the median round's
+  assert row["jvt_img_s"] == 6.0 and row["torch_img_s"] == 4.0
+  assert row["jvt_over_ceiling"] == pytest.approx(np.median([3 / 6, 6 / 4, 7 / 5]))
+  assert row["ceiling_over_torch"] == pytest.approx(np.median([6 / 3, 4 / 4, 5 / 7]))
+  assert row["ceiling_over_torch_range"] == pytest.approx((5 / 7, 6 / 3))
+  assert [r["jvt_img_s"] for r in row["rounds"]] == [3.0, 6.0, 7.0]
