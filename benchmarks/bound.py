@@ -31,9 +31,10 @@ the same libraries can beat it. PyTorch's own step computes more products (every
 every block), so its own ceiling is lower.
 
 On a machine whose speed drifts, `--repeats N` measures each method N times (ceiling, then both
-steps, which goes first alternating) and reports the median of the rounds' ratios. Writes
-`DIR/bound.json` (a row per method, its products with every back end's time) and `DIR/bound.md`;
-`--no-steps` leaves out the two steps (the ceiling alone).
+steps, which goes first alternating) and reports the median of the rounds' ratios. CPU only
+(the other back ends are CPU libraries; on an accelerator `run.py`'s MFU column is the measure).
+Writes `DIR/bound.json` (a row per method, its products with every back end's time) and
+`DIR/bound.md`; `--no-steps` leaves out the two steps (the ceiling alone).
 """
 from __future__ import annotations
 
@@ -212,6 +213,10 @@ def measure(spec: dict) -> dict:
   import numpy as np
   from jvt import train
   from jvt.train import sharding
+  if jax.default_backend() != "cpu":
+    raise SystemExit(f"bound.py times the products with CPU libraries (numpy's BLAS, PyTorch on "
+                     f"CPU) beside XLA, but JAX runs on {jax.default_backend()}: run it with "
+                     f"JAX_PLATFORMS=cpu, or use run.py's MFU column on an accelerator.")
   run = _load("run")
   config = run.bench_config(spec)
   rng = np.random.default_rng(spec["seed"])

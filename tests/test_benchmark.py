@@ -579,3 +579,10 @@ def test_bound_rounds_alternate_the_steps_and_take_the_median_of_each_rounds_rat
   assert row["ceiling_over_torch"] == pytest.approx(np.median([6 / 3, 4 / 4, 5 / 7]))
   assert row["ceiling_over_torch_range"] == pytest.approx((5 / 7, 6 / 3))
   assert [r["jvt_img_s"] for r in row["rounds"]] == [3.0, 6.0, 7.0]
+
+
+def test_bound_refuses_an_accelerator_backend_with_what_to_do(monkeypatch):
+  bound = _load_script("bound")
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  with pytest.raises(SystemExit, match="JAX_PLATFORMS=cpu"):
+    bound.measure(dict(method="full", remat="none"))
