@@ -96,25 +96,20 @@ def step_products(jaxpr) -> tuple[dict[tuple, list], bool]:
   found: dict[tuple, list] = {}
   saw_while = False
 
-  def walk(j, times: int) -> float:
+  def walk(j, times: int) -> None:
     nonlocal saw_while
-    j = getattr(j, "jaxpr", j)
-    flops = 0.0
-    for eqn in j.eqns:
+    for eqn in getattr(j, "jaxpr", j).eqns:
       name, params = eqn.primitive.name, eqn.params
       if name in PRODUCT_PRIMITIVES:
-        entry = found.setdefault(product_key(eqn), [eqn, 0])
-        entry[1] += times
-        flops += product_flops(eqn)
+        found.setdefault(product_key(eqn), [eqn, 0])[1] += times
       elif name == "scan":
-        flops += params["length"] * walk(params["jaxpr"], times * params["length"])
+        walk(params["jaxpr"], times * params["length"])
       elif name == "cond":
-        costs = [_branch_flops(b) for b in params["branches"]]
-        flops += walk(params["branches"][costs.index(max(costs))], times)
+        walk(max(params["branches"], key=_branch_flops), times)
       else:
         saw_while |= name == "while"
-        flops += sum(walk(sub, times) for sub in jex.jaxprs_in_params(params))
-    return flops
+        for sub in jex.jaxprs_in_params(params):
+          walk(sub, times)
 
   walk(jaxpr, 1)
   return found, saw_while
@@ -198,7 +193,7 @@ def time_product(eqn, rng, rounds: int, budget_s: float, with_torch: bool) -> di
 
 
 def _describe(eqn) -> str:
-  """The product in short: 'dot [8,197,384] x [384,1536], contract (2),(0)'."""
+  """The product in short: 'dot [8,197,384] x [384,1536], contract (2,),(0,)'."""
   shapes = " x ".join("[" + ",".join(map(str, v.aval.shape)) + "]" for v in eqn.invars)
   if eqn.primitive.name == "dot_general":
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
