@@ -518,13 +518,16 @@ def test_bound_row_chunks_count_the_same_step_products_as_one_piece():
     s = train_mod.setup(run.bench_config(spec), num_classes=6, steps_per_epoch=10**9)
     batch = sharding.shard_batch({"image": np.zeros((4, 32, 32, 3), np.float32),
                                   "label": np.zeros((4,), np.int32)}, s.mesh)
-    traced = s.train_step.trace(s.state, s.frozen, s.constants, batch).jaxpr
-    return s.forward_chunks, bound.step_products(run.live_jaxpr(traced))[0]
+    live = run.live_jaxpr(s.train_step.trace(s.state, s.frozen, s.constants, batch).jaxpr)
+    return s.forward_chunks, bound.step_products(live)[0], run.jaxpr_flops(live)
 
-  (one, whole), (two, chunked) = products(4), products(2)
+  (one, whole, whole_flops), (two, chunked, chunked_flops) = products(4), products(2)
   assert (one, two) == (1, 2)
   flops = lambda found: sum(bound.product_flops(e) * t for e, t in found.values())
-  assert flops(chunked) == pytest.approx(flops(whole))
+  # Every product of the whole step is listed: run.jaxpr_flops (checked against XLA's count of
+  # the compiled step above) walks the same jaxpr on its own.
+  assert flops(whole) == pytest.approx(whole_flops)
+  assert flops(chunked) == pytest.approx(chunked_flops) == pytest.approx(flops(whole))
   mlp_in = lambda found, rows: [t for e, t in found.values() if e.primitive.name == "dot_general"
                                 and [v.aval.shape for v in e.invars] == [(rows, 17, 32), (32, 64)]]
   assert mlp_in(whole, 4) == [1] and mlp_in(chunked, 2) == [2]  # block 0, its 17 read rows
