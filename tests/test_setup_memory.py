@@ -1,6 +1,7 @@
 """What a run's set-up leaves behind (`jvt.train.loop.setup`): DA-VPT's class-mapping forward
-runs a per-device train batch at a time, and JAX's staging caches are released once the run is
-set up (docs/performance.md: both kept ViT-S/16 runs 80-130 MB more resident)."""
+runs as many images at a time as one forward of the train step, and JAX's staging caches are
+released once the run is set up (docs/performance.md: larger set-up forwards and kept caches
+left ViT-S/16 runs 80-130 MB more resident)."""
 from __future__ import annotations
 
 import functools
@@ -25,7 +26,9 @@ def _class_examples(num_images: int, image_size: int):
   return images, np.arange(num_images, dtype=np.int32) % NUM_CLASSES
 
 
-def test_da_vpt_mapping_forward_runs_in_train_batches_with_the_same_mapping(monkeypatch):
+@pytest.mark.parametrize("accum,chunk_rows", [(1, 0), (2, 0), (1, 1)])
+def test_da_vpt_mapping_forward_runs_in_train_step_forwards_with_the_same_mapping(
+    monkeypatch, accum, chunk_rows):
   seen = []  # the leading dimension of every forward the set-up runs
   real = terms._jitted_apply
 
@@ -38,15 +41,20 @@ def test_da_vpt_mapping_forward_runs_in_train_batches_with_the_same_mapping(monk
     return run
 
   monkeypatch.setattr(terms, "_jitted_apply", recording)
-  config = tiny_config(method="da_vpt", batch=BATCH)  # eval batch 32
+  config = tiny_config(method="da_vpt", batch=BATCH, accum=accum)  # eval batch 32
   config.unlock()
   config.tuning = dict(method="da_vpt", **SMALL_TUNING["da_vpt"])
+  config.forward_chunk_rows = chunk_rows
   config.lock()
   images, labels = _class_examples(10, config.model.image_size)
   s = loop.setup(config, num_classes=NUM_CLASSES, steps_per_epoch=10,
                  class_examples=lambda k: (images, labels))
-  per_device = BATCH // jax.device_count()
-  assert seen == [per_device] * -(-10 // per_device)  # the last chunk zero-padded
+  # One forward of the train step: a device's (micro)batch, or one of its row chunks.
+  rows = BATCH // jax.device_count() // accum
+  if chunk_rows:
+    rows = min(rows, chunk_rows)
+  assert s.forward_chunks == BATCH // jax.device_count() // accum // rows
+  assert seen == [rows] * -(-10 // rows)  # the last chunk zero-padded
 
   # The mapping is that of one forward over all ten images (another chunking, an independent
   # path through the same equations).
