@@ -383,7 +383,8 @@ def setup(config, *, num_classes: int, steps_per_epoch: int,
   mask = partition.trainable_mask(params, model)
   trainable, frozen = partition.split_params(params, mask)
   num_trainable = partition.count_params(trainable)
-  step_rows = config.batch_size // mesh.devices.size // int(config.grad_accum_steps)  # a device's
+  # Rows of one device's (micro)batch: what each forward of the train step sees, before chunks.
+  step_rows = config.batch_size // mesh.devices.size // int(config.grad_accum_steps)
   chunks = row_chunks.num_chunks(
       int(config.forward_chunk_rows), step_rows,
       trainable_share=num_trainable / max(1, num_trainable + partition.count_params(frozen)),
@@ -401,7 +402,7 @@ def setup(config, *, num_classes: int, steps_per_epoch: int,
   # Set-up forwards (DA-VPT's class mapping) run as many images at a time as one forward of the
   # train step (a device's microbatch, or its row chunk), so their temporaries stay within the
   # step's: 64-image chunks left ViT-S/16 runs at batch 8 ~130 MB more resident memory for the
-  # rest of the run, and whole 32-image batches beside 8-row chunks in bf16 ~100 MB, the XLA
+  # rest of the run, and whole 32-image batches beside 8-row chunks in bf16 ~150 MB, the XLA
   # threads' glibc heaps grown to fit them (docs/performance.md). The train batch, not the eval
   # batch: a resumed run may change eval_batch_size, not what set-up computes.
   setup_chunk = max(1, step_rows // chunks)
